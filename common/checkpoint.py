@@ -1,0 +1,165 @@
+"""Checkpoints that survive crashes: atomic writes on rank 0, the last two kept, RNG per rank.
+
+Layout in the run directory: ``checkpoint.pt`` (newest) and ``checkpoint.prev.pt`` (the one
+before). A write goes to a temporary file first and is renamed into place, so a crash mid-write
+never damages the newest good checkpoint; a file that fails to load (truncated, corrupt) is
+skipped in favour of the previous one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from common.dist import DistInfo, barrier
+from common.errors import UserError
+from common.rng import capture_rng, restore_rng
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP and/or torch.compile wrappers (saved without ``module.``)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
+    local = capture_rng()
+    if not dist.is_distributed:
+        return [local]
+    states: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(states, local)
+    return states
+
+
+def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo) -> None:
+    """Write ``state`` plus every rank's RNG state; call on all ranks (it is a collective).
+
+    ``state`` should hold the unwrapped model's ``state_dict``, optimizer, scheduler, epoch,
+    step and config, plus a ``meta`` dict naming the program and architecture so ``--resume``
+    can refuse a checkpoint from something else.
+    """
+    rng = _gather_rng(dist)
+    if dist.is_main:
+        out_dir = Path(out_dir)
+        tmp = out_dir / f".{CHECKPOINT}.tmp"
+        with open(tmp, "wb") as f:
+            torch.save({**state, "rng": rng, "world_size": dist.world_size}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if (out_dir / CHECKPOINT).exists():
+            os.replace(out_dir / CHECKPOINT, out_dir / PREVIOUS)
+        os.replace(tmp, out_dir / CHECKPOINT)
+    # Nobody moves on (or exits) until the file is in place.
+    barrier(dist)
+
+
+def _try_load(path: Path, map_location: torch.device | str) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
+        return None
+    return state if isinstance(state, dict) and "model" in state else None
+
+
+def find_resume_file(resume: str | None, out_dir: Path) -> Path | None:
+    """Resolve ``--resume``: ``auto`` = this run's checkpoint if there is one; else a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        candidates = [Path(out_dir) / CHECKPOINT, Path(out_dir) / PREVIOUS]
+        return next((p for p in candidates if p.exists()), None)
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists() and not path.with_name(PREVIOUS).exists():
+        raise UserError(f"--resume {resume}: no checkpoint found at {path}")
+    return path
+
+
+def load_checkpoint(
+    path: Path, map_location: torch.device | str, expect_meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Load ``path``, or the previous checkpoint beside it if ``path`` is missing or corrupt.
+
+    Raises UserError when neither loads, or when the checkpoint's ``meta`` differs from
+    ``expect_meta`` (a checkpoint of another program or architecture).
+    """
+    path = Path(path)
+    candidates = [path] if path.name != CHECKPOINT else [path, path.with_name(PREVIOUS)]
+    for candidate in candidates:
+        if not candidate.exists():
+            continue
+        state = _try_load(candidate, map_location)
+        if state is None:
+            continue
+        meta = state.get("meta", {})
+        mismatched = {k: (meta.get(k), v) for k, v in expect_meta.items() if meta.get(k) != v}
+        if mismatched:
+            what = ", ".join(f"{k} is {got!r}, expected {want!r}" for k, (got, want) in mismatched.items())
+            raise UserError(f"--resume {candidate}: checkpoint does not match this run ({what})")
+        state["loaded_from"] = str(candidate)
+        return state
+    raise UserError(f"--resume: no loadable checkpoint at {path} (corrupt or truncated)")
+
+
+def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
+    """Restore this rank's RNG from a checkpoint written at the same world size.
+
+    At a different world size the per-rank streams cannot line up; the generators are then left
+    as seeded, and the data order (which depends only on seed and epoch) is still identical.
+    """
+    if state.get("world_size") == dist.world_size:
+        restore_rng(state["rng"][dist.rank])
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                   meta: dict[str, Any], scheduler: Any = None, **extra: Any) -> dict[str, Any]:
+    """The dict ``save_checkpoint`` expects: unwrapped weights, optimizer, scheduler, epoch.
+
+    ``epoch`` is the last *completed* epoch. ``extra`` carries program state such as the
+    best-so-far weights for early stopping or the config.
+    """
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "meta": meta,
+        **extra,
+    }
+
+
+def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[str, Any],
+                model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any = None) -> dict[str, Any] | None:
+    """Apply ``--resume``: load weights, optimizer, scheduler and RNG in place.
+
+    Returns the checkpoint (read ``state["epoch"] + 1`` to continue, and any extra keys), or
+    None when there is nothing to resume from (``--resume`` absent, or ``auto`` with no file).
+    """
+    path = find_resume_file(resume, out_dir)
+    if path is None:
+        return None
+    state = load_checkpoint(path, dist.device, meta)
+    try:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(f"--resume {path}: checkpoint does not fit this model ({first_line})") from None
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    restore_rng_for_rank(state, dist)
+    return state

@@ -1,0 +1,62 @@
+"""The command-line arguments every program shares, and their validation."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from common.dist import DEFAULT_TIMEOUT_S
+from common.errors import UserError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the description's line breaks (its examples)."""
+
+
+def make_parser(description: str, *, epochs: int, batch_size: int, lr: float,
+                data_dir: str, out_dir: str) -> argparse.ArgumentParser:
+    """A parser with the shared arguments; programs add their own after it.
+
+    ``--batch-size`` is the *global* batch: with N processes each takes batch_size / N, so the
+    optimisation (and the result) does not depend on how many processes run it.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
+    shared = parser.add_argument_group("shared by every program")
+    shared.add_argument("--data-dir", type=Path, default=Path(data_dir),
+                        help="folder with the dataset (downloaded there if absent and possible)")
+    shared.add_argument("--out-dir", type=Path, default=Path(out_dir),
+                        help="run directory: metrics.jsonl, summary.json, checkpoint.pt, plots/")
+    shared.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    shared.add_argument("--batch-size", type=int, default=batch_size,
+                        help="global batch size, split evenly across processes")
+    shared.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    shared.add_argument("--seed", type=int, default=0, help="seed for weights, splits, data order")
+    shared.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue from a checkpoint: alone, the one in --out-dir if any "
+                             "(safe to pass on every torchrun restart); or a file / run dir")
+    shared.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto = CUDA if available (NCCL), else CPU (gloo)")
+    shared.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="how long a collective waits for the other ranks before failing")
+    return parser
+
+
+def check_shared_args(args: argparse.Namespace) -> None:
+    """Reject impossible shared arguments with a message that says what to change."""
+    for name in ("epochs", "batch_size"):
+        value = getattr(args, name)
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    _check_writable(args.out_dir)
+
+
+def _check_writable(out_dir: Path) -> None:
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable ({existing} is not a writable folder)")

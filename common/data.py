@@ -1,0 +1,126 @@
+"""Per-rank data: training batches over a shared shuffle, evaluation shards with no padding.
+
+All three programs keep their data in memory as tensors (tabular sets, CIFAR-10 as uint8), so
+batches are cut by indexing tensors directly rather than through a per-sample ``DataLoader``:
+it is much faster and keeps the sampling rule in one readable place.
+
+Training (``TrainBatches``): like ``DistributedSampler``, every rank draws the same permutation
+(seeded by ``seed + epoch``) and takes its share. Unlike it, the permutation is first cut into
+*global* batches of ``global_batch_size`` and each global batch is then split across ranks, so
+1 process with batch B and N processes with B/N each see exactly the same samples per step.
+The remainder (``n % global_batch_size`` samples) joins the last batch, so every sample is drawn
+exactly once per epoch and nothing is padded or duplicated.
+
+Evaluation (``eval_shard``): rank r gets the contiguous slice ``[r*n//W, (r+1)*n//W)``. The
+shards cover every sample once, so sums reduced across ranks equal the single-process sums, and
+per-sample results gathered in rank order come back in the original order.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from common.dist import DistInfo
+from common.errors import UserError
+
+
+def per_rank_batch_size(global_batch_size: int, dist: DistInfo) -> int:
+    """The batch each rank processes; the global batch must split evenly across ranks."""
+    if global_batch_size < dist.world_size:
+        raise UserError(
+            f"--batch-size {global_batch_size} is smaller than the world size {dist.world_size}; "
+            "it is the global batch, shared across ranks"
+        )
+    if global_batch_size % dist.world_size:
+        raise UserError(
+            f"--batch-size {global_batch_size} does not divide by the world size "
+            f"{dist.world_size}; use a multiple of {dist.world_size}"
+        )
+    return global_batch_size // dist.world_size
+
+
+class TrainBatches:
+    """Shuffled training batches for this rank; iterate with ``.epoch(e)``.
+
+    There is no way to iterate without naming the epoch, so the reshuffle that
+    ``DistributedSampler.set_epoch`` needs cannot be forgotten. ``start_step`` skips batches
+    already trained, for resuming in the middle of an epoch.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        global_batch_size: int,
+        dist: DistInfo,
+        seed: int,
+        device: torch.device | None = None,
+    ) -> None:
+        self.tensors = list(tensors)
+        self.n = len(self.tensors[0])
+        if any(len(t) != self.n for t in self.tensors):
+            raise ValueError("all tensors must have the same first dimension")
+        per_rank_batch_size(global_batch_size, dist)  # validates divisibility
+        if self.n < global_batch_size:
+            raise UserError(
+                f"--batch-size {global_batch_size} is larger than the training set "
+                f"({self.n} samples)"
+            )
+        self.global_batch_size = global_batch_size
+        self.dist = dist
+        self.seed = seed
+        self.device = device
+
+    def __len__(self) -> int:
+        """Optimizer steps per epoch."""
+        return self.n // self.global_batch_size
+
+    def global_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of sample indices, the same on every rank and world size."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=generator)
+
+    def _local_part(self, order: torch.Tensor, step: int) -> torch.Tensor:
+        """This rank's share of global batch ``step``; the last batch takes the remainder."""
+        start = step * self.global_batch_size
+        stop = self.n if step == len(self) - 1 else start + self.global_batch_size
+        return order[start:stop][self.dist.rank :: self.dist.world_size]
+
+    def local_indices(self, epoch: int, step: int) -> torch.Tensor:
+        """Indices of this rank's part of global batch ``step`` in ``epoch``."""
+        return self._local_part(self.global_order(epoch), step)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Yield this rank's batches for ``epoch`` (tensors moved to ``device`` if given)."""
+        order = self.global_order(epoch)
+        for step in range(start_step, len(self)):
+            idx = self._local_part(order, step)
+            batch = tuple(t[idx] for t in self.tensors)
+            if self.device is not None:
+                batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+            yield batch
+
+
+def eval_shard(n: int, dist: DistInfo) -> slice:
+    """This rank's contiguous, non-overlapping share of ``n`` evaluation samples."""
+    return slice(dist.rank * n // dist.world_size, (dist.rank + 1) * n // dist.world_size)
+
+
+def eval_batches(
+    tensors: Sequence[torch.Tensor],
+    batch_size: int,
+    dist: DistInfo,
+    device: torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield this rank's evaluation batches: its shard, in order, each sample once.
+
+    ``batch_size`` is per rank (evaluation has no gradient to keep in step). A rank whose shard
+    is empty yields nothing but must still join the metric reductions that follow.
+    """
+    shard = eval_shard(len(tensors[0]), dist)
+    local = [t[shard] for t in tensors]
+    for start in range(0, len(local[0]), batch_size):
+        batch = tuple(t[start : start + batch_size] for t in local)
+        if device is not None:
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        yield batch

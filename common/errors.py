@@ -1,0 +1,61 @@
+"""User-facing errors: one clear line, a non-zero exit on every rank, no hang."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import traceback
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad argument, missing or malformed file).
+
+    Printed as a single ``error: ...`` line without a traceback. The message should name the
+    file or argument and say what was expected.
+    """
+
+
+class NonFiniteLossError(UserError):
+    """Training produced a NaN or infinite loss."""
+
+
+def ensure_finite(value: float, step: int) -> None:
+    """Raise NonFiniteLossError when a loss value is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"loss became {value} at step {step}; lower --lr or check the input data"
+        )
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a program's ``main`` and turn failures into a prompt exit of this process.
+
+    A UserError prints one line and exits with status 2; anything else prints its traceback and
+    exits with status 1. Exiting (rather than waiting in a collective) is what lets torchrun
+    notice the failure and stop the other ranks within seconds. ``os._exit`` is used after
+    flushing because a normal interpreter exit can block on a half-finished collective or on
+    dataloader worker threads.
+    """
+    try:
+        main()
+    except UserError as err:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        os._exit(130)
+    except BaseException as err:  # noqa: BLE001 - the last line of defence: report and leave
+        if isinstance(err, SystemExit):
+            # argparse --help exits 0, a bad flag exits 2: keep those codes.
+            code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)

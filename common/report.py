@@ -1,0 +1,168 @@
+"""What a run leaves behind: rank-0 logs, progress bars, metrics.jsonl, summary.json, plots.
+
+Only rank 0 writes; every function here is safe to call on all ranks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from common.dist import DistInfo
+
+T = TypeVar("T")
+
+
+def get_logger(name: str, dist: DistInfo) -> logging.Logger:
+    """A logger that prints on rank 0 and stays quiet (warnings only) elsewhere."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if dist.is_main else logging.WARNING)
+    return logger
+
+
+def progress(iterable: Iterable[T], dist: DistInfo, total: int | None = None,
+             desc: str = "") -> Iterator[T]:
+    """A tqdm bar on rank 0 (to stderr, refreshed at most every 2 s); plain iteration elsewhere."""
+    disable = not dist.is_main or os.environ.get("NO_PROGRESS") == "1"
+    return iter(tqdm(iterable, total=total, desc=desc, disable=disable, leave=False,
+                     mininterval=2.0, dynamic_ncols=True))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):  # numpy arrays
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_info(dist: DistInfo, config: Any) -> dict[str, Any]:
+    """Everything needed to reproduce or compare a run (recorded in summary.json)."""
+    device_name = (torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda"
+                   else platform.processor() or platform.machine())
+    return {
+        "config": asdict(config) if is_dataclass(config) else dict(vars(config)),
+        "world_size": dist.world_size,
+        "device": str(dist.device.type),
+        "device_name": device_name,
+        "threads_per_process": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "git_commit": git_commit(),
+        "hostname": socket.gethostname(),
+        "command": " ".join(sys.argv),
+    }
+
+
+class RunRecorder:
+    """The run directory: one ``metrics.jsonl`` line per epoch, ``summary.json`` at the end.
+
+    On resume from epoch ``start_epoch``, lines of later epochs (written after the checkpoint,
+    before a crash) are dropped, so the file always matches the model state.
+    """
+
+    def __init__(self, out_dir: Path, dist: DistInfo, start_epoch: int = 0) -> None:
+        self.out_dir = Path(out_dir)
+        self.plots_dir = self.out_dir / "plots"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.dist = dist
+        if dist.is_main:
+            self.plots_dir.mkdir(parents=True, exist_ok=True)
+            kept = [row for row in self.read_metrics() if row.get("epoch", 0) < start_epoch]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All epoch rows written so far."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """Append one epoch's metrics, flushed to disk so a crash loses nothing written."""
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write ``obj`` as ``name`` in the run directory (rank 0, atomically)."""
+        if self.dist.is_main:
+            write_json_atomic(self.out_dir / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a text file (e.g. a Markdown table) in the run directory (rank 0)."""
+        if self.dist.is_main:
+            path = self.out_dir / name
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    def write_summary(self, summary: dict[str, Any], config: Any) -> None:
+        """``summary.json``: the final metrics plus ``run_info`` (config, versions, commit)."""
+        if self.dist.is_main:
+            write_json_atomic(self.out_dir / "summary.json", {**summary, **run_info(self.dist, config)})
+
+
+def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: Path,
+                title: str = "") -> None:
+    """Line plots of per-epoch metrics: one panel per entry, ``{"loss": ["train_loss", ...]}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    epochs = [row["epoch"] + 1 for row in rows]
+    for ax, (ylabel, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            values = [row.get(key) for row in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", markersize=3, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,124 @@
+"""Functions run inside spawned gloo processes by tests/test_distributed.py.
+
+Each worker joins a real process group through ``common.dist.setup`` (the same path torchrun
+uses), does one job, and saves what it observed to ``out_dir/rank{r}.pt`` for the test to check.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from common.data import TrainBatches, eval_batches
+from common.dist import DistInfo, distributed
+from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
+from common.parallel import wrap_model
+from common.rng import seed_everything
+
+
+def spawn(worker: Callable, world_size: int, port: int, out_dir: Path, *args) -> list[dict]:
+    """Run ``worker(dist, *args)`` on ``world_size`` gloo processes; return each rank's result."""
+    mp.spawn(_entry, args=(worker, world_size, port, str(out_dir), args), nprocs=world_size, join=True)
+    paths = [Path(out_dir) / f"rank{r}.pt" for r in range(world_size)]
+    return [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
+
+
+def _entry(rank: int, worker: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    with distributed("cpu", timeout_s=60) as dist:
+        result = worker(dist, *args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+# --- the data every worker agrees on -------------------------------------------------------
+
+def regression_data(n: int = 96, features: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, features, generator=g)
+    y = x @ torch.linspace(-1, 2, features) + 0.3 * torch.randn(n, generator=g)
+    return x, y
+
+
+def classification_data(n: int = 101, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(n, classes, generator=g)
+    targets = torch.randint(0, classes, (n,), generator=g)
+    return logits, targets
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+# --- workers --------------------------------------------------------------------------------
+
+def ddp_sgd_steps(dist: DistInfo, global_batch: int, steps: int) -> dict:
+    """Train an MLP for ``steps`` SGD steps with a global batch; return the final parameters."""
+    seed_everything(0)
+    x, y = regression_data()
+    model = wrap_model(mlp(), dist)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = TrainBatches([x, y], global_batch, dist, seed=3)
+    for step, (xb, yb) in enumerate(batches.epoch(0)):
+        if step == steps:
+            break
+        loss = torch.nn.functional.mse_loss(model(xb).squeeze(1), yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+def exact_metrics(dist: DistInfo, classes: int) -> dict:
+    """Loss, RMSE, accuracy and confusion matrix over a 101-sample set, sharded across ranks."""
+    logits, targets = classification_data(classes=classes)
+    values = logits[:, 0] * 3.0  # a stand-in regression prediction ...
+    truth = targets.double()  # ... against a stand-in target
+    sums = {"ce": 0.0, "se": 0.0, "correct": 0, "n": 0}
+    matrix = torch.zeros(classes, classes, dtype=torch.int64)
+    for lb, tb, vb, yb in eval_batches([logits, targets, values, truth], 8, dist):
+        sums["ce"] += torch.nn.functional.cross_entropy(lb.double(), tb, reduction="sum").item()
+        sums["se"] += ((vb.double() - yb) ** 2).sum().item()
+        sums["correct"] += (lb.argmax(1) == tb).sum().item()
+        sums["n"] += len(tb)
+        matrix += confusion_matrix(lb.argmax(1), tb, classes)
+    totals = reduce_sums(sums, dist)
+    local_scores = torch.cat([b[0][:, 1] for b in eval_batches([logits], 8, dist)] or [torch.empty(0)])
+    return {
+        "loss": totals["ce"] / totals["n"],
+        "rmse": (totals["se"] / totals["n"]) ** 0.5,
+        "accuracy": totals["correct"] / totals["n"],
+        "n": totals["n"],
+        "confusion": all_reduce_tensor(matrix, dist),
+        "scores": gather_tensors(local_scores, dist),
+    }
+
+
+def sampled_indices(dist: DistInfo, n: int, global_batch: int, epochs: int) -> dict:
+    """The sample indices each rank trains on, per epoch, gathered from all ranks."""
+    batches = TrainBatches([torch.arange(n)], global_batch, dist, seed=5)
+    per_epoch = []
+    for epoch in range(epochs):
+        local = torch.cat([b[0] for b in batches.epoch(epoch)])
+        per_epoch.append(gather_tensors(local, dist))
+    return {"per_epoch": per_epoch, "steps": len(batches)}
+
+
+def collective_after_peer_exit(dist: DistInfo) -> dict:
+    """Rank 1 leaves without joining the all-reduce; rank 0 must fail by timeout, not hang."""
+    import time
+
+    if dist.rank == 1:
+        os._exit(0)
+    start = time.time()
+    try:
+        reduce_sums({"x": 1.0}, dist)
+        outcome = "completed"
+    except Exception as err:  # noqa: BLE001 - the test inspects what happened
+        outcome = type(err).__name__
+    return {"outcome": outcome, "seconds": time.time() - start}

@@ -1,0 +1,46 @@
+"""Run programs the way users do (plain python or torchrun) from tests, with time limits."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child program: no torchrun variables, no progress bars."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    env.update(extra or {})
+    return env
+
+
+def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
+                torchrun_args: list[str] | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` (a path relative to the repo) with 1 plain process or ``nproc`` via torchrun.
+
+    ``nproc=1`` runs ``python script`` with no torchrun variables (the single-process path).
+    Returns the completed process (stdout/stderr captured); raises on timeout, which is how a
+    hang shows up in a test.
+    """
+    if nproc == 1 and not torchrun_args:
+        cmd = [sys.executable, str(REPO / script), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+               *(torchrun_args or []), str(REPO / script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=test_env(env), capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,134 @@
+"""In-process unit tests of common/ (no process group needed)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint, save_checkpoint, training_state
+from common.cli import check_shared_args, make_parser
+from common.data import TrainBatches, eval_shard
+from common.dist import DistInfo
+from common.errors import NonFiniteLossError, UserError, ensure_finite
+from common.metrics import confusion_matrix, reduce_sums
+from common.report import RunRecorder
+from tests.launch import run_program
+
+CPU = torch.device("cpu")
+
+
+def rank_info(rank: int, world_size: int) -> DistInfo:
+    return DistInfo(rank, rank, world_size, world_size, CPU)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_global_batches_do_not_depend_on_world_size(world_size):
+    n, batch = 50, 12
+    data = torch.arange(n)
+    single = [b[0] for b in TrainBatches([data], batch, rank_info(0, 1), seed=1).epoch(2)]
+    per_rank = [[b[0] for b in TrainBatches([data], batch, rank_info(r, world_size), seed=1).epoch(2)]
+                for r in range(world_size)]
+    assert len(single) == n // batch  # the remainder joins the last batch
+    for step, expected in enumerate(single):
+        combined = torch.cat([per_rank[r][step] for r in range(world_size)])
+        assert sorted(combined.tolist()) == sorted(expected.tolist())
+    assert len(single[-1]) == batch + n % batch
+
+
+def test_start_step_skips_trained_batches():
+    batches = TrainBatches([torch.arange(40)], 8, rank_info(0, 1), seed=0)
+    full = [b[0] for b in batches.epoch(1)]
+    resumed = [b[0] for b in batches.epoch(1, start_step=3)]
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed)) and len(resumed) == 2
+
+
+@pytest.mark.parametrize("batch,world,message", [(1, 2, "smaller than the world size"),
+                                                 (9, 2, "does not divide"),
+                                                 (64, 1, "larger than the training set")])
+def test_bad_batch_sizes_are_user_errors(batch, world, message):
+    with pytest.raises(UserError, match=message):
+        TrainBatches([torch.arange(40)], batch, rank_info(0, world), seed=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 101])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_eval_shards_cover_every_sample_once(n, world_size):
+    covered = [i for r in range(world_size) for i in range(n)[eval_shard(n, rank_info(r, world_size))]]
+    assert covered == list(range(n))
+
+
+def test_confusion_matrix_and_single_process_reduction():
+    preds, targets = torch.tensor([0, 1, 1, 2, 2, 2]), torch.tensor([0, 1, 2, 2, 2, 0])
+    expected = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 1, 2]])
+    assert torch.equal(confusion_matrix(preds, targets, 3), expected)
+    assert reduce_sums({"a": torch.tensor([1.5, 2.5]), "n": 3}, rank_info(0, 1)) == {"a": 4.0, "n": 3.0}
+
+
+def _save(out_dir: Path, epoch: int, program: str = "toy") -> None:
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(out_dir, training_state(model, optimizer, epoch, {"program": program}), rank_info(0, 1))
+
+
+def test_checkpoints_keep_two_and_fall_back_when_newest_is_truncated(tmp_path):
+    for epoch in range(3):
+        _save(tmp_path, epoch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS])  # no temp files
+    assert load_checkpoint(tmp_path / CHECKPOINT, CPU, {"program": "toy"})["epoch"] == 2
+    newest = tmp_path / CHECKPOINT
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    state = load_checkpoint(newest, CPU, {"program": "toy"})
+    assert state["epoch"] == 1 and state["loaded_from"].endswith(PREVIOUS)
+    (tmp_path / PREVIOUS).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="no loadable checkpoint"):
+        load_checkpoint(newest, CPU, {"program": "toy"})
+
+
+def test_checkpoint_of_another_program_is_refused(tmp_path):
+    _save(tmp_path, 0, program="cifar")
+    with pytest.raises(UserError, match="program is 'cifar', expected 'housing'"):
+        load_checkpoint(tmp_path / CHECKPOINT, CPU, {"program": "housing"})
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return make_parser("t", epochs=1, batch_size=8, lr=0.1, data_dir="d", out_dir="o").parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv,message", [(["--epochs", "0"], "--epochs must be a positive"),
+                                          (["--batch-size", "-4"], "--batch-size must be a positive"),
+                                          (["--lr", "0"], "--lr must be positive")])
+def test_shared_argument_validation(argv, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        check_shared_args(_args(*argv, "--out-dir", str(tmp_path)))
+
+
+def test_out_dir_below_a_file_is_not_writable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is not writable"):
+        check_shared_args(_args("--out-dir", str(tmp_path / "file" / "run")))
+
+
+def test_non_finite_loss_names_the_step():
+    ensure_finite(1.0, step=3)
+    with pytest.raises(NonFiniteLossError, match="at step 7"):
+        ensure_finite(float("nan"), step=7)
+
+
+def test_recorder_drops_epochs_after_the_resumed_checkpoint(tmp_path):
+    recorder = RunRecorder(tmp_path, rank_info(0, 1))
+    for epoch in range(4):
+        recorder.log_epoch({"epoch": epoch})
+    resumed = RunRecorder(tmp_path, rank_info(0, 1), start_epoch=2)
+    assert [row["epoch"] for row in resumed.read_metrics()] == [0, 1]
+    resumed.write_summary({"ok": True}, argparse.Namespace(x=1))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["config"] == {"x": 1} and "torch_version" in summary
+
+
+def test_bad_argument_exits_with_one_line(tmp_path):
+    result = run_program("tests/toy_train.py", ["--out-dir", str(tmp_path), "--batch-size", "0"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --batch-size must be a positive integer, got 0"

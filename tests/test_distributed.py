@@ -1,0 +1,99 @@
+"""Multi-process gloo tests of common/: each would fail if the distributed behaviour broke."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from tests import dist_workers as w
+from common.dist import DistInfo
+from tests.launch import free_port, run_program
+
+# The single-process reference runs in the test process itself: no process group needed.
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_steps_equal_single_process_steps(tmp_path, world_size):
+    """k SGD steps with global batch B on N processes == k steps with batch B on one."""
+    single = w.ddp_sgd_steps(SINGLE, 12, 5)
+    multi = w.spawn(w.ddp_sgd_steps, world_size, free_port(), tmp_path, 12, 5)
+    initial = [p.detach() for p in (torch.manual_seed(0), w.mlp())[1].parameters()]
+    assert any(not torch.allclose(p, q) for p, q in zip(single["params"], initial))  # it trained
+    for rank_result in multi:  # every rank holds the same weights, equal to one process's
+        for p_multi, p_single in zip(rank_result["params"], single["params"]):
+            torch.testing.assert_close(p_multi, p_single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_evaluation_is_exact_on_uneven_shards(tmp_path, world_size):
+    """101 samples on 2 and 3 ranks: loss, RMSE, accuracy, confusion matrix equal one process."""
+    single = w.exact_metrics(SINGLE, 4)
+    multi = w.spawn(w.exact_metrics, world_size, free_port(), tmp_path, 4)
+    logits, targets = w.classification_data()
+    assert single["n"] == 101
+    assert single["accuracy"] == (logits.argmax(1) == targets).double().mean().item()
+    for result in multi:
+        assert result["n"] == 101  # no padded duplicates counted
+        assert result["accuracy"] == single["accuracy"]
+        assert torch.equal(result["confusion"], single["confusion"])
+        assert result["confusion"].sum() == 101
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-12)
+        assert result["rmse"] == pytest.approx(single["rmse"], rel=1e-12)
+        assert torch.equal(result["scores"], logits[:, 1])  # gathered in original order
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_sample_drawn_once_per_epoch_and_order_changes(tmp_path, world_size):
+    results = w.spawn(w.sampled_indices, world_size, free_port(), tmp_path, 103, 12, 3)
+    for result in results:
+        assert result["steps"] == 103 // 12
+        epochs = result["per_epoch"]
+        for drawn in epochs:
+            assert sorted(drawn.tolist()) == list(range(103))  # every sample exactly once
+        assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+        assert torch.equal(epochs[0], results[0]["per_epoch"][0])  # ranks agree on the gather
+
+
+def test_collective_times_out_instead_of_hanging_when_a_peer_is_gone(tmp_path):
+    start = time.time()
+    results = w.spawn(w.collective_after_peer_exit, 2, free_port(), tmp_path)
+    assert results[0]["outcome"] != "completed"
+    assert time.time() - start < 60
+
+
+def _params(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())["params"]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for args in (["--out-dir", str(straight), "--epochs", "4"],
+                 ["--out-dir", str(resumed), "--epochs", "2"],
+                 ["--out-dir", str(resumed), "--epochs", "4", "--resume"]):
+        result = run_program("tests/toy_train.py", args, nproc=2)
+        assert result.returncode == 0, result.stderr
+    assert _params(resumed) == _params(straight)  # bit-identical on CPU
+    epochs = [json.loads(line)["epoch"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_single_process_path_without_torchrun(tmp_path):
+    result = run_program("tests/toy_train.py", ["--out-dir", str(tmp_path), "--epochs", "1"], nproc=1)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["device"] == "cpu"
+    assert summary["test"]["n"] == 101
+
+
+def test_error_on_one_rank_stops_every_rank_quickly(tmp_path):
+    start = time.time()
+    result = run_program("tests/toy_train.py", ["--out-dir", str(tmp_path / "run"), "--fail-on-rank", "1"],
+                         nproc=2, timeout=60)
+    elapsed = time.time() - start
+    assert result.returncode != 0
+    assert "error: missing data file" in result.stderr
+    assert elapsed < 30, f"took {elapsed:.1f}s to stop"
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -114,13 +114,19 @@ def eval_batches(
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield this rank's evaluation batches: its shard, in order, each sample once.
 
-    ``batch_size`` is per rank (evaluation has no gradient to keep in step). A rank whose shard
-    is empty yields nothing but must still join the metric reductions that follow.
+    ``batch_size`` is the most samples per batch on one rank. Every rank yields the *same
+    number* of batches (its shard cut into nearly equal parts), because a sharded model (FSDP)
+    runs collectives inside ``forward`` and a rank with one batch fewer would leave the others
+    waiting. A batch can be empty only when there are fewer samples than ranks x batches;
+    every rank must still join the metric reductions that follow.
     """
-    shard = eval_shard(len(tensors[0]), dist)
+    n = len(tensors[0])
+    largest_shard = -(-n // dist.world_size)
+    num_batches = -(-largest_shard // batch_size)
+    shard = eval_shard(n, dist)
     local = [t[shard] for t in tensors]
-    for start in range(0, len(local[0]), batch_size):
-        batch = tuple(t[start : start + batch_size] for t in local)
+    for part in torch.arange(len(local[0])).tensor_split(num_batches):
+        batch = tuple(t[part[0] : part[0] + len(part)] if len(part) else t[:0] for t in local)
         if device is not None:
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
         yield batch

@@ -132,3 +132,14 @@ def test_bad_argument_exits_with_one_line(tmp_path):
     result = run_program("tests/toy_train.py", ["--out-dir", str(tmp_path), "--batch-size", "0"])
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --batch-size must be a positive integer, got 0"
+
+
+@pytest.mark.parametrize("n,batch", [(101, 11), (101, 8), (7, 2), (2, 4)])
+def test_every_rank_gets_the_same_number_of_eval_batches(n, batch):
+    from common.data import eval_batches
+
+    data = torch.arange(n)
+    per_rank = [[b[0] for b in eval_batches([data], batch, rank_info(r, 3))] for r in range(3)]
+    assert len({len(batches) for batches in per_rank}) == 1  # FSDP needs equal forward counts
+    assert all(len(b) <= batch for batches in per_rank for b in batches)
+    assert torch.cat([b for batches in per_rank for b in batches]).tolist() == list(range(n))

@@ -13,6 +13,13 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from common.dist import DistInfo, barrier
@@ -124,16 +131,31 @@ def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
         restore_rng(state["rng"][dist.rank])
 
 
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights by parameter name, on CPU for a sharded model.
+
+    Call on every rank. Under FSDP the tensors are gathered to rank 0 and the other ranks get
+    an empty dict; otherwise every rank gets the full dict.
+    """
+    inner = unwrap(model)
+    return get_model_state_dict(inner, options=_full_state_options(inner))
+
+
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                    meta: dict[str, Any], scheduler: Any = None, **extra: Any) -> dict[str, Any]:
-    """The dict ``save_checkpoint`` expects: unwrapped weights, optimizer, scheduler, epoch.
+    """The dict ``save_checkpoint`` expects: full weights, optimizer, scheduler, epoch.
 
-    ``epoch`` is the last *completed* epoch. ``extra`` carries program state such as the
-    best-so-far weights for early stopping or the config.
+    Call on every rank (with FSDP, gathering the full state is a collective). Weights and
+    optimizer state are *full* state dicts keyed by parameter name, without DDP's ``module.``
+    prefix, so a checkpoint written under DDP or FSDP at any world size resumes under either at
+    any other. ``epoch`` is the last *completed* epoch; ``extra`` carries program state such as
+    the best-so-far weights for early stopping.
     """
+    inner = unwrap(model)
+    options = _full_state_options(inner)
     return {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": full_model_state(inner),
+        "optimizer": get_optimizer_state_dict(inner, optimizer, options=options),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": epoch,
         "meta": meta,
@@ -153,9 +175,12 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
     if path is None:
         return None
     state = load_checkpoint(path, dist.device, meta)
+    inner = unwrap(model)
+    options = StateDictOptions(full_state_dict=True)
     try:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        # Both calls distribute the full tensors in place (FSDP), so hand them copies.
+        set_model_state_dict(inner, dict(state["model"]), options=options)
+        set_optimizer_state_dict(inner, optimizer, _copy_nested(state["optimizer"]), options=options)
     except (RuntimeError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise UserError(f"--resume {path}: checkpoint does not fit this model ({first_line})") from None
@@ -163,3 +188,17 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
         scheduler.load_state_dict(state["scheduler"])
     restore_rng_for_rank(state, dist)
     return state
+
+
+def _full_state_options(model: torch.nn.Module) -> StateDictOptions:
+    # cpu_offload gathers to rank 0 only, which needs a process group; rank 0 is the writer.
+    sharded = tdist.is_initialized() and any(hasattr(p, "to_local") for p in model.parameters())
+    return StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+
+
+def _copy_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_nested(v) for v in value]
+    return value

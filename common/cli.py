@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.dist import DEFAULT_TIMEOUT_S
 from common.errors import UserError
+from common.parallel import STRATEGIES
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -36,6 +37,9 @@ def make_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                              "(safe to pass on every torchrun restart); or a file / run dir")
     shared.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = CUDA if available (NCCL), else CPU (gloo)")
+    shared.add_argument("--strategy", default="ddp", choices=list(STRATEGIES),
+                        help="ddp: replicate the model; fsdp: shard parameters, gradients and "
+                             "optimizer state across processes (FSDP2)")
     shared.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help="how long a collective waits for the other ranks before failing")
     return parser

@@ -10,13 +10,13 @@ import time
 
 import torch
 
-from common.checkpoint import resume_from, save_checkpoint, training_state, unwrap
+from common.checkpoint import full_model_state, resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import distributed
 from common.errors import UserError, run_main
 from common.metrics import reduce_sums
-from common.parallel import wrap_model
+from common.parallel import memory_per_rank, wrap_model
 from common.report import RunRecorder
 from common.rng import seed_everything
 
@@ -55,7 +55,8 @@ def main() -> None:
         seed_everything(args.seed)
         x_train, y_train, x_test, y_test = make_data()
         batches = TrainBatches([x_train, y_train], args.batch_size, dist, seed=args.seed)
-        model = wrap_model(torch.nn.Linear(N_FEATURES, 1), dist)
+        model = wrap_model(torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), torch.nn.Tanh(),
+                                               torch.nn.Linear(8, 1)), dist, args.strategy)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         meta = {"program": "toy"}
         state = resume_from(args.resume, args.out_dir, dist, meta, model, optimizer)
@@ -71,8 +72,10 @@ def main() -> None:
                 optimizer.step()
             recorder.log_epoch({"epoch": epoch, **evaluate(model, x_test, y_test, dist)})
             save_checkpoint(args.out_dir, training_state(model, optimizer, epoch, meta), dist)
-        params = torch.cat([p.detach().flatten() for p in unwrap(model).parameters()])
+        weights = full_model_state(model)  # complete on rank 0, the rank that writes the summary
+        params = torch.cat([t.flatten() for t in weights.values()]) if weights else torch.empty(0)
         recorder.write_summary({"test": evaluate(model, x_test, y_test, dist),
+                                "memory": memory_per_rank(model, optimizer),
                                 "params": params.tolist(), "wall_time_s": time.time() - start},
                                args)
 

@@ -1,0 +1,138 @@
+"""Models: a fast residual CNN in the style of the CIFAR-10 speed records, and ResNet-18 fine-tuning.
+
+``AirNet`` follows KellerJordan/airbench's ``airbench94`` (itself from hlb-CIFAR10): a frozen
+2x2 "whitening" convolution computed from the training images' patch covariance, then three
+groups of conv -> max-pool -> BatchNorm -> GELU, each followed by ``depth - 1`` more 3x3 convs
+(here with a residual connection), a global max-pool and a linear layer scaled by 1/9. BatchNorm
+scales stay fixed at 1 (only shifts are learned) and the input-side filters of each conv start as
+the identity, which lets very high learning rates work from the first step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import UserError
+
+RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv without bias whose first ``in_channels`` filters start as the identity."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        weight = self.weight.data
+        torch.nn.init.dirac_(weight[: weight.size(1)])
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with the scale frozen at 1: only the shift (bias) is trained."""
+
+    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12) -> None:
+        super().__init__(channels, momentum=momentum, eps=eps)
+        self.weight.requires_grad_(False)
+
+
+class ConvGroup(nn.Module):
+    """conv -> 2x2 max-pool -> BN -> GELU, then ``depth - 1`` x (conv -> BN -> GELU)."""
+
+    def __init__(self, cin: int, cout: int, depth: int, residual: bool) -> None:
+        super().__init__()
+        self.entry = nn.Sequential(Conv(cin, cout), nn.MaxPool2d(2), BatchNorm(cout), nn.GELU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(Conv(cout, cout), BatchNorm(cout), nn.GELU()) for _ in range(depth - 1))
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(x)
+        for block in self.blocks:
+            x = x + block(x) if self.residual else block(x)
+        return x
+
+
+class AirNet(nn.Module):
+    """Whitening conv + three ConvGroups + max-pool + scaled linear head. 32x32 inputs."""
+
+    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), depth: int = 2,
+                 num_classes: int = 10, residual: bool = True, whiten_width: int = 2,
+                 head_scale: float = 1 / 9) -> None:
+        super().__init__()
+        whiten_channels = 2 * 3 * whiten_width**2  # each eigen-patch and its negative
+        self.whiten = nn.Conv2d(3, whiten_channels, kernel_size=whiten_width, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        groups, cin = [], whiten_channels
+        for width in widths:
+            groups.append(ConvGroup(cin, width, depth, residual))
+            cin = width
+        self.groups = nn.Sequential(*groups)
+        self.head = nn.Linear(cin, num_classes, bias=False)
+        self.head_scale = head_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.whiten(x))
+        x = self.groups(x)
+        x = torch.amax(x, dim=(2, 3))
+        return self.head(x) * self.head_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the frozen first conv to whiten ``images``' patches (normalised float [N,3,H,W])."""
+        k = self.whiten.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
+        patches = patches.transpose(1, 3).reshape(-1, 3 * k * k)
+        patches = patches - patches.mean(0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).float()
+        filters = filters.reshape(-1, 3, k, k)  # rows are (channel, dy, dx), like conv weights
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
+    def norm_biases(self) -> list[nn.Parameter]:
+        """The BatchNorm shifts, trained with a larger learning rate (as in airbench)."""
+        return [m.bias for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def resnet18(num_classes: int, weights: str | None) -> nn.Module:
+    """torchvision's ResNet-18 with ImageNet weights and a new ``num_classes`` output layer.
+
+    ``weights``: a path to a state_dict (e.g. ``resnet18-f37072fd.pth``), ``"none"`` for random
+    initialisation, or None to use torchvision's download cache / download (needs internet).
+    """
+    from torchvision.models import ResNet18_Weights, resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None)
+    if weights == "none":
+        pass
+    elif weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file; expected a ResNet-18 state_dict "
+                            f"(e.g. {RESNET18_URL}) or --weights none")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means an unusable file
+            raise UserError(f"--weights {path}: not a readable PyTorch state_dict ({err})") from None
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise UserError(f"--weights {path}: not a torchvision ResNet-18 state_dict ({first})") from None
+    else:
+        try:
+            model.load_state_dict(ResNet18_Weights.DEFAULT.get_state_dict(progress=False))
+        except Exception as err:  # noqa: BLE001 - no cache and no network
+            raise UserError(
+                f"--arch resnet18: no pretrained weights available (not in the torch hub cache, "
+                f"and the download failed: {type(err).__name__}); download {RESNET18_URL} "
+                "elsewhere and pass --weights PATH, or --weights none to train from scratch"
+            ) from None
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model

@@ -1,0 +1,285 @@
+"""cifar/: data sources and cache, augmentation, models, exact evaluation, clear failures.
+
+Real multi-process runs use tiny synthetic class-folder datasets (3 classes of 32x32 PNGs) and a
+narrow network, so the whole file runs in well under a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import pickle
+import shutil
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar import data as cdata
+from cifar.model import AirNet, resnet18
+from common.errors import UserError
+from tests.launch import SHARED_DATA, run_program
+
+CLASSES = ("cat", "dog", "ship")
+SMALL = ["--widths", "8", "16", "16", "--eval-batch-size", "4", "--no-download"]
+
+
+def _image(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A 32x32 RGB image whose colour says its class, plus noise (learnable in one epoch)."""
+    base = np.zeros((32, 32, 3), dtype=np.float64)
+    base[..., label] = 180
+    return np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_folders(root: Path, n_train: int = 12, n_test: int = 7, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(_image(label, rng)).save(folder / f"{i:04d}.png")
+    return root
+
+
+def make_batches_archive(path: Path, n: int = 4) -> bytes:
+    """A tiny archive in torchvision's cifar-10-python.tar.gz format; returns its bytes."""
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        names = [*cdata.TRAIN_BATCHES, cdata.TEST_BATCH]
+        for name in names:
+            blob = pickle.dumps({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                 "labels": [i % 10 for i in range(n)]})
+            info = tarfile.TarInfo(f"{cdata.BATCHES_DIR}/{name}")
+            info.size = len(blob)
+            tf.addfile(info, io.BytesIO(blob))
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def folders(tmp_path: Path) -> Path:
+    return make_folders(tmp_path / "data")
+
+
+# --------------------------------------------------------------------------- data, in process
+
+def test_folders_decode_once_then_cache(folders: Path) -> None:
+    cache, decoded = cdata.prepare(folders)
+    assert decoded is not None and cache.parent == folders and cache.is_file()
+    train, labels = decoded["train"]
+    assert train.shape == (36, 3, 32, 32) and train.dtype == torch.uint8
+    assert decoded["classes"] == CLASSES and labels.bincount().tolist() == [12, 12, 12]
+    # Red images are class 0: the decoded pixels and labels line up.
+    assert train[labels == 0][:, 0].float().mean() > train[labels == 0][:, 1].float().mean() + 50
+    again, nothing = cdata.prepare(folders)
+    assert again == cache and nothing is None
+    assert torch.equal(cdata.load_cache(cache).train_images, train)
+
+
+def test_class_folders_inside_tar_gz_and_subfolder(tmp_path: Path) -> None:
+    src = make_folders(tmp_path / "src" / "cifar10-png")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / "cifar10-png.tar.gz", "w:gz") as tf:
+        tf.add(src, arcname="cifar10-png")
+    from_tar = cdata.decode_source(cdata.find_source(data_dir))
+    from_dir = cdata.decode_source(cdata.find_source(tmp_path / "src"))  # one sub-folder down
+    assert from_tar["classes"] == from_dir["classes"] == CLASSES
+    assert torch.equal(from_tar["train"][0], from_dir["train"][0])
+    assert torch.equal(from_tar["test"][1], from_dir["test"][1])
+
+
+def test_torchvision_batches_archive_and_folder(tmp_path: Path) -> None:
+    make_batches_archive(tmp_path / cdata.ARCHIVE_NAME)
+    decoded = cdata.decode_source(cdata.find_source(tmp_path))
+    assert decoded["train"][0].shape == (20, 3, 32, 32) and len(decoded["classes"]) == 10
+    (tmp_path / "x").mkdir()
+    with tarfile.open(tmp_path / cdata.ARCHIVE_NAME) as tf:
+        tf.extractall(tmp_path / "x", filter="data")
+    from_dir = cdata.decode_source(cdata.find_source(tmp_path / "x"))
+    assert torch.equal(from_dir["test"][0], decoded["test"][0])
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+
+def test_download_checks_sha256_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    blob = make_batches_archive(served / cdata.ARCHIVE_NAME)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{cdata.ARCHIVE_NAME}"
+    try:
+        good = hashlib.sha256(blob).hexdigest()
+        bad_dir = tmp_path / "bad"
+        with pytest.raises(UserError, match="SHA-256"):
+            cdata.download_archive(bad_dir, url=url, sha256="0" * 64)
+        assert list(bad_dir.iterdir()) == []
+        with pytest.raises(UserError, match="download"):
+            cdata.download_archive(bad_dir, url=url + ".missing", sha256=good)
+        assert list(bad_dir.iterdir()) == []
+        target = cdata.download_archive(tmp_path / "ok", url=url, sha256=good)
+        assert target.read_bytes() == blob
+        assert cdata.find_source(tmp_path / "ok").kind == "archive"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "corrupt or truncated image"),
+    ("stray", "not inside a class folder"),
+    ("no_test", "no test/ folder"),
+    ("size", "expected 32x32"),
+])
+def test_bad_folders_name_file_and_expectation(folders: Path, damage: str, expected: str) -> None:
+    victim = folders / "train" / "dog" / "0003.png"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:60])
+    elif damage == "stray":
+        victim.rename(folders / "train" / "loose.png")
+    elif damage == "no_test":
+        (folders / "test").rename(folders / "testing")
+    else:
+        Image.new("RGB", (40, 32)).save(victim)
+    with pytest.raises(UserError, match=expected) as info:
+        cdata.prepare(folders, download=False)
+    assert "\n" not in str(info.value)
+    if damage in ("truncate", "size"):
+        assert str(victim) in str(info.value)
+
+
+def test_augment_is_seeded_and_switchable() -> None:
+    x = torch.randn(6, 3, 32, 32)
+    def run(aug: cdata.Augment, seed: int = 0) -> torch.Tensor:
+        return cdata.augment(x, aug, torch.Generator().manual_seed(seed))
+    full = cdata.Augment(translate=2, flip=True, cutout=8)
+    assert torch.equal(run(full), run(full)) and not torch.equal(run(full), run(full, 1))
+    assert torch.equal(run(cdata.Augment(0, False, 0)), x)
+    cut = run(cdata.Augment(0, False, 8))
+    assert ((cut == 0).flatten(1).sum(1) > 0).all()
+    shifted = run(cdata.Augment(2, False, 0))
+    assert shifted.shape == x.shape
+
+
+# --------------------------------------------------------------------------- models
+
+def test_airnet_shapes_and_whitening() -> None:
+    model = AirNet((8, 16, 16), depth=3, num_classes=3)
+    images = torch.randn(40, 3, 32, 32)
+    model.init_whitening(images)
+    assert model(images[:5]).shape == (5, 3)
+    assert not model.whiten.weight.requires_grad
+
+
+def test_resnet18_weights_from_file_and_clear_errors(tmp_path: Path) -> None:
+    from torchvision.models import resnet18 as tv_resnet18
+
+    path = tmp_path / "resnet18.pth"
+    reference = tv_resnet18()
+    torch.save(reference.state_dict(), path)
+    model = resnet18(3, str(path))
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc.out_features == 3
+    with pytest.raises(UserError, match="no such file"):
+        resnet18(10, str(tmp_path / "missing.pth"))
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match="not a torchvision ResNet-18"):
+        resnet18(10, str(tmp_path / "wrong.pth"))
+    assert resnet18(10, "none").fc.out_features == 10
+
+
+# --------------------------------------------------------------------------- real runs
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _check(result) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> None:
+    """The 1-process training run's final evaluation, then its checkpoint re-evaluated at 2, 3."""
+    train = tmp_path / "train"
+    _check(run_program("cifar/train.py", ["--data-dir", str(folders), "--out-dir", str(train),
+                                          "--epochs", "1", "--batch-size", "12", *SMALL], nproc=1))
+    results = {1: _summary(train)}
+    for nproc in (2, 3):
+        out = tmp_path / f"eval{nproc}"
+        _check(run_program("cifar/train.py", ["--data-dir", str(folders), "--out-dir", str(out),
+                                              "--eval-only", "--resume", str(train / "checkpoint.pt"),
+                                              *SMALL], nproc=nproc, timeout=120))
+        results[nproc] = _summary(out)
+    for nproc in (1, 2, 3):
+        assert results[nproc]["world_size"] == nproc and results[nproc]["test_images"] == 21
+    for nproc in (2, 3):
+        assert results[nproc]["test_accuracy"] == results[1]["test_accuracy"]
+        assert results[nproc]["confusion_matrix"] == results[1]["confusion_matrix"]
+        assert results[nproc]["per_class_accuracy"] == results[1]["per_class_accuracy"]
+        assert results[nproc]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-6)
+
+
+def test_two_processes_train_and_resume_exactly(folders: Path, tmp_path: Path) -> None:
+    """A run resumed from its epoch-1 checkpoint ends exactly where the uninterrupted run did."""
+    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", *SMALL]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _check(run_program("cifar/train.py", [*args, "--out-dir", str(straight)], nproc=2))
+    resumed.mkdir()
+    shutil.copy(straight / "checkpoint.prev.pt", resumed / "checkpoint.pt")  # after epoch 1
+    _check(run_program("cifar/train.py", [*args, "--out-dir", str(resumed), "--resume"], nproc=2))
+    a, b = _summary(straight), _summary(resumed)
+    assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
+    assert b["epochs_run"] == 1
+    for name in ("curves.png", "confusion_matrix.png"):
+        assert (straight / "plots" / name).stat().st_size > 1000
+    assert set(a["per_class_accuracy"]) == set(CLASSES) and a["images_per_s"] > 0
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and all("test_accuracy" in r for r in rows)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "no CIFAR-10 found; expected cifar-10-batches-py/"),
+    ("truncate", "corrupt or truncated image"),
+])
+def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path,
+                                                   damage: str, expected: str) -> None:
+    data_dir = folders
+    if damage == "missing":
+        data_dir = tmp_path / "empty"
+        data_dir.mkdir()
+    else:
+        victim = folders / "test" / "ship" / "0001.png"
+        victim.write_bytes(victim.read_bytes()[:50])
+    out = tmp_path / "run"
+    result = run_program("cifar/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
+                                            *SMALL], nproc=2, timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "error:" in line and expected in line]
+    assert any(line.startswith("error:") for line in lines), result.stderr[-2000:]
+    assert any(line.startswith("[rank 1] error:") for line in lines), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # bad input leaves no partial run directory
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_real_data_subset_two_processes(tmp_path: Path) -> None:
+    out = tmp_path / "real"
+    _check(run_program("cifar/train.py", ["--data-dir", str(SHARED_DATA), "--out-dir", str(out),
+                                          "--train-per-class", "50", "--test-limit", "500",
+                                          "--epochs", "2", "--batch-size", "100",
+                                          "--widths", "16", "32", "32"], nproc=2, timeout=180))
+    summary = _summary(out)
+    assert summary["test_images"] == 500 and summary["world_size"] == 2
+    assert len(summary["per_class_accuracy"]) == 10
+    assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1

@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a child program: no torchrun variables, no progress bars."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -42,5 +42,5 @@ def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 1
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                *(torchrun_args or []), str(REPO / script), *args]
-    return subprocess.run(cmd, cwd=REPO, env=test_env(env), capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True,
                           timeout=timeout)

@@ -1,0 +1,71 @@
+"""Launch scripts and the multi-node rehearsal: the recipes in the README, run for real."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import REPO, free_port, child_env
+
+SCRIPTS = REPO / "scripts"
+
+
+def _script(*argv: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *argv], cwd=REPO, env=child_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["scripts/run_single_node.sh", "--dry-run", "tests/toy_train.py", "--epochs", "1"], {},
+     "torchrun --standalone --nproc_per_node=gpu tests/toy_train.py --epochs 1"),
+    (["scripts/run_multi_node.sh", "--dry-run", "tests/toy_train.py", "--lr", "0.1"],
+     {"NNODES": "2", "RDZV_ENDPOINT": "node0:29500", "NPROC": "4", "RDZV_ID": "job7"},
+     "torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 "
+     "--rdzv-id=job7 tests/toy_train.py --lr 0.1"),
+    (["scripts/slurm.sbatch", "tests/toy_train.py", "--epochs", "2"],
+     {"DRY_RUN": "1", "SLURM_NNODES": "3", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "42"},
+     "srun --kill-on-bad-exit=1 torchrun --nnodes=3 --nproc_per_node=8 --rdzv-backend=c10d "
+     "--rdzv-endpoint=localhost:29500 --rdzv-id=42 --max-restarts=3 tests/toy_train.py --resume --epochs 2"),
+])
+def test_dry_run_prints_the_exact_command(argv, env, expected):
+    result = _script(*argv, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "+ " + expected
+
+
+def test_multi_node_script_needs_its_variables():
+    result = _script("scripts/run_multi_node.sh", "--dry-run", "tests/toy_train.py")
+    assert result.returncode != 0 and "NNODES" in result.stderr
+
+
+def test_cpu_script_runs_end_to_end(tmp_path):
+    result = _script("scripts/run_cpu.sh", "tests/toy_train.py", "--out-dir", str(tmp_path), "--epochs", "1",
+                     env={"NPROC": "2"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+
+
+def two_node_rehearsal(script: str, args: list[str], timeout: float = 180) -> None:
+    """Two torchrun "nodes" (1 process each) on this machine, joined by c10d rendezvous."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=rehearsal",
+           str(REPO / script), *args]
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=timeout) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+
+
+def test_two_node_rehearsal_equals_single_node_two_processes(tmp_path):
+    two_node_rehearsal("tests/toy_train.py", ["--out-dir", str(tmp_path / "nodes"), "--epochs", "2"])
+    single = _script("scripts/run_cpu.sh", "tests/toy_train.py", "--out-dir", str(tmp_path / "single"),
+                     "--epochs", "2", env={"NPROC": "2"})
+    assert single.returncode == 0, single.stderr
+    nodes = json.loads((tmp_path / "nodes" / "summary.json").read_text())
+    one = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert nodes["world_size"] == 2
+    assert nodes["params"] == one["params"] and nodes["test"] == one["test"]

@@ -1,0 +1,359 @@
+"""Train a distributed MLP on California house prices; report test RMSE in dollars.
+
+Reads top to bottom: parse_args -> build_data -> build_model -> train_one_epoch / evaluate ->
+main. The net regresses the standardised log price (MSE), so the loss weighs a $20k error on a
+$100k house like a $100k error on a $500k one; predictions are turned back into dollars (and
+clipped to the file's range, see housing/data.py) before RMSE, MAE and R^2 are computed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from common.checkpoint import load_checkpoint, resume_from, save_checkpoint, training_state, unwrap
+from common.cli import check_shared_args, make_parser
+from common.data import TrainBatches, eval_batches
+from common.dist import DistInfo, broadcast_object, distributed
+from common.errors import UserError, ensure_finite, run_main
+from common.metrics import gather_tensors, reduce_sums
+from common.parallel import wrap_model
+from common.report import RunRecorder, get_logger, write_json_atomic
+from common.rng import seed_everything
+from housing import data as hdata
+from housing.model import ACTIVATIONS, MLP, NORMS, describe
+
+EXAMPLE = """example:
+  torchrun --nproc_per_node=2 housing/train.py --data-dir ../shared/data
+  python housing/train.py --eval-only --resume runs/housing   # re-evaluate a saved run
+"""
+EVAL_BATCH = 1024  # samples per rank per evaluation forward pass
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    out_dir: Path
+    epochs: int  # upper bound; early stopping may end sooner
+    batch_size: int  # global samples per optimizer step, split across ranks
+    lr: float  # peak learning rate of the one-cycle schedule
+    weight_decay: float  # AdamW decoupled weight decay
+    seed: int
+    width: int  # hidden units per layer
+    depth: int  # hidden layers
+    activation: str
+    dropout: float  # probability, 0 = off
+    norm: str
+    patience: int  # epochs without a better validation RMSE before stopping
+    features: tuple[str, ...]  # feature groups fed to the net (housing/data.py FEATURE_GROUPS)
+    n_clusters: int  # k-means centres for the location-cluster features
+    baselines: bool  # also fit LinearRegression and HistGradientBoosting on the same split
+    eval_only: bool  # evaluate the checkpoint named by --resume; no training
+    resume: str | None
+    device: str
+    strategy: str  # only ddp: a ~150k-parameter net gains nothing from sharding
+    dist_timeout: float  # seconds
+    download_url: str
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.depth < 0:
+            raise UserError(f"--width must be >= 1 and --depth >= 0, got {self.width}, {self.depth}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.patience < 1 or self.n_clusters < 1:
+            raise UserError("--weight-decay must be >= 0, --patience and --n-clusters >= 1")
+        unknown = set(self.features) - set(hdata.FEATURE_GROUPS)
+        if unknown or not self.features:
+            raise UserError(f"--features: unknown or empty ({', '.join(sorted(unknown))}); "
+                            f"choose from {', '.join(hdata.FEATURE_GROUPS)}")
+        if self.strategy != "ddp":
+            raise UserError(f"--strategy {self.strategy}: housing trains a small MLP that every "
+                            "process holds whole; use --strategy ddp")
+        if self.eval_only and self.resume is None:
+            raise UserError("--eval-only needs --resume (a run directory or checkpoint file)")
+
+    @property
+    def arch(self) -> str:
+        return describe(self.width, self.depth, self.activation, self.dropout, self.norm)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Model and optimiser flags, shared with housing/tune.py and housing/features.py."""
+    group = parser.add_argument_group("model and optimiser")
+    group.add_argument("--width", type=int, default=256, help="hidden units per layer")
+    group.add_argument("--depth", type=int, default=3, help="hidden layers")
+    group.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS))
+    group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+    group.add_argument("--norm", default="none", choices=sorted(NORMS), help="per-layer normalisation")
+    group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    group.add_argument("--patience", type=int, default=12,
+                       help="stop after this many epochs without a better validation RMSE")
+    group.add_argument("--features", default=",".join(hdata.FEATURE_GROUPS),
+                       help="comma-separated feature groups fed to the net (see housing/features.py)")
+    group.add_argument("--n-clusters", type=int, default=48, help="k-means location clusters")
+    group.add_argument("--download-url", default=hdata.DOWNLOAD_URL,
+                       help="where to fetch housing.csv when --data-dir lacks it (SHA-256 checked)")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
+    check_shared_args(args)
+    fields = {name: getattr(args, name, None) for name in Config.__dataclass_fields__}
+    fields["strategy"] = getattr(args, "strategy", "ddp")
+    fields["features"] = tuple(f.strip() for f in args.features.split(",") if f.strip())
+    fields.update(baselines=getattr(args, "baselines", False), eval_only=getattr(args, "eval_only", False))
+    fields.update(overrides)
+    return Config(**fields)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=1024,
+                         lr=4e-3, data_dir="data", out_dir="runs/housing")
+    add_model_args(parser)
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="skip the LinearRegression / HistGradientBoosting comparison")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the checkpoint given by --resume on validation and test")
+    return config_from_args(parser.parse_args(argv))
+
+
+def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None) -> hdata.HousingData:
+    """Read (or download) and validate the CSV on every rank, so a bad file fails everywhere."""
+    del dist  # every rank builds the same data; nothing rank-specific here
+    return hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
+                              url=cfg.download_url, preprocessor=preprocessor,
+                              target_stats=target_stats)
+
+
+def build_model(cfg: Config, n_features: int) -> MLP:
+    return MLP(n_features, cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
+    """AdamW with a one-cycle schedule (warm-up 15%, then cosine decay) stepped per batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps,
+                                                    pct_start=0.15)
+    return optimizer, scheduler
+
+
+def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, scheduler,
+                    epoch: int, dist: DistInfo) -> float:
+    """One pass over the training split; returns the exact mean loss over all ranks' samples."""
+    model.train()
+    sums = {"loss": 0.0, "n": 0}
+    for step, (x, y) in enumerate(batches.epoch(epoch)):
+        loss = torch.nn.functional.mse_loss(model(x), y)  # mean over this rank's share
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages gradients across ranks
+        optimizer.step()
+        scheduler.step()
+        value = loss.item()
+        ensure_finite(value, epoch * len(batches) + step)
+        sums["loss"] += value * len(y)
+        sums["n"] += len(y)
+    totals = reduce_sums(sums, dist)
+    return totals["loss"] / totals["n"]
+
+
+def evaluate(model: torch.nn.Module, split: hdata.Split, data: hdata.HousingData, dist: DistInfo,
+             keep_predictions: bool = False) -> dict[str, Any]:
+    """RMSE / MAE / R^2 in dollars and the log-space loss, over every sample exactly once.
+
+    Each rank predicts its contiguous shard; sums are reduced in float64. With
+    ``keep_predictions`` the per-sample dollar predictions come back in split order.
+    """
+    # A float64 copy: per-sample predictions then agree across shardings to ~1e-16, far below
+    # the whole-dollar rounding in decode_target (float32 differs by a cent or so). The copy is
+    # unwrapped, so forward runs no collectives.
+    model = copy.deepcopy(unwrap(model)).double().eval()
+    sums = {"se": 0.0, "ae": 0.0, "y": 0.0, "y2": 0.0, "loss": 0.0, "n": 0}
+    parts = []
+    with torch.no_grad():
+        for x, y, price in eval_batches([split.x, split.y, split.price], EVAL_BATCH, dist):
+            out = model(x.double())
+            pred = hdata.decode_target(out, data.target_mean, data.target_std)
+            err = pred - price
+            sums["se"] += (err ** 2).sum().item()
+            sums["ae"] += err.abs().sum().item()
+            sums["y"] += price.sum().item()
+            sums["y2"] += (price ** 2).sum().item()
+            sums["loss"] += ((out - y) ** 2).double().sum().item()
+            sums["n"] += len(y)
+            parts.append(pred)
+    t = reduce_sums(sums, dist)
+    n = t["n"]
+    total_ss = t["y2"] - t["y"] ** 2 / n
+    result: dict[str, Any] = {"rmse": math.sqrt(t["se"] / n), "mae": t["ae"] / n,
+                              "r2": 1 - t["se"] / total_ss, "loss": t["loss"] / n, "n": int(n)}
+    if keep_predictions:
+        local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        result["predictions"] = gather_tensors(local, dist)
+    return result
+
+
+@dataclass
+class EarlyStopping:
+    """Best validation RMSE so far, its weights, and epochs since; saved in every checkpoint."""
+
+    patience: int
+    best_rmse: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_model: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def update(self, rmse: float, epoch: int, model: torch.nn.Module) -> bool:
+        """Record this epoch; returns True when training should stop."""
+        if rmse < self.best_rmse:
+            self.best_rmse, self.best_epoch, self.bad_epochs = rmse, epoch, 0
+            self.best_model = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.patience
+
+
+def prepare(cfg: Config, data: hdata.HousingData, dist: DistInfo):
+    """Seeded model (wrapped for DDP), optimizer, schedule and the training batches."""
+    seed_everything(cfg.seed)
+    batches = TrainBatches([data.train.x, data.train.y], cfg.batch_size, dist, seed=cfg.seed)
+    model = wrap_model(build_model(cfg, data.train.x.shape[1]), dist)
+    optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
+    return model, optimizer, scheduler, batches
+
+
+def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, optimizer, scheduler,
+               batches: TrainBatches, stopper: EarlyStopping, start_epoch: int = 0,
+               on_epoch: Callable[..., None] | None = None, log=None) -> int:
+    """Train until ``cfg.epochs`` or early stopping, then load the best weights into ``model``.
+
+    ``on_epoch(row, model, optimizer, scheduler, stopper)`` runs after each epoch (logging,
+    checkpoints). Returns the number of epochs trained by this call.
+    """
+    done = stopper.bad_epochs >= stopper.patience  # a resumed run that had already stopped
+    trained = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if done:
+            break
+        started = time.time()
+        train_loss = train_one_epoch(model, batches, optimizer, scheduler, epoch, dist)
+        val = evaluate(model, data.val, data, dist)
+        done = stopper.update(val["rmse"], epoch, model)
+        trained += 1
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+               "val_rmse": val["rmse"], "val_mae": val["mae"], "val_r2": val["r2"],
+               "lr": scheduler.get_last_lr()[0], "epoch_s": time.time() - started}
+        if log is not None:
+            log.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  "
+                     f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
+        if on_epoch is not None:
+            on_epoch(row, model, optimizer, scheduler, stopper)
+    if stopper.best_model:
+        unwrap(model).load_state_dict(stopper.best_model)
+    return trained
+
+
+def this_process_only(dist: DistInfo) -> DistInfo:
+    """A world of one on this rank's device: for training independent models per rank."""
+    return DistInfo(rank=0, local_rank=dist.local_rank, world_size=1, local_world_size=1,
+                    device=dist.device)
+
+
+def fit(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> tuple[torch.nn.Module, EarlyStopping]:
+    """Train from scratch without checkpoints (housing/tune.py, housing/features.py)."""
+    model, optimizer, scheduler, batches = prepare(cfg, data, dist)
+    stopper = EarlyStopping(cfg.patience)
+    train_loop(cfg, data, dist, model, optimizer, scheduler, batches, stopper)
+    return model, stopper
+
+
+def checkpoint_extra(cfg: Config, data: hdata.HousingData, stopper: EarlyStopping) -> dict[str, Any]:
+    """What, besides weights and optimizer, a checkpoint needs to resume or re-evaluate."""
+    return {"config": asdict(cfg), "early_stopping": asdict(stopper),
+            "preprocessor": data.preprocessor, "target_stats": (data.target_mean, data.target_std)}
+
+
+def meta_for(cfg: Config) -> dict[str, Any]:
+    return {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
+
+
+def eval_from_checkpoint(cfg: Config, dist: DistInfo, log) -> None:
+    """--eval-only: the best weights and fitted preprocessor of a saved run, on val and test."""
+    path = Path(cfg.resume)
+    state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path, dist.device,
+                            {"program": "housing"})
+    saved = Config(**{**state["config"], "data_dir": cfg.data_dir, "out_dir": cfg.out_dir,
+                      "resume": cfg.resume, "eval_only": True, "device": cfg.device,
+                      "features": tuple(state["config"]["features"])})
+    data = build_data(saved, dist, state["preprocessor"], state["target_stats"])
+    model = build_model(saved, data.test.x.shape[1]).to(dist.device)
+    model.load_state_dict(state["early_stopping"]["best_model"] or state["model"])
+    results = {name: evaluate(model, split, data, dist) for name, split in
+               (("val", data.val), ("test", data.test))}
+    log.info(f"{state['loaded_from']}: test RMSE ${results['test']['rmse']:,.2f}  "
+             f"MAE ${results['test']['mae']:,.2f}  R2 {results['test']['r2']:.5f}  "
+             f"({dist.world_size} process(es))")
+    if dist.is_main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.out_dir / "eval.json", {**results, "checkpoint": state["loaded_from"],
+                                                      "world_size": dist.world_size})
+
+
+def main() -> None:
+    cfg = parse_args()
+    started = time.time()
+    with distributed(cfg.device, cfg.dist_timeout) as dist:
+        log = get_logger("housing", dist)
+        if cfg.eval_only:
+            return eval_from_checkpoint(cfg, dist, log)
+        data = build_data(cfg, dist)  # validated before any output exists
+        log.info(f"{data.csv_path}: {len(data.train.y)} train / {len(data.val.y)} val / "
+                 f"{len(data.test.y)} test rows, {data.train.x.shape[1]} features; "
+                 f"{dist.world_size} process(es), global batch {cfg.batch_size}")
+        model, optimizer, scheduler, batches = prepare(cfg, data, dist)
+        meta = meta_for(cfg)
+        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
+        stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)
+        recorder = RunRecorder(cfg.out_dir, dist, start_epoch=state["epoch"] + 1 if state else 0)
+
+        def on_epoch(row, model, optimizer, scheduler, stopper):
+            recorder.log_epoch(row)
+            save_checkpoint(cfg.out_dir, training_state(
+                model, optimizer, row["epoch"], meta, scheduler,
+                **checkpoint_extra(cfg, data, stopper)), dist)
+
+        train_started = time.time()
+        epochs_run = train_loop(cfg, data, dist, model, optimizer, scheduler, batches, stopper,
+                                state["epoch"] + 1 if state else 0, on_epoch, log)
+        train_s = time.time() - train_started
+        test = evaluate(model, data.test, data, dist, keep_predictions=True)
+        predictions = test.pop("predictions")
+        log.info(f"test RMSE ${test['rmse']:,.0f}  MAE ${test['mae']:,.0f}  R2 {test['r2']:.4f}  "
+                 f"(best epoch {stopper.best_epoch + 1}, val RMSE ${stopper.best_rmse:,.0f})")
+
+        from housing import report  # matplotlib / baselines load only once training is done
+
+        # The last rank fits the baselines while rank 0 draws the plots.
+        baselines = None
+        if cfg.baselines and dist.rank == dist.world_size - 1:
+            baselines = report.run_baselines(data, cfg.seed)
+        if dist.is_main:
+            report.plot_all(recorder.read_metrics(), data.test, predictions, recorder.plots_dir)
+        if cfg.baselines:
+            baselines = broadcast_object(baselines, dist, src=dist.world_size - 1)
+        wall = time.time() - started
+        summary = {"test": test, "best_epoch": stopper.best_epoch, "best_val_rmse": stopper.best_rmse,
+                   "epochs_run": epochs_run, "baselines": baselines, "wall_time_s": wall,
+                   "train_time_s": train_s,
+                   "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9)}
+        recorder.write_summary(summary, cfg)
+        recorder.write_text("results.md", report.results_table(test, baselines, cfg.arch))
+        log.info(f"wrote {cfg.out_dir}/summary.json, results.md and plots/ in {wall:.1f}s")
+
+
+if __name__ == "__main__":
+    run_main(main)

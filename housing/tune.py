@@ -28,7 +28,7 @@ EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/tune.py --data-dir ../shared/data --out-dir runs/housing-tune
   torchrun --nproc_per_node=2 housing/tune.py --grid "width=128,256 lr=0.002,0.004" --epochs 20
 """
-DEFAULT_GRID = "width=128,256,512 depth=2,3 lr=0.002,0.004 weight_decay=0.0001,0.01"
+DEFAULT_GRID = "width=128,256,512 depth=2,3 lr=0.002,0.004"
 TUNABLE = {"width": int, "depth": int, "lr": float, "weight_decay": float, "dropout": float,
            "batch_size": int, "activation": str, "norm": str}
 

@@ -81,13 +81,37 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInf
         torch.cuda.set_device(dev)
 
     if world_size > 1 and not tdist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(
-            backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            store=_store_for_this_attempt(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(rank, local_rank, world_size, local_world_size, dev)
+
+
+def _store_for_this_attempt(rank: int, world_size: int, timeout: datetime.timedelta) -> tdist.Store:
+    """The rendezvous key-value store, namespaced by torchrun's restart attempt.
+
+    After a restart (``--max-restarts``) torchrun hands the workers the same store as before,
+    still holding the previous attempt's peer addresses under the same keys; a rank that starts
+    faster than a peer reads the dead peer's address and the job hangs or fails to connect (the
+    symptom of pytorch/pytorch#167288). A prefix per attempt keeps the attempts apart.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tdist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=rank == 0 and not agent_hosts_store,  # without torchrun's agent, rank 0 hosts
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return tdist.PrefixStore(f"attempt{attempt}", store)
 
 
 def teardown() -> None:

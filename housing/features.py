@@ -25,7 +25,7 @@ from common.errors import UserError, run_main
 from common.metrics import gather_tensors
 from common.report import RunRecorder, get_logger
 from housing import data as hdata
-from housing.train import (Config, add_model_args, build_data, config_from_args, evaluate, fit,
+from housing.train import (GLOBAL_BATCH, Config, add_model_args, build_data, config_from_args, evaluate, fit,
                            this_process_only)
 
 EXAMPLE = """example:
@@ -35,7 +35,7 @@ EXAMPLE = """example:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, int, list[int]]:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=1024,
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=GLOBAL_BATCH,
                          lr=4e-3, data_dir="data", out_dir="runs/housing-features")
     add_model_args(parser)
     parser.add_argument("--repeats", type=int, default=3, help="shuffles per group (permutation importance)")

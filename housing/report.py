@@ -89,8 +89,9 @@ def plot_all(rows: list[dict[str, Any]], split: hdata.Split, predictions: torch.
 
     fig, ax = plt.subplots(figsize=(6.5, 6))
     limit = np.percentile(np.abs(resid), 98)
-    points = ax.scatter(split.lonlat[:, 0], split.lonlat[:, 1], c=resid, s=4, cmap="coolwarm",
-                        vmin=-limit, vmax=limit)
+    order = np.argsort(np.abs(resid))  # largest errors drawn last, on top
+    points = ax.scatter(split.lonlat[order, 0], split.lonlat[order, 1], c=resid[order], s=4,
+                        cmap="coolwarm", vmin=-limit, vmax=limit)
     fig.colorbar(points, label="predicted - actual ($k); red = overestimate")
     ax.set(xlabel="longitude", ylabel="latitude", title="test: error by location")
     ax.set_aspect(1 / np.cos(np.radians(36)))

@@ -34,6 +34,8 @@ EXAMPLE = """example:
   python housing/train.py --eval-only --resume runs/housing   # re-evaluate a saved run
 """
 EVAL_BATCH = 1024  # samples per rank per evaluation forward pass
+# Default global batch: divides by 1-6 and 8 processes, so the same run works at those sizes.
+GLOBAL_BATCH = 960
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=1024,
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=GLOBAL_BATCH,
                          lr=4e-3, data_dir="data", out_dir="runs/housing")
     add_model_args(parser)
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",

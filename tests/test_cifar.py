@@ -268,7 +268,8 @@ def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path
     lines = [line for line in result.stderr.splitlines() if "error:" in line and expected in line]
     assert any(line.startswith("error:") for line in lines), result.stderr[-2000:]
     assert any(line.startswith("[rank 1] error:") for line in lines), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    # torchrun prints its own report of the failed children; our code prints no traceback.
+    assert "cifar/train.py\", line" not in result.stderr and "cifar/data.py" not in result.stderr
     assert not out.exists()  # bad input leaves no partial run directory
 
 
@@ -276,10 +277,12 @@ def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path
 def test_real_data_subset_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "real"
     _check(run_program("cifar/train.py", ["--data-dir", str(SHARED_DATA), "--out-dir", str(out),
-                                          "--train-per-class", "50", "--test-limit", "500",
-                                          "--epochs", "2", "--batch-size", "100",
+                                          "--train-per-class", "100", "--test-limit", "500",
+                                          "--epochs", "3", "--batch-size", "100", "--lr", "0.15",
                                           "--widths", "16", "32", "32"], nproc=2, timeout=180))
     summary = _summary(out)
     assert summary["test_images"] == 500 and summary["world_size"] == 2
-    assert len(summary["per_class_accuracy"]) == 10
-    assert summary["test_accuracy"] > 0.2  # 10 classes: chance is 0.1
+    assert list(summary["per_class_accuracy"]) == summary["classes"] and len(summary["classes"]) == 10
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_loss"] > rows[1]["train_loss"] > rows[2]["train_loss"]
+    assert summary["test_accuracy"] > 0.12  # 30 steps on 1,000 images; chance is 0.1

@@ -1,0 +1,127 @@
+"""Pictures of a detector run (rank 0 only): what the numbers in summary.json look like."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve  # noqa: E402
+
+from common.report import plot_curves  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float, path: Path,
+                    title: str) -> None:
+    """Normal vs attack score distributions (log x) with the threshold."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    positive = scores[scores > 0]
+    low = positive.min() if len(positive) else 1e-6
+    bins = np.logspace(np.log10(low), np.log10(max(scores.max(), low * 10)), 80)
+    ax.hist(np.maximum(scores[labels == 0], low), bins=bins, alpha=0.6, label="normal", color="tab:blue")
+    ax.hist(np.maximum(scores[labels == 1], low), bins=bins, alpha=0.6, label="attack", color="tab:red")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("anomaly score (reconstruction error)")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
+
+
+def pr_curve(scores: np.ndarray, labels: np.ndarray, test: dict[str, Any], path: Path) -> None:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot(recall, precision, label=f"autoencoder (PR-AUC {test['pr_auc']:.3f})")
+    ax.scatter([test["recall"]], [test["precision"]], color="black", zorder=3,
+               label=f"validation threshold (F1 {test['f1']:.3f})")
+    ax.axhline(labels.mean(), color="grey", linestyle=":", label="all-attack baseline")
+    ax.set_xlabel("recall (attacks found)")
+    ax.set_ylabel("precision")
+    ax.set_title("test precision-recall")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def confusion(test: dict[str, Any], path: Path) -> None:
+    cm = np.array([[test["tn"], test["fp"]], [test["fn"], test["tp"]]])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks([0, 1], ["normal", "attack"])
+    ax.set_yticks([0, 1], ["normal", "attack"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("test confusion matrix")
+    _save(fig, path)
+
+
+def per_category(categories: dict[str, dict[str, float]], path: Path) -> None:
+    names = sorted(categories, key=lambda n: categories[n]["detection_rate"])
+    rates = [categories[n]["detection_rate"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = ["tab:blue" if n == "Normal" else "tab:red" for n in names]
+    ax.barh(names, rates, color=colors)
+    for i, n in enumerate(names):
+        ax.text(rates[i], i, f" {rates[i]:.2f} of {categories[n]['rows']:,}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.25)
+    ax.set_xlabel("share flagged as attack (for Normal: false-positive rate)")
+    ax.set_title("test detection rate per attack_cat")
+    _save(fig, path)
+
+
+def timeline(scores: np.ndarray, labels: np.ndarray, times: np.ndarray, time_label: str,
+             threshold: float, path: Path) -> None:
+    """Scores over time (or record order) with the threshold; true attacks in red."""
+    order = np.argsort(times, kind="stable")
+    t, s, y = times[order], scores[order], labels[order]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    floor = max(s[s > 0].min() if (s > 0).any() else 1e-6, 1e-6)
+    ax.scatter(t[y == 0], np.maximum(s[y == 0], floor), s=2, alpha=0.4, color="tab:blue", label="normal")
+    ax.scatter(t[y == 1], np.maximum(s[y == 1], floor), s=2, alpha=0.4, color="tab:red", label="attack (true)")
+    flagged = s >= threshold
+    ax.axhline(threshold, color="black", linestyle="--", label="threshold: above = flagged")
+    ax.set_yscale("log")
+    ax.set_xlabel(time_label)
+    ax.set_ylabel("anomaly score")
+    ax.set_title(f"test scores over {time_label}: {int(flagged.sum()):,} flagged, "
+                 f"{int(y.sum()):,} true attacks")
+    ax.legend(loc="upper right", markerscale=4)
+    _save(fig, path)
+
+
+def training_plots(plots_dir: Path, rows: list[dict[str, Any]], val_scores: np.ndarray,
+                   val_labels: np.ndarray, test_scores: np.ndarray, splits, threshold: float,
+                   test: dict[str, Any], categories: dict[str, dict[str, float]]) -> None:
+    """Every picture of a train run, into ``plots_dir``."""
+    plots_dir = Path(plots_dir)
+    test_labels = splits.test["label"].to_numpy()
+    if rows:
+        plot_curves(rows, {"reconstruction loss (normal rows)": ["train_loss", "val_normal_loss"]},
+                    plots_dir / "loss.png", "autoencoder training")
+    score_histogram(val_scores, val_labels, threshold, plots_dir / "scores_val.png",
+                    "validation scores (threshold chosen here)")
+    score_histogram(test_scores, test_labels, threshold, plots_dir / "scores_test.png", "test scores")
+    pr_curve(test_scores, test_labels, test, plots_dir / "pr_curve.png")
+    confusion(test, plots_dir / "confusion.png")
+    per_category(categories, plots_dir / "per_attack_cat.png")
+    if splits.time_column:
+        times, label = splits.test[splits.time_column].to_numpy(), f"{splits.time_column} (unix s)"
+    elif "id" in splits.test.columns:
+        times, label = splits.test["id"].to_numpy(), "record order (id)"
+    else:
+        times, label = np.arange(len(test_scores)), "record order"
+    timeline(test_scores, test_labels, times, label, threshold, plots_dir / "timeline.png")

@@ -143,7 +143,7 @@ def validate_partition(frame: pd.DataFrame, display: str, required: tuple[str, .
     """Check the columns and types of a partition-layout frame; return it with numbers converted."""
     if len(frame) == 0:
         raise UserError(f"{display}: has a header but no rows; expected UNSW-NB15 records")
-    wanted = [c for c in required if need_labels or c not in ("attack_cat", "label")]
+    wanted = [c for c in required if need_labels or c not in ("id", "attack_cat", "label")]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise UserError(
@@ -161,7 +161,7 @@ def _convert(frame: pd.DataFrame, display: str, first_line: int, need_labels: bo
         out[column] = _to_number(out, column, display, first_line)
     for column in CATEGORICAL:
         out[column] = out[column].str.strip().str.lower()
-    if need_labels:
+    if need_labels or "label" in out.columns:
         label = _to_number(out, "label", display, first_line)
         bad = ~label.isin([0.0, 1.0]).to_numpy()
         if bad.any():
@@ -169,7 +169,7 @@ def _convert(frame: pd.DataFrame, display: str, first_line: int, need_labels: bo
             raise UserError(f"{display}: column 'label' row {i + 1} (line {i + first_line}): "
                             f"value {frame['label'].iloc[i]!r}; expected 0 (normal) or 1 (attack)")
         out["label"] = label.astype(np.int64)
-        cat = out["attack_cat"].str.strip().replace(ATTACK_CAT_FIXES)
+        cat = out.get("attack_cat", pd.Series("", index=out.index)).str.strip().replace(ATTACK_CAT_FIXES)
         # Normal rows' category is implied by the label when a file leaves it blank.
         out["attack_cat"] = np.where(out["label"] == 0, NORMAL, cat)
     return out

@@ -33,6 +33,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY
+from common.errors import UserError
 
 # Numeric codes with a few distinct values that behave like categories.
 CODES = ("sttl", "dttl", "swin", "dwin", "ct_state_ttl")
@@ -169,6 +170,10 @@ class FeatureTransform:
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         """Scaled features (n_rows, n_features) as float32, before PCA."""
+        missing = [c for c in self.input_names if c not in frame.columns]
+        if missing:
+            raise UserError(f"input lacks column(s) {', '.join(missing)} that this detector was "
+                            "trained with; expected the same layout as the training files")
         return np.ascontiguousarray(self.pipeline.transform(prepare(frame)), dtype=np.float32)
 
     @property

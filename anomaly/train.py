@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser = make_parser(
         f"{__doc__.splitlines()[0]}\n\nexample:\n  {EXAMPLE}\n  "
         "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick",
-        epochs=40, batch_size=256, lr=3e-3, data_dir="data", out_dir="runs/anomaly")
+        epochs=40, batch_size=240, lr=3e-3, data_dir="data", out_dir="runs/anomaly")
     group = parser.add_argument_group("anomaly")
     group.add_argument("--hidden", default="128,64,16", help="encoder widths, comma-separated")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -126,7 +126,7 @@ def build_data(cfg: Config) -> Data:
     x = {"train_normal": torch.from_numpy(transform.fit_transform(normal_train)),
          "val": torch.from_numpy(transform.transform(splits.val)),
          "test": torch.from_numpy(transform.transform(splits.test))}
-    y = {name: torch.from_numpy(getattr(splits, name)["label"].to_numpy()) for name in ("val", "test")}
+    y = {name: torch.tensor(getattr(splits, name)["label"].to_numpy()) for name in ("val", "test")}
     return Data(splits, transform, x, y)
 
 

@@ -1,0 +1,78 @@
+"""Score new flow records with a trained detector: one call, same features, same threshold.
+
+    from anomaly.predict import predict_csv
+    scored = predict_csv("new_flows.csv", "runs/anomaly/detector.pt")
+    scored[["score", "is_attack"]]
+
+The CSV may be a partition-layout file (header; ``label``/``attack_cat`` optional) or a raw
+headerless ``UNSW-NB15_N.csv``. From the shell:
+``python anomaly/predict.py new_flows.csv --detector runs/anomaly/detector.pt --out scored.csv``
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from anomaly.data import read_csv_file
+from anomaly.model import Autoencoder
+from common.errors import UserError, run_main
+
+
+def load_detector(path: Path) -> dict:
+    """The bundle train.py wrote: model weights, hidden sizes, fitted transform, threshold."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such detector; expected the detector.pt of an anomaly/train.py run")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any failure to read means an unusable file
+        raise UserError(f"{path}: not a readable detector ({type(err).__name__})") from None
+    if not isinstance(bundle, dict) or "transform" not in bundle:
+        raise UserError(f"{path}: not an anomaly detector; expected the detector.pt of a train run")
+    transform = bundle["transform"]
+    mean, components = transform.pca_tensors()
+    model = Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), tuple(bundle["hidden"]))
+    model.load_state_dict(bundle["model"])
+    bundle["net"] = model.double().eval()
+    return bundle
+
+
+def predict_frame(frame: pd.DataFrame, detector: dict) -> pd.DataFrame:
+    """``frame`` plus ``score`` and ``is_attack`` (score >= the validation threshold)."""
+    x = torch.from_numpy(detector["transform"].transform(frame)).double()
+    with torch.no_grad():
+        scores = torch.cat([detector["net"].score(part) for part in x.split(8192)]).numpy() if len(x) else []
+    return frame.assign(score=scores, is_attack=scores >= detector["threshold"])
+
+
+def predict_csv(csv_path: Path | str, detector_path: Path | str) -> pd.DataFrame:
+    """Read, validate and score one CSV with a saved detector."""
+    frame = read_csv_file(Path(csv_path), need_labels=False)
+    return predict_frame(frame, load_detector(Path(detector_path)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", type=Path, help="flow records to score")
+    parser.add_argument("--detector", type=Path, default=Path("runs/anomaly/detector.pt"))
+    parser.add_argument("--out", type=Path, default=None, help="write the scored rows here (CSV)")
+    args = parser.parse_args()
+    scored = predict_csv(args.csv, args.detector)
+    flagged = int(scored["is_attack"].sum())
+    print(f"{args.csv}: {len(scored)} rows, {flagged} flagged as attacks ({flagged / max(len(scored), 1):.1%})")
+    if "label" in scored.columns:
+        attacks = scored["label"] == 1
+        print(f"  of the {int(attacks.sum())} labelled attacks, {int((scored['is_attack'] & attacks).sum())} flagged")
+    if args.out is not None:
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        scored.to_csv(tmp, index=False)
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,127 @@
+"""anomaly/train.py end to end: exact metrics at 1, 2, 3 processes, bad input, predict, compare."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from anomaly.data import TRAIN_FILE
+from anomaly.predict import predict_csv
+from anomaly.synthetic import make_partition, write_partition
+from tests.launch import SHARED_DATA, run_program
+
+FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--min-frequency", "5"]
+METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_auc")
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small synthetic dataset (zipped, BOM header) and a 2-process training run on it."""
+    root = tmp_path_factory.mktemp("anomaly")
+    data = root / "data"
+    data.mkdir()
+    write_partition(make_partition(3000, seed=3), data / TRAIN_FILE, zip_name="unsw.zip")
+    run = root / "run"
+    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(run), *FAST],
+                         nproc=2, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, run
+
+
+def test_two_process_training_writes_everything(trained):
+    _, run = trained
+    summary = _summary(run)
+    assert summary["world_size"] == 2
+    assert summary["test"]["f1"] > 0.9  # synthetic attacks are easy; a broken pipeline is not
+    assert summary["test"]["n"] == summary["data"]["test_rows"]
+    assert summary["test_unseen"]["n"] == summary["data"]["test_rows"] - summary["data"]["test_seen_in_train"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    for name in ("loss", "scores_val", "scores_test", "pr_curve", "confusion", "per_attack_cat", "timeline"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
+    assert (run / "detector.pt").exists() and (run / "checkpoint.pt").exists()
+
+
+def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path):
+    data, run = trained
+    summaries = {}
+    for nproc in (1, 2, 3):
+        out = tmp_path / f"eval{nproc}"
+        result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out),
+                                                  "--resume", str(run), *FAST], nproc=nproc, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summaries[nproc] = _summary(out)
+        assert summaries[nproc]["epochs_trained"] == 0 and summaries[nproc]["world_size"] == nproc
+    for nproc in (2, 3):
+        assert summaries[nproc]["threshold"] == summaries[1]["threshold"]
+        for part in ("test", "test_unseen"):
+            for key in METRICS:
+                assert summaries[nproc][part][key] == summaries[1][part][key], (nproc, part, key)
+        assert summaries[nproc]["per_attack_cat"] == summaries[1]["per_attack_cat"]
+    # The evaluation reproduces the training run's own figures too.
+    assert summaries[2]["test"]["f1"] == _summary(run)["test"]["f1"]
+
+
+def test_predict_scores_a_new_csv_in_one_call(trained, tmp_path):
+    _, run = trained
+    new = make_partition(400, seed=99).drop(columns=["id"])
+    path = tmp_path / "new_flows.csv"
+    new.to_csv(path, index=False)
+    scored = predict_csv(path, run / "detector.pt")
+    assert len(scored) == 400 and {"score", "is_attack"} <= set(scored.columns)
+    hit = (scored["is_attack"] == (scored["label"] == 1)).mean()
+    assert hit > 0.9
+
+
+@pytest.mark.parametrize("case", ["missing_column", "non_numeric"])
+def test_bad_csv_fails_on_every_rank_with_one_line_and_writes_nothing(tmp_path, case):
+    frame = make_partition(400, seed=5)
+    if case == "missing_column":
+        frame = frame.drop(columns=["dbytes"])
+        expect = "'dbytes'"
+    else:
+        frame = frame.astype({"sttl": object})
+        frame.loc[41, "sttl"] = "n/a"
+        expect = "column 'sttl' row 42"
+    data = tmp_path / "data"
+    data.mkdir()
+    write_partition(frame, data / TRAIN_FILE)
+    out = tmp_path / "run"
+    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST],
+                         nproc=2, timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0] and TRAIN_FILE in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_compare_table_has_every_method_and_the_autoencoder_row(trained, tmp_path):
+    data, run = trained
+    out = tmp_path / "compare"
+    result = run_program("anomaly/compare.py", ["--data-dir", str(data), "--ae-run", str(run),
+                                                "--out-dir", str(out)], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    methods = [row["method"] for row in report["rows"]]
+    assert methods[0] == "all-attack baseline" and report["rows"][0]["recall"] == 1.0
+    for name in ("PCA reconstruction", "IsolationForest", "one-class SVM", "gradient boosting", "autoencoder"):
+        assert any(m.startswith(name) for m in methods), name
+    assert report["settings"]["seed"] == 0
+    assert "| all-attack baseline |" in (out / "compare.md").read_text()
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_real_data_subset_trains_and_beats_the_trivial_baseline(tmp_path):
+    out = tmp_path / "run"
+    result = run_program("anomaly/train.py", ["--data-dir", str(SHARED_DATA), "--out-dir", str(out),
+                                              "--max-rows", "6000", "--epochs", "4", "--batch-size", "96"],
+                         nproc=2, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _summary(out)
+    share = summary["test"]["tp"] + summary["test"]["fn"]
+    trivial_f1 = 2 * share / (share + summary["test"]["n"])
+    assert summary["test"]["f1"] > trivial_f1 + 0.05

@@ -145,3 +145,16 @@ def broadcast_object(obj: object, dist: DistInfo, src: int = 0) -> object:
     box = [obj]
     tdist.broadcast_object_list(box, src=src, device=dist.device)
     return box[0]
+
+
+def all_gather_object(obj: object, dist: DistInfo) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` for one process).
+
+    Use for small per-rank results or verdicts, e.g. letting every rank learn that one rank's
+    input was bad so that all of them stop with the same message.
+    """
+    if not dist.is_distributed:
+        return [obj]
+    gathered: list[object] = [None] * dist.world_size
+    tdist.all_gather_object(gathered, obj)
+    return gathered

@@ -98,7 +98,7 @@ def try_subsets(cfg: Config, ranking: list[str], sizes: list[int], dist: DistInf
         if i % dist.world_size != dist.rank:
             continue
         sub_cfg = replace(cfg, features=tuple(ranking[:k]))
-        data = build_data(sub_cfg, dist)
+        data = build_data(sub_cfg, this_process_only(dist))  # only this rank trains it
         _, stopper = fit(sub_cfg, data, this_process_only(dist))
         rows.append([k, stopper.best_rmse])
         log.info(f"top {k} groups: val RMSE ${stopper.best_rmse:,.0f}")

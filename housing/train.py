@@ -20,7 +20,7 @@ import torch
 from common.checkpoint import load_checkpoint, resume_from, save_checkpoint, training_state, unwrap
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, broadcast_object, distributed
+from common.dist import DistInfo, all_gather_object, broadcast_object, distributed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import wrap_model
@@ -125,11 +125,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None) -> hdata.HousingData:
-    """Read (or download) and validate the CSV on every rank, so a bad file fails everywhere."""
-    del dist  # every rank builds the same data; nothing rank-specific here
-    return hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
-                              url=cfg.download_url, preprocessor=preprocessor,
-                              target_stats=target_stats)
+    """Read (or download) and validate the CSV on every rank; call on all ranks (collective).
+
+    The ranks then compare verdicts, so a problem seen by any rank (a bad file, or a file
+    missing on one node) stops every rank together with the same one-line message, instead of
+    one rank failing while torchrun tears down the others mid-sentence.
+    """
+    data, problem = None, None
+    try:
+        data = hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
+                                  url=cfg.download_url, preprocessor=preprocessor,
+                                  target_stats=target_stats)
+    except UserError as err:
+        problem = str(err)
+    problems = [p for p in all_gather_object(problem, dist) if p is not None]
+    if problems:
+        raise UserError(problems[0])
+    return data
 
 
 def build_model(cfg: Config, n_features: int) -> MLP:

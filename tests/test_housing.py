@@ -1,0 +1,275 @@
+"""housing/: data validation, download, splits, features, and real multi-process runs.
+
+Multi-process runs use a small synthetic ``housing.csv`` (same columns as the real file) so the
+whole file stays fast; the download test serves the real file when ../shared/data exists.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.model_selection import train_test_split
+
+from common.errors import UserError
+from housing import data as hdata
+from tests.launch import SHARED_DATA, run_program
+
+PLOTS = ["loss_curves.png", "predicted_vs_actual.png", "residuals.png", "error_map.png"]
+
+
+def synthetic_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
+    """Rows shaped like housing.csv: price driven by income and location, capped at $500,001."""
+    rng = np.random.default_rng(seed)
+    lon, lat = rng.uniform(-124, -114, n), rng.uniform(32.5, 42, n)
+    households = rng.integers(50, 1500, n).astype(float)
+    rooms = households * rng.uniform(3, 7, n)
+    bedrooms = rooms * rng.uniform(0.15, 0.3, n)
+    income = rng.uniform(0.5, 15, n)
+    price = 40_000 + 30_000 * income + 80_000 * np.exp(-((lon + 122) ** 2 + (lat - 37.5) ** 2))
+    frame = pd.DataFrame({
+        "longitude": lon.round(2), "latitude": lat.round(2),
+        "housing_median_age": rng.integers(1, 53, n).astype(float), "total_rooms": rooms.round(),
+        "total_bedrooms": bedrooms.round(), "population": (households * rng.uniform(2, 4, n)).round(),
+        "households": households, "median_income": income.round(4),
+        "median_house_value": np.clip(price * rng.uniform(0.85, 1.15, n), 14_999, 500_001).round(-2),
+        "ocean_proximity": rng.choice(["<1H OCEAN", "INLAND", "NEAR OCEAN", "NEAR BAY"], n),
+    })
+    frame.loc[rng.choice(n, 10, replace=False), "total_bedrooms"] = np.nan
+    return frame
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("housing-data")
+    synthetic_frame().to_csv(folder / "housing.csv", index=False)
+    return folder
+
+
+# ---------------------------------------------------------------- reading and validation
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda f: f.drop(columns="median_income"), "missing column 'median_income'"),
+    (lambda f: f.astype({"population": object}).assign(population=lambda d: d.population.where(d.index != 7, "n/a")),
+     "column 'population', row 9: non-numeric value 'n/a'"),
+    (lambda f: f.iloc[:0], "has a header but no data rows"),
+])
+def test_bad_csv_is_one_line_naming_file_and_column(tmp_path, mutate, expected):
+    path = tmp_path / "housing.csv"
+    mutate(synthetic_frame(20)).to_csv(path, index=False)
+    with pytest.raises(UserError) as err:
+        hdata.read_housing(path)
+    message = str(err.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_empty_file_and_blank_required_value(tmp_path):
+    with pytest.raises(UserError, match="file is empty"):
+        hdata.read_housing(write_csv(tmp_path / "empty.csv", ""))
+    frame = synthetic_frame(20)
+    frame.loc[3, "median_income"] = np.nan
+    frame.to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(UserError, match=r"column 'median_income', row 5: empty value"):
+        hdata.read_housing(tmp_path / "blank.csv")
+
+
+def test_missing_bedrooms_are_allowed_and_imputed(data_dir):
+    frame = hdata.read_housing(data_dir / "housing.csv")
+    assert frame["total_bedrooms"].isna().sum() == 10
+    data = hdata.load_housing(data_dir, seed=0, n_clusters=8)
+    assert torch.isfinite(data.train.x).all() and torch.isfinite(data.test.x).all()
+
+
+# ---------------------------------------------------------------- splits, features, target
+
+
+def test_test_split_is_the_standard_one():
+    train, val, test = hdata.split_rows(20_640, seed=3)
+    _, expected_test = train_test_split(np.arange(20_640), test_size=0.2, random_state=42)
+    assert np.array_equal(test, expected_test)
+    assert len(set(train) | set(val) | set(test)) == 20_640 == len(train) + len(val) + len(test)
+    # the seed moves only the train/validation cut
+    assert np.array_equal(hdata.split_rows(20_640, seed=4)[2], test)
+    assert not np.array_equal(hdata.split_rows(20_640, seed=4)[1], val)
+
+
+def test_preprocessor_is_fitted_on_training_rows_only(data_dir):
+    data = hdata.load_housing(data_dir, seed=0, n_clusters=8)
+    scaler = data.preprocessor.named_transformers_["housing_median_age"]
+    train_age = data.raw["housing_median_age"].iloc[data.train.rows]
+    assert scaler.mean_[0] == pytest.approx(train_age.mean())
+    assert data.target_mean == pytest.approx(np.log(data.raw["median_house_value"].iloc[data.train.rows]).mean())
+
+
+def test_neighbour_prices_leave_each_training_row_out():
+    x = np.array([[0.0, 0.0], [0.0, 0.01], [5.0, 5.0], [5.0, 5.01]])
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    enc = hdata.NeighbourPrices(ks=(1,))
+    train_features = enc.fit_transform(x, y)[:, 0]
+    assert train_features.tolist() == [2.0, 1.0, 4.0, 3.0]  # the other point, never itself
+    assert enc.transform(x)[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0]  # new rows see every training row
+
+
+def test_decode_clips_to_the_cap_and_rounds_to_dollars():
+    z = torch.tensor([-100.0, 0.0, 100.0])
+    price = hdata.decode_target(z, mean=12.0, std=1.0)
+    assert price.tolist() == [hdata.PRICE_MIN, round(float(np.exp(12.0))), hdata.PRICE_CAP]
+
+
+# ---------------------------------------------------------------- download
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A threaded HTTP server on 127.0.0.1 serving tmp_path/'served'."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_verifies_checksum_and_leaves_nothing_on_failure(tmp_path, http_server):
+    served, base = http_server
+    body = synthetic_frame(30).to_csv(index=False).encode()
+    (served / "housing.csv").write_bytes(body)
+    good = hashlib.sha256(body).hexdigest()
+    dest_dir = tmp_path / "data"
+
+    with pytest.raises(UserError, match="checksum mismatch"):
+        hdata.download(dest_dir / "housing.csv", f"{base}/housing.csv", sha256="0" * 64)
+    assert list(dest_dir.iterdir()) == []  # no half-written or unverified file
+    with pytest.raises(UserError, match="download failed"):
+        hdata.download(dest_dir / "housing.csv", f"{base}/nothing-here.csv", sha256=good)
+    assert list(dest_dir.iterdir()) == []
+
+    path = hdata.download(dest_dir / "housing.csv", f"{base}/housing.csv", sha256=good)
+    assert path.read_bytes() == body and [p.name for p in dest_dir.iterdir()] == ["housing.csv"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "housing.csv").exists(), reason="needs ../shared/data")
+def test_locate_downloads_the_real_file_with_its_published_checksum(tmp_path, http_server):
+    served, base = http_server
+    (served / "housing.csv").write_bytes((SHARED_DATA / "housing.csv").read_bytes())
+    path = hdata.locate_csv(tmp_path / "data", url=f"{base}/housing.csv")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == hdata.SHA256
+    assert len(hdata.read_housing(path)) == 20_640
+
+
+# ---------------------------------------------------------------- real multi-process runs
+
+TRAIN_ARGS = ["--epochs", "3", "--batch-size", "96", "--width", "64", "--depth", "2",
+              "--n-clusters", "8", "--no-baselines"]
+
+
+def summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir):
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"w{nproc}"
+        result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
+                                                  *TRAIN_ARGS], nproc=nproc, timeout=90)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[nproc] = summary(out)
+        assert runs[nproc]["world_size"] == nproc
+    one, two = runs[1]["test"]["rmse"], runs[2]["test"]["rmse"]
+    assert abs(one - two) / one < 0.02, (one, two)
+
+    # The run directory has everything a person looks at.
+    out2 = tmp_path / "w2"
+    assert len((out2 / "metrics.jsonl").read_text().splitlines()) == 3
+    assert all((out2 / "plots" / name).stat().st_size > 0 for name in PLOTS)
+    assert "| MLP" in (out2 / "results.md").read_text()
+
+    # Resuming from the epoch-2 checkpoint ends exactly where the uninterrupted run did.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "w1" / "checkpoint.prev.pt", resumed / "checkpoint.pt")
+    result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(resumed),
+                                              "--resume", *TRAIN_ARGS], nproc=1, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert summary(resumed)["test"] == runs[1]["test"]
+    assert summary(resumed)["epochs_run"] == 1
+
+    # Same checkpoint, other world size: bit-identical metrics.
+    result = run_program("housing/train.py", ["--eval-only", "--resume", str(out2), "--data-dir",
+                                              str(data_dir), "--out-dir", str(tmp_path / "e3")],
+                         nproc=3, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "e3" / "eval.json").read_text())
+    assert evaluated["world_size"] == 3
+    for key in ("rmse", "mae", "r2"):
+        assert evaluated["test"][key] == runs[2]["test"][key]
+
+
+@pytest.mark.parametrize("mutate,column", [
+    (lambda f: f.drop(columns="households"), "households"),
+    (lambda f: f.astype({"latitude": object}).assign(latitude=lambda d: d.latitude.where(d.index != 2, "north")),
+     "latitude"),
+    (None, None),
+])
+def test_bad_csv_fails_every_rank_without_hanging(tmp_path, mutate, column):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    path = folder / "housing.csv"
+    if mutate is None:
+        path.write_text("")
+    else:
+        mutate(synthetic_frame(40)).to_csv(path, index=False)
+    out = tmp_path / "out"
+    result = run_program("housing/train.py", ["--data-dir", str(folder), "--out-dir", str(out)],
+                         nproc=2, timeout=60)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if re.match(r"(\[rank \d\] )?error: ", line)]
+    assert sorted(line.startswith("[rank 1]") for line in errors) == [False, True], result.stderr[-3000:]
+    for line in errors:
+        assert str(path) in line and (column is None or repr(column) in line)
+    assert not out.exists()  # validated before the run directory was made
+
+
+def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
+    out = tmp_path / "tune"
+    result = run_program("housing/tune.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
+                                             "--grid", "width=16,32 depth=1,2", *TRAIN_ARGS[:4],
+                                             "--n-clusters", "8"], nproc=2, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tuned = summary(out)
+    ranks = {int(row[0]) % 2 for row in tuned["results"]}
+    assert len(tuned["results"]) == 4 and ranks == {0, 1}
+    assert tuned["test"]["rmse"] > 0 and len(tuned["baselines"]) == 2
+    table = (out / "tune.md").read_text()
+    assert table.count("\n| ") >= 4 + 3 and "HistGradientBoosting" in table
+
+    out = tmp_path / "features"
+    result = run_program("housing/features.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
+                                                 *TRAIN_ARGS[:8], "--subset-sizes", "2,all",
+                                                 "--repeats", "1"], nproc=2, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranked = summary(out)
+    assert sorted(ranked["ranking"]) == sorted(hdata.FEATURE_GROUPS)
+    assert [int(k) for k, _ in ranked["subsets"]] == [2, len(hdata.FEATURE_GROUPS)]
+    assert "| 1 |" in (out / "features.md").read_text()
+    assert (out / "plots" / "feature_importance.png").stat().st_size > 0

@@ -77,13 +77,14 @@ def download(dest: Path, url: str = DOWNLOAD_URL, sha256: str = SHA256, timeout_
     file is removed and a UserError says where to get the file by hand.
     """
     dest = Path(dest)
+    hint = f"download {url} (SHA-256 {sha256}) into {dest.parent} or pass --data-dir"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as err:
-        raise UserError(f"{dest.parent}: cannot create the data folder ({err.strerror})") from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        raise UserError(f"{dest}: not found, and {dest.parent} is not writable for a download "
+                        f"({err.strerror}); {hint}") from None
     tmp = Path(tmp_name)
-    hint = f"download {url} (SHA-256 {sha256}) into {dest.parent} or pass --data-dir"
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:

@@ -48,8 +48,9 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
-def run_train(args: argparse.Namespace, train_args: list[str]) -> dict:
-    """One train.py run; its summary.json, or a UserError carrying its last error line."""
+def run_train(args: argparse.Namespace, train_args: list[str], out: Path) -> dict:
+    """One train.py run into ``out``; its summary.json, or a UserError with its last error line."""
+    train_args = [*train_args, "--out-dir", str(out)]
     if args.nproc == 1:
         cmd = [sys.executable, str(TRAIN), *train_args]
     else:
@@ -59,7 +60,6 @@ def run_train(args: argparse.Namespace, train_args: list[str]) -> dict:
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise UserError(f"train.py failed ({' '.join(train_args)}): {lines[-1] if lines else '?'}")
-    out = Path(train_args[train_args.index("--out-dir") + 1])
     return json.loads((out / "summary.json").read_text())
 
 
@@ -75,17 +75,17 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, switch in variants.items():
             out = args.out_dir / f"seed{seed}" / name.split(" (")[0].replace(" ", "_")
-            base = ["--data-dir", str(args.data_dir), "--out-dir", str(out), "--seed", str(seed),
+            base = ["--data-dir", str(args.data_dir), "--seed", str(seed),
                     "--translate", str(args.translate), "--cutout", str(args.cutout), *extra]
             start = time.time()
-            summary = run_train(args, [*base, *switch])
+            summary = run_train(args, [*base, *switch], out)
             summary["run_s"] = time.time() - start
             results[name].append(summary)
             print(f"seed {seed} {name}: test accuracy {summary['test_accuracy']:.4f}", flush=True)
             if not switch:  # the same weights without test-time flips: no retraining needed
-                no_tta = run_train(args, [*base, "--out-dir", str(out.with_name("no_tta")),
-                                          "--eval-only", "--resume", str(out / "checkpoint.pt"),
-                                          "--no-tta"])
+                no_tta = run_train(args, [*base, "--eval-only", "--resume",
+                                          str(out / "checkpoint.pt"), "--no-tta"],
+                                   out.with_name("no_tta"))
                 no_tta["run_s"] = 0.0
                 results["no test-time flip"].append(no_tta)
     write_report(args, extra, results)

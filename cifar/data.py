@@ -27,6 +27,7 @@ import pickle
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,18 +251,12 @@ def _load_archive_folders(archive: Path, workers: int) -> tuple[dict, tuple[str,
                         (data, f"{archive}:{member.name}"))
                 else:
                     stray.append(member.name)
-    except (tarfile.TarError, OSError, EOFError, zlib_error()) as err:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise UserError(f"{archive}: truncated or corrupt archive ({err}); expected a complete "
                         f".tar.gz holding {EXPECTED_LAYOUT}") from None
     _stray_images(str(archive), stray)
     classes = _split_classes(str(archive), split_classes)
     return _decode_splits(split_classes, classes, workers), classes
-
-
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
 
 
 def _unpickle_batches(read: Callable[[str], bytes | None], where: str) -> tuple[dict, tuple[str, ...]]:
@@ -315,7 +310,7 @@ def _load_archive_batches(archive: Path) -> tuple[dict, tuple[str, ...]]:
                 parts = member.name.split("/")
                 if member.isfile() and len(parts) >= 2 and parts[-2] == BATCHES_DIR:
                     files[parts[-1]] = tf.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError, zlib_error()) as err:
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise UserError(f"{archive}: truncated or corrupt archive ({err}); expected "
                         f"torchvision's {ARCHIVE_NAME}") from None
     return _unpickle_batches(files.get, f"{archive}:{BATCHES_DIR}")
@@ -497,16 +492,24 @@ def load_cache(path: Path) -> CifarData:
                      cached["test_labels"], tuple(cached["classes"]), cached["source"])
 
 
+def _balanced(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
+    """Indices of the first ``per_class`` samples of each class, in dataset order."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class]
+                      for c in range(num_classes)]).sort().values
+
+
 def subset(data: CifarData, train_per_class: int | None, test_limit: int | None) -> CifarData:
-    """A smaller, class-balanced training set and the first ``test_limit`` test images."""
+    """A class-balanced part of the training set and ``test_limit`` test images drawn evenly
+    from every class (the files are sorted by class, so the first N would be one class)."""
     train_images, train_labels = data.train_images, data.train_labels
     if train_per_class is not None:
-        keep = torch.cat([torch.nonzero(train_labels == c).flatten()[:train_per_class]
-                          for c in range(data.num_classes)]).sort().values
+        keep = _balanced(train_labels, train_per_class, data.num_classes)
         train_images, train_labels = train_images[keep], train_labels[keep]
     test_images, test_labels = data.test_images, data.test_labels
-    if test_limit is not None:
-        test_images, test_labels = test_images[:test_limit], test_labels[:test_limit]
+    if test_limit is not None and test_limit < len(test_labels):
+        per_class = -(-test_limit // data.num_classes)
+        keep = _balanced(test_labels, per_class, data.num_classes)[:test_limit]
+        test_images, test_labels = test_images[keep], test_labels[keep]
     return CifarData(train_images, train_labels, test_images, test_labels, data.classes, data.source)
 
 

@@ -97,6 +97,20 @@ def test_class_folders_inside_tar_gz_and_subfolder(tmp_path: Path) -> None:
     assert torch.equal(from_tar["test"][1], from_dir["test"][1])
 
 
+def test_truncated_archive_is_a_clear_error(tmp_path: Path) -> None:
+    src = make_folders(tmp_path / "src")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = data_dir / "cifar10-png.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src / "train", arcname="x/train")
+        tf.add(src / "test", arcname="x/test")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt archive") as info:
+        cdata.prepare(data_dir, download=False)
+    assert str(archive) in str(info.value)
+
+
 def test_torchvision_batches_archive_and_folder(tmp_path: Path) -> None:
     make_batches_archive(tmp_path / cdata.ARCHIVE_NAME)
     decoded = cdata.decode_source(cdata.find_source(tmp_path))
@@ -286,3 +300,34 @@ def test_real_data_subset_two_processes(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["train_loss"] > rows[1]["train_loss"] > rows[2]["train_loss"]
     assert summary["test_accuracy"] > 0.12  # 30 steps on 1,000 images; chance is 0.1
+
+
+def test_augment_study_runs_each_variant_and_tabulates(tmp_path: Path, monkeypatch) -> None:
+    """The study's plumbing, with train.py replaced by a fake that reports per-variant numbers."""
+    import subprocess
+    import sys
+
+    from cifar import augment_study
+
+    accuracy = {"base": 0.80, "--translate 0": 0.78, "--no-flip": 0.75, "--cutout 0": 0.81,
+                "--no-tta": 0.79}
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        args = " ".join(cmd)
+        out = Path(cmd[cmd.index("--out-dir") + 1])
+        out.mkdir(parents=True)
+        key = next((k for k in accuracy if k != "base" and k in args), "base")
+        (out / "summary.json").write_text(json.dumps({"test_accuracy": accuracy[key]}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(augment_study.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["augment_study.py", "--out-dir", str(tmp_path), "--nproc", "2",
+                                      "--", "--epochs", "1"])
+    augment_study.main()
+    table = (tmp_path / "augment_study.md").read_text()
+    assert len(calls) == 5 and all("--epochs" in c and "torch.distributed.run" in " ".join(c) for c in calls)
+    assert "| no horizontal flip | 0.7500 | -5.00 |" in table
+    assert "| no test-time flip | 0.7900 | -1.00 |" in table
+    assert "| no cutout | 0.8100 | +1.00 |" in table

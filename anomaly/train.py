@@ -52,6 +52,7 @@ class Config:
     seed: int
     resume: str | None
     device: str
+    strategy: str  # "ddp" only: the model is ~40k parameters, replication costs nothing
     dist_timeout: float  # seconds
     hidden: tuple[int, ...]  # encoder widths; the last is the code size
     val_fraction: float  # of all rows (one file) or of the training file (two files)
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser = make_parser(
         f"{__doc__.splitlines()[0]}\n\nexample:\n  {EXAMPLE}\n  "
         "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick",
-        epochs=40, batch_size=240, lr=3e-3, data_dir="data", out_dir="runs/anomaly")
+        epochs=100, batch_size=240, lr=3e-3, data_dir="data", out_dir="runs/anomaly")
     group = parser.add_argument_group("anomaly")
     group.add_argument("--hidden", default="128,64,16", help="encoder widths, comma-separated")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -99,10 +100,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         raise UserError(f"--min-frequency must be at least 1, got {args.min_frequency}")
     if args.max_rows is not None and args.max_rows < 100:
         raise UserError(f"--max-rows must be at least 100, got {args.max_rows}")
+    if args.strategy != "ddp":
+        raise UserError(f"--strategy {args.strategy}: the anomaly autoencoder has ~40k parameters "
+                        "and is replicated with ddp; sharding it would only add communication")
     if args.weight_decay < 0:
         raise UserError(f"--weight-decay must be non-negative, got {args.weight_decay}")
     return Config(args.data_dir, args.out_dir, args.epochs, args.batch_size, args.lr,
-                  args.weight_decay, args.seed, args.resume, args.device, args.dist_timeout,
+                  args.weight_decay, args.seed, args.resume, args.device, args.strategy, args.dist_timeout,
                   hidden, args.val_fraction, args.test_fraction, args.pca_variance,
                   args.min_frequency, args.score, args.max_rows)
 
@@ -250,7 +254,7 @@ def main() -> None:
                  splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
                  len(splits.test), int(splits.test_seen_in_train.sum()),
                  data.transform.n_features, data.transform.n_components)
-        model = wrap_model(build_model(cfg, data.transform), dist)
+        model = wrap_model(build_model(cfg, data.transform), dist, cfg.strategy)
         batches = TrainBatches([data.x["train_normal"]], cfg.batch_size, dist, cfg.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from sklearn.metrics import precision_recall_curve  # noqa: E402
 
 from common.report import plot_curves  # noqa: E402
@@ -119,7 +120,8 @@ def training_plots(plots_dir: Path, rows: list[dict[str, Any]], val_scores: np.n
     confusion(test, plots_dir / "confusion.png")
     per_category(categories, plots_dir / "per_attack_cat.png")
     if splits.time_column:
-        times, label = splits.test[splits.time_column].to_numpy(), f"{splits.time_column} (unix s)"
+        times = pd.to_datetime(splits.test[splits.time_column], unit="s").to_numpy()
+        label = f"{splits.time_column} (UTC)"
     elif "id" in splits.test.columns:
         times, label = splits.test["id"].to_numpy(), "record order (id)"
     else:

@@ -127,3 +127,19 @@ def test_real_data_subset_trains_and_beats_the_trivial_baseline(tmp_path):
     share = summary["test"]["tp"] + summary["test"]["fn"]
     trivial_f1 = 2 * share / (share + summary["test"]["n"])
     assert summary["test"]["f1"] > trivial_f1 + 0.05
+
+
+def test_raw_files_train_and_plot_scores_over_stime(tmp_path):
+    from anomaly.synthetic import make_raw, write_raw
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in (1, 2):
+        write_raw(make_raw(800, seed=i, start_time=1421927377 + 4000 * i), data / f"UNSW-NB15_{i}.csv")
+    out = tmp_path / "run"
+    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST],
+                         timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _summary(out)
+    assert summary["data"]["test_rows"] == 480 and "rate" not in summary["features"]["log1p_columns"]
+    assert (out / "plots" / "timeline.png").stat().st_size > 1000

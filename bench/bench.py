@@ -293,6 +293,8 @@ def worker_program(args: argparse.Namespace) -> None:
                parts["no_sync"]["data"], parts["no_sync"]["fwd_bwd"], parts["no_sync"]["optimizer"],
                float(peak)]
         ranks = gather_tensors(torch.tensor([row], dtype=torch.float64), dist)
+        # After the peak was read, so the extra models do not count in it.
+        memory = strategy_memory(wl, dist) if args.with_memory and dist.is_distributed else None
         if dist.is_main:
             write_json_atomic(args.result, {
                 "program": wl.name, "describe": wl.describe, "world_size": dist.world_size,
@@ -300,7 +302,8 @@ def worker_program(args: argparse.Namespace) -> None:
                 "threads_per_process": torch.get_num_threads(), "global_batch": wl.global_batch,
                 "per_rank_batch": wl.global_batch // dist.world_size, "bf16": wl.bf16,
                 "warmup_steps": warmup, "timed_steps": steps, "data_setup_s": wl.setup_s,
-                **summarize(ranks.tolist(), wl.global_batch, dist.world_size)})
+                **summarize(ranks.tolist(), wl.global_batch, dist.world_size),
+                "strategy_memory": memory})
 
 
 def worker_memory(args: argparse.Namespace) -> None:
@@ -548,6 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: how main() starts the measuring processes.
     parser.add_argument("--worker", choices=["program", "memory", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--program", choices=list(WORKLOADS), help=argparse.SUPPRESS)
+    parser.add_argument("--with-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.program_list = [p.strip() for p in args.programs.split(",") if p.strip()]
@@ -583,19 +587,26 @@ def run_all(args: argparse.Namespace) -> dict:
     if args.warmup is not None:
         shared += ["--warmup", str(args.warmup)]
     results: dict = {"programs": {}, "memory": {}, "pipeline": None}
+    memory_ws = max(args.world_size_list)
+    want_memory = "memory" in args.table_list and memory_ws > 1
     for program in args.program_list if "throughput" in args.table_list else []:
         runs = {}
         for ws in args.world_size_list:
             print(f"bench: {program} at world size {ws} ...", file=sys.stderr, flush=True)
-            runs[str(ws)] = launch(["--worker", "program", "--program", program, *shared],
+            # The largest world size also does the ddp-vs-fsdp memory table (one launch fewer).
+            extra = ["--with-memory"] if want_memory and ws == memory_ws else []
+            runs[str(ws)] = launch(["--worker", "program", "--program", program, *shared, *extra],
                                    ws, args.timeout)
+            memory = runs[str(ws)].pop("strategy_memory")
+            if memory is not None:
+                results["memory"][program] = {"program": program, "describe": runs[str(ws)]["describe"],
+                                              "world_size": ws, **memory}
         base = runs.get("1")
         for ws, run in runs.items():
             run["scaling_efficiency"] = (run["samples_per_s_total"] / (int(ws) * base["samples_per_s_total"])
                                          if base else None)
         results["programs"][program] = runs
-    memory_ws = max(args.world_size_list)
-    for program in args.program_list if "memory" in args.table_list and memory_ws > 1 else []:
+    for program in [p for p in args.program_list if want_memory and p not in results["memory"]]:
         print(f"bench: {program} ddp vs fsdp memory at world size {memory_ws} ...",
               file=sys.stderr, flush=True)
         results["memory"][program] = launch(["--worker", "memory", "--program", program, *shared],
@@ -650,7 +661,14 @@ def render(report: dict) -> str:
         "per-rank batch / step time; scaling efficiency = total samples/s / (world size x total "
         "samples/s at world size 1);",
         f"- **peak memory**: {'`torch.cuda.max_memory_allocated`' if dev == 'cuda' else '`ru_maxrss` (whole process: Python, torch, the dataset)'}, "
-        "largest over ranks.", ""]
+        "largest over ranks.", *([] if dev == "cuda" else [
+            "",
+            "On the CPU every row uses all the cores: world size 1 is one process with one thread "
+            "per core, world size 2 two processes with half the threads each "
+            "(`common.dist.setup`). World size 2 adds no hardware here, so a scaling efficiency "
+            "of 50% means the same speed as one process: the rows compare DDP's costs "
+            "(gradient all-reduce, half the batch per process) with intra-op threading, not "
+            "more machines with fewer."]), ""]
     for program, runs in report["results"]["programs"].items():
         first = next(iter(runs.values()))
         lines += [f"### {program}", "", f"{first['describe']}; bf16 autocast: {first['bf16']}.", "",

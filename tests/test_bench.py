@@ -1,0 +1,67 @@
+"""bench/bench.py: the tables' fields are there and sane, on a tiny synthetic workload."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.bench import render, summarize
+from tests.launch import REPO, child_env
+
+
+def test_summarize_splits_the_step_and_clamps_noise():
+    # per rank: data, fwd_bwd (normal), optimizer, data, fwd_bwd (no_sync), optimizer, peak bytes
+    ranks = [[0.001, 0.010, 0.002, 0.001, 0.007, 0.002, 100.0],
+             [0.001, 0.012, 0.002, 0.001, 0.007, 0.002, 300.0]]
+    s = summarize(ranks, global_batch=64, world_size=2)
+    assert s["comm_s"] == pytest.approx(0.004)
+    assert s["fwd_bwd_s"] == pytest.approx(0.007)
+    assert s["step_s"] == pytest.approx(0.014)
+    assert sum(s["shares"].values()) == pytest.approx(1.0)
+    assert s["samples_per_s_per_process"] == pytest.approx(32 / 0.014)
+    assert s["peak_memory_bytes"] == 300
+    # no_sync slower than normal (noise): comm is 0, not negative, and the parts still add up
+    noisy = summarize([[0.001, 0.010, 0.002, 0.001, 0.011, 0.002, 1.0]], 64, 1)
+    assert noisy["comm_s"] == 0.0 and noisy["comm_raw_s"] < 0
+    assert noisy["step_s"] == pytest.approx(0.013)
+
+
+def test_bench_runs_at_world_size_1_and_2(tmp_path):
+    cmd = [sys.executable, str(REPO / "bench" / "bench.py"), "--programs", "synthetic",
+           "--world-sizes", "1,2", "--tables", "throughput,memory", "--steps", "4", "--warmup", "1",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmarks.json").read_text())
+    runs = report["results"]["programs"]["synthetic"]
+    assert set(runs) == {"1", "2"}
+    for ws, run in runs.items():
+        assert run["world_size"] == int(ws)
+        assert run["per_rank_batch"] * int(ws) == run["global_batch"]
+        assert len(run["per_rank"]) == int(ws)
+        assert run["samples_per_s_per_process"] > 0
+        assert run["samples_per_s_total"] == pytest.approx(run["samples_per_s_per_process"] * int(ws))
+        assert sum(run["shares"].values()) == pytest.approx(1.0, abs=0.01)
+        assert all(0 <= v <= 1 for v in run["shares"].values())
+        assert run["comm_s"] >= 0 and run["data_s"] > 0 and run["fwd_bwd_s"] > 0
+        assert run["peak_memory_bytes"] > 10 * 2**20  # a Python process with torch loaded
+    assert runs["1"]["scaling_efficiency"] == pytest.approx(1.0)
+    assert runs["2"]["scaling_efficiency"] > 0
+    memory = report["results"]["memory"]["synthetic"]
+    assert memory["world_size"] == 2
+    assert memory["ddp"]["param_bytes"] == memory["ddp"]["grad_bytes"] > 0
+    assert 0.45 < memory["fsdp_over_ddp"] < 0.6  # sharded over 2 ranks: about half
+    text = (tmp_path / "benchmarks.md").read_text()
+    for needed in ("### synthetic", "scaling efficiency", "comm ms", "fsdp / ddp",
+                   "Reproduce: `python bench/bench.py", "Not measured in this session (no GPU lent)"):
+        assert needed in text
+    assert text == render(report)
+
+
+def test_bad_arguments_give_one_line_errors():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--programs", "nope"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: --programs") and "\n" not in done.stderr.strip()

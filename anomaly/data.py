@@ -243,7 +243,10 @@ def feature_columns(frame: pd.DataFrame) -> list[str]:
 def _stratify_key(frame: pd.DataFrame) -> pd.Series:
     # attack_cat with very rare categories merged, so every stratum has a few rows in each split.
     counts = frame["attack_cat"].value_counts()
-    return frame["attack_cat"].where(frame["attack_cat"].map(counts) >= 10, "rare")
+    common = frame["attack_cat"].map(counts) >= 10
+    # A "rare" stratum needs two rows to be split; a lone rare row joins the largest stratum.
+    merged = "rare" if (~common).sum() >= 2 else counts.index[0]
+    return frame["attack_cat"].where(common, merged)
 
 
 def _split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

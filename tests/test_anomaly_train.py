@@ -120,7 +120,7 @@ def test_compare_table_has_every_method_and_the_autoencoder_row(trained, tmp_pat
 def test_real_data_subset_trains_and_beats_the_trivial_baseline(tmp_path):
     out = tmp_path / "run"
     result = run_program("anomaly/train.py", ["--data-dir", str(SHARED_DATA), "--out-dir", str(out),
-                                              "--max-rows", "4000", "--epochs", "3", "--batch-size", "96"],
+                                              "--max-rows", "4000", "--epochs", "10", "--batch-size", "48"],
                          timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(out)

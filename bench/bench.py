@@ -228,6 +228,8 @@ def time_steps(wl: Workload, dist: DistInfo, warmup: int, steps: int) -> dict:
     sums = {kind: {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0} for kind in ("sync", "no_sync")}
     model.train()
     for i in range(2 * (warmup + steps)):
+        if i == 2 * warmup:
+            wall0, cpu0 = time.perf_counter(), _cpu_seconds()
         kind = "sync" if i % 2 == 0 else "no_sync"
         skip = model.no_sync() if kind == "no_sync" and isinstance(model, DistributedDataParallel) \
             else contextlib.nullcontext()
@@ -248,9 +250,17 @@ def time_steps(wl: Workload, dist: DistInfo, warmup: int, steps: int) -> dict:
             part["data"] += t1 - t0
             part["fwd_bwd"] += t2 - t1
             part["optimizer"] += t3 - t2
+    # Share of the cores this process really got: well below 1 means other programs competed.
+    cpu_share = (_cpu_seconds() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     if not torch.isfinite(loss.detach()).item():
         raise UserError(f"{wl.name}: the loss became {loss.item()} during the benchmark")
-    return {kind: {k: v / steps for k, v in parts.items()} for kind, parts in sums.items()}
+    return {**{kind: {k: v / steps for k, v in parts.items()} for kind, parts in sums.items()},
+            "cpu_share": cpu_share}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def strategy_memory(wl: Workload, dist: DistInfo) -> dict:
@@ -291,7 +301,7 @@ def worker_program(args: argparse.Namespace) -> None:
         peak = peak_memory_bytes(dist.device)
         row = [parts["sync"]["data"], parts["sync"]["fwd_bwd"], parts["sync"]["optimizer"],
                parts["no_sync"]["data"], parts["no_sync"]["fwd_bwd"], parts["no_sync"]["optimizer"],
-               float(peak)]
+               float(peak), parts["cpu_share"]]
         ranks = gather_tensors(torch.tensor([row], dtype=torch.float64), dist)
         # After the peak was read, so the extra models do not count in it.
         memory = strategy_memory(wl, dist) if args.with_memory and dist.is_distributed else None
@@ -321,6 +331,9 @@ def worker_memory(args: argparse.Namespace) -> None:
 def summarize(ranks: list[list[float]], global_batch: int, world_size: int) -> dict:
     """Turn per-rank mean step parts into the table's figures (means over ranks).
 
+    A rank's row: data, fwd+bwd, optimizer seconds of normal steps, the same of no_sync steps,
+    peak memory bytes, CPU share.
+
     comm = forward+backward of normal steps - that of no_sync steps (clamped at 0: noise can
     make it slightly negative when there is nothing to hide); fwd_bwd excludes comm.
     """
@@ -337,8 +350,10 @@ def summarize(ranks: list[list[float]], global_batch: int, world_size: int) -> d
         "comm_raw_s": fb_sync - fb_nosync, "no_sync_step_s": mean[3] + fb_nosync + mean[5],
         "samples_per_s_per_process": per_process, "samples_per_s_total": per_process * world_size,
         "peak_memory_bytes": int(max(r[6] for r in ranks)),
+        "cpu_share": min(r[7] for r in ranks),
         "per_rank": [{"data_s": r[0], "fwd_bwd_sync_s": r[1], "optimizer_s": r[2],
-                      "fwd_bwd_no_sync_s": r[4], "peak_memory_bytes": int(r[6])} for r in ranks],
+                      "fwd_bwd_no_sync_s": r[4], "peak_memory_bytes": int(r[6]),
+                      "cpu_share": r[7]} for r in ranks],
     }
 
 
@@ -660,6 +675,10 @@ def render(report: dict) -> str:
         "- shares are of the mean step time (they add up to 100%); samples/s per process = "
         "per-rank batch / step time; scaling efficiency = total samples/s / (world size x total "
         "samples/s at world size 1);",
+        "- **CPU share**: CPU time of the process / (wall time x its threads) over the timed "
+        "steps, the lowest rank (gloo's threads and idle-spinning OpenMP threads count too); "
+        "well below 100% means other programs took cores, or (small models at world size 2) "
+        "the rank sat waiting for the other one;" if dev != "cuda" else "",
         f"- **peak memory**: {'`torch.cuda.max_memory_allocated`' if dev == 'cuda' else '`ru_maxrss` (whole process: Python, torch, the dataset)'}, "
         "largest over ranks.", *([] if dev == "cuda" else [
             "",
@@ -675,8 +694,8 @@ def render(report: dict) -> str:
                   f"Reproduce: `{_command(report['argv_for'][program])}`", "",
                   "| world size | global / per-rank batch | warm-up + timed steps | samples/s per process "
                   "| samples/s total | scaling efficiency | step ms | data ms (%) | fwd+bwd ms (%) "
-                  "| comm ms (%) | optimizer ms (%) | peak memory MiB |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| comm ms (%) | optimizer ms (%) | peak memory MiB | CPU share |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for ws, r in runs.items():
             eff = "-" if r["scaling_efficiency"] is None else f"{100 * r['scaling_efficiency']:.0f}%"
             cells = [ws, f"{r['global_batch']} / {r['per_rank_batch']}",
@@ -686,6 +705,7 @@ def render(report: dict) -> str:
             for part in ("data", "fwd_bwd", "comm", "optimizer"):
                 cells.append(f"{_ms(r[part + '_s'])} ({100 * r['shares'][part]:.0f}%)")
             cells.append(_mib(r["peak_memory_bytes"]))
+            cells.append("-" if dev == "cuda" else f"{100 * r['cpu_share']:.0f}%")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
 

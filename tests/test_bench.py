@@ -12,18 +12,18 @@ from tests.launch import REPO, child_env
 
 
 def test_summarize_splits_the_step_and_clamps_noise():
-    # per rank: data, fwd_bwd (normal), optimizer, data, fwd_bwd (no_sync), optimizer, peak bytes
-    ranks = [[0.001, 0.010, 0.002, 0.001, 0.007, 0.002, 100.0],
-             [0.001, 0.012, 0.002, 0.001, 0.007, 0.002, 300.0]]
+    # per rank: data, fwd_bwd, optimizer (normal), the same (no_sync), peak bytes, CPU share
+    ranks = [[0.001, 0.010, 0.002, 0.001, 0.007, 0.002, 100.0, 0.9],
+             [0.001, 0.012, 0.002, 0.001, 0.007, 0.002, 300.0, 0.8]]
     s = summarize(ranks, global_batch=64, world_size=2)
     assert s["comm_s"] == pytest.approx(0.004)
     assert s["fwd_bwd_s"] == pytest.approx(0.007)
     assert s["step_s"] == pytest.approx(0.014)
     assert sum(s["shares"].values()) == pytest.approx(1.0)
     assert s["samples_per_s_per_process"] == pytest.approx(32 / 0.014)
-    assert s["peak_memory_bytes"] == 300
+    assert s["peak_memory_bytes"] == 300 and s["cpu_share"] == 0.8
     # no_sync slower than normal (noise): comm is 0, not negative, and the parts still add up
-    noisy = summarize([[0.001, 0.010, 0.002, 0.001, 0.011, 0.002, 1.0]], 64, 1)
+    noisy = summarize([[0.001, 0.010, 0.002, 0.001, 0.011, 0.002, 1.0, 1.0]], 64, 1)
     assert noisy["comm_s"] == 0.0 and noisy["comm_raw_s"] < 0
     assert noisy["step_s"] == pytest.approx(0.013)
 
@@ -47,6 +47,7 @@ def test_bench_runs_at_world_size_1_and_2(tmp_path):
         assert all(0 <= v <= 1 for v in run["shares"].values())
         assert run["comm_s"] >= 0 and run["data_s"] > 0 and run["fwd_bwd_s"] > 0
         assert run["peak_memory_bytes"] > 10 * 2**20  # a Python process with torch loaded
+        assert 0 < run["cpu_share"] < 3
     assert runs["1"]["scaling_efficiency"] == pytest.approx(1.0)
     assert runs["2"]["scaling_efficiency"] > 0
     memory = report["results"]["memory"]["synthetic"]

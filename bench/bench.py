@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
 import platform
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tarfile

@@ -1,0 +1,103 @@
+"""Bad input on 2 processes: every rank exits non-zero within 30 s with one clear line.
+
+The data-file cases (bad CSVs, truncated images, wrong layouts) live beside each program's own
+tests; this file tries the shared arguments and cross-program mistakes on all three programs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from anomaly.data import TRAIN_FILE
+from anomaly.synthetic import make_partition, write_partition
+from tests.launch import run_program
+from tests.test_anomaly_train import FAST as ANOMALY_SMALL
+from tests.test_cifar import SMALL as CIFAR_SMALL
+from tests.test_cifar import make_folders
+from tests.test_housing import TRAIN_ARGS as HOUSING_SMALL
+from tests.test_housing import synthetic_frame
+
+LIMIT_S = 30
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reliability")
+    (root / "housing").mkdir()
+    synthetic_frame().to_csv(root / "housing" / "housing.csv", index=False)
+    (root / "anomaly").mkdir()
+    write_partition(make_partition(600, seed=1), root / "anomaly" / TRAIN_FILE)
+    return {"housing": root / "housing", "cifar": make_folders(root / "cifar"), "anomaly": root / "anomaly"}
+
+
+def program_args(program: str, data: dict[str, Path], out: Path) -> list[str]:
+    small = {"housing": HOUSING_SMALL, "cifar": [*CIFAR_SMALL, "--batch-size", "12", "--epochs", "1"],
+             "anomaly": ANOMALY_SMALL}[program]
+    return ["--data-dir", str(data[program]), "--out-dir", str(out), *small]
+
+
+def expect_clean_failure(program: str, args: list[str], message: str, out: Path | None = None) -> float:
+    """Run on 2 processes; check the exit, the one-line message, the time, no partial output."""
+    start = time.time()
+    result = run_program(f"{program}/train.py", args, nproc=2, timeout=LIMIT_S + 30)
+    elapsed = time.time() - start
+    assert result.returncode != 0, result.stdout[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert errors and all(message in line for line in errors), result.stderr[-3000:]
+    # torchrun prints its own launcher traceback; none may run through this project's code.
+    assert f'{program}/' not in result.stderr.replace(f"{program}/train.py FAILED", "")
+    assert "common/" not in result.stderr
+    assert elapsed < LIMIT_S, f"took {elapsed:.1f}s"
+    if out is not None:
+        assert not (out / "summary.json").exists() and not (out / "metrics.jsonl").exists()
+    return elapsed
+
+
+@pytest.mark.parametrize("program,flags,message", [
+    ("housing", ["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    ("cifar", ["--epochs", "-2"], "--epochs must be a positive integer, got -2"),
+    ("housing", ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    ("cifar", ["--batch-size", "1"], "--batch-size 1 is smaller than the world size 2"),
+    ("housing", ["--batch-size", "97"], "--batch-size 97 does not divide by the world size 2"),
+    ("anomaly", ["--batch-size", "-4"], "--batch-size must be a positive integer, got -4"),
+    ("anomaly", ["--lr", "0"], "--lr must be positive, got 0.0"),
+])
+def test_bad_shared_arguments(datasets, tmp_path, program, flags, message):
+    out = tmp_path / "run"
+    expect_clean_failure(program, [*program_args(program, datasets, out), *flags], message, out)
+
+
+@pytest.mark.parametrize("program", ["housing", "cifar", "anomaly"])
+def test_out_dir_that_is_not_writable(datasets, tmp_path, program):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "run"
+    expect_clean_failure(program, program_args(program, datasets, out), "is not writable")
+
+
+def test_missing_data_dir(tmp_path):
+    missing = tmp_path / "nowhere"
+    expect_clean_failure("cifar", ["--data-dir", str(missing), "--out-dir", str(tmp_path / "c"),
+                                   "--no-download", *CIFAR_SMALL], "no CIFAR-10 found", tmp_path / "c")
+    # No network in tests: point the download at a closed local port so it fails at once.
+    expect_clean_failure("housing", ["--data-dir", str(missing), "--out-dir", str(tmp_path / "h"),
+                                     "--download-url", "http://127.0.0.1:9/housing.csv", *HOUSING_SMALL],
+                         "not found and the download failed", tmp_path / "h")
+    expect_clean_failure("anomaly", ["--data-dir", str(missing), "--out-dir", str(tmp_path / "a"), *ANOMALY_SMALL],
+                         "UNSW", tmp_path / "a")
+
+
+def test_resume_from_another_programs_checkpoint(datasets, tmp_path):
+    trained = tmp_path / "housing-run"
+    ok = run_program("housing/train.py", program_args("housing", datasets, trained), nproc=2, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = tmp_path / "cifar-run"
+    expect_clean_failure("cifar", [*program_args("cifar", datasets, out), "--resume", str(trained)],
+                         "program is 'housing', expected 'cifar'", out)
+    out = tmp_path / "anomaly-run"
+    expect_clean_failure("anomaly", [*program_args("anomaly", datasets, out), "--resume", str(trained)],
+                         "program is 'housing', expected 'anomaly'", out)
+    # Same program, other architecture: refused before any weight is touched.
+    wider = [*program_args("housing", datasets, tmp_path / "wider"), "--width", "128", "--resume", str(trained)]
+    expect_clean_failure("housing", wider, "checkpoint does not match this run", tmp_path / "wider")

@@ -42,8 +42,11 @@ def run_main(main: Callable[[], object]) -> None:
     except UserError as err:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        sys.stderr.flush()
+        # One write per line: several ranks share the terminal, and print() sends the text and
+        # the newline separately, so two ranks' lines could interleave.
+        os.write(2, f"{prefix}error: {err}\n".encode())
         os._exit(2)
     except KeyboardInterrupt:
         sys.stdout.flush()

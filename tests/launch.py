@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,3 +45,13 @@ def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 1
                *(torchrun_args or []), str(REPO / script), *args]
     return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def error_messages(stderr: str) -> list[tuple[str, str]]:
+    """``(rank, message)`` for every ``error: ...`` our ranks printed, rank "0" unprefixed.
+
+    Parsed by markers rather than lines: torchrun relays the workers' output and two ranks'
+    messages can arrive on one line.
+    """
+    pattern = re.compile(r"(?:\[rank (\d+)\] )?error: (.*?)(?=(?:\[rank \d+\] )?error: |\n|$)")
+    return [(rank or "0", message) for rank, message in pattern.findall(stderr)]

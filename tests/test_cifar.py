@@ -10,7 +10,6 @@ import http.server
 import io
 import json
 import pickle
-import re
 import shutil
 import tarfile
 import threading
@@ -25,7 +24,7 @@ from PIL import Image
 from cifar import data as cdata
 from cifar.model import AirNet, resnet18
 from common.errors import UserError
-from tests.launch import SHARED_DATA, run_program
+from tests.launch import SHARED_DATA, error_messages, run_program
 
 CLASSES = ("cat", "dog", "ship")
 SMALL = ["--widths", "8", "16", "16", "--eval-batch-size", "4", "--no-download"]
@@ -281,9 +280,8 @@ def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path
                                             *SMALL], nproc=2, timeout=60)
     assert result.returncode != 0
     # The ranks print at the same moment, so their lines may interleave on the shared pipe.
-    messages = re.findall(r"(\[rank 1\] )?error: ([^\n\[]*)", result.stderr)
-    assert any(not rank and expected in text for rank, text in messages), result.stderr[:2000]
-    assert any(rank and expected in text for rank, text in messages), result.stderr[:2000]
+    errors = error_messages(result.stderr)
+    assert {rank for rank, text in errors if expected in text} == {"0", "1"}, result.stderr[:2000]
     # torchrun prints its own report of the failed children; our code prints no traceback.
     assert "cifar/train.py\", line" not in result.stderr and "cifar/data.py" not in result.stderr
     assert not out.exists()  # bad input leaves no partial run directory

@@ -12,7 +12,7 @@ import pytest
 
 from anomaly.data import TRAIN_FILE
 from anomaly.synthetic import make_partition, write_partition
-from tests.launch import run_program
+from tests.launch import error_messages, run_program
 from tests.test_anomaly_train import FAST as ANOMALY_SMALL
 from tests.test_cifar import SMALL as CIFAR_SMALL
 from tests.test_cifar import make_folders
@@ -44,8 +44,9 @@ def expect_clean_failure(program: str, args: list[str], message: str, out: Path 
     result = run_program(f"{program}/train.py", args, nproc=2, timeout=LIMIT_S + 30)
     elapsed = time.time() - start
     assert result.returncode != 0, result.stdout[-2000:]
-    errors = [line for line in result.stderr.splitlines() if "error: " in line]
-    assert errors and all(message in line for line in errors), result.stderr[-3000:]
+    errors = error_messages(result.stderr)
+    assert {rank for rank, _ in errors} == {"0", "1"}, result.stderr[-3000:]  # every rank says why
+    assert all(message in text for _, text in errors), result.stderr[-3000:]
     # torchrun prints its own launcher traceback; none may run through this project's code.
     assert f'{program}/' not in result.stderr.replace(f"{program}/train.py FAILED", "")
     assert "common/" not in result.stderr
@@ -88,16 +89,28 @@ def test_missing_data_dir(tmp_path):
                          "UNSW", tmp_path / "a")
 
 
+def foreign_checkpoint(run_dir: Path, meta: dict) -> Path:
+    """A real checkpoint file, as ``save_checkpoint`` writes it, with the given ``meta``."""
+    import torch
+
+    from common.checkpoint import save_checkpoint, training_state
+    from common.dist import DistInfo
+
+    run_dir.mkdir()
+    model = torch.nn.Linear(3, 1)
+    state = training_state(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, meta)
+    save_checkpoint(run_dir, state, DistInfo(0, 0, 1, 1, torch.device("cpu")))
+    return run_dir / "checkpoint.pt"
+
+
 def test_resume_from_another_programs_checkpoint(datasets, tmp_path):
-    trained = tmp_path / "housing-run"
-    ok = run_program("housing/train.py", program_args("housing", datasets, trained), nproc=2, timeout=120)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    out = tmp_path / "cifar-run"
-    expect_clean_failure("cifar", [*program_args("cifar", datasets, out), "--resume", str(trained)],
-                         "program is 'housing', expected 'cifar'", out)
-    out = tmp_path / "anomaly-run"
-    expect_clean_failure("anomaly", [*program_args("anomaly", datasets, out), "--resume", str(trained)],
-                         "program is 'housing', expected 'anomaly'", out)
+    housing_ckpt = foreign_checkpoint(tmp_path / "housing-run", {"program": "housing", "arch": "mlp"})
+    for program in ("cifar", "anomaly"):
+        out = tmp_path / f"{program}-run"
+        expect_clean_failure(program, [*program_args(program, datasets, out), "--resume", str(housing_ckpt)],
+                             f"program is 'housing', expected '{program}'", out)
     # Same program, other architecture: refused before any weight is touched.
-    wider = [*program_args("housing", datasets, tmp_path / "wider"), "--width", "128", "--resume", str(trained)]
-    expect_clean_failure("housing", wider, "checkpoint does not match this run", tmp_path / "wider")
+    other_arch = foreign_checkpoint(tmp_path / "anomaly-run", {"program": "anomaly", "arch": "autoencoder-512"})
+    out = tmp_path / "anomaly-resumed"
+    expect_clean_failure("anomaly", [*program_args("anomaly", datasets, out), "--resume", str(other_arch)],
+                         "checkpoint does not match this run", out)

@@ -47,8 +47,6 @@ def main() -> None:
                          data_dir="data", out_dir="runs/toy")
     parser.add_argument("--fail-on-rank", type=int, default=None,
                         help="raise a UserError on this rank after setup (tests)")
-    parser.add_argument("--epoch-seconds", type=float, default=0.0,
-                        help="sleep this long per epoch, so a test can kill a worker mid-run")
     args = parser.parse_args()
     check_shared_args(args)
     with distributed(args.device, args.dist_timeout) as dist:
@@ -72,7 +70,6 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            time.sleep(args.epoch_seconds)
             recorder.log_epoch({"epoch": epoch, **evaluate(model, x_test, y_test, dist)})
             save_checkpoint(args.out_dir, training_state(model, optimizer, epoch, meta), dist)
         weights = full_model_state(model)  # complete on rank 0, the rank that writes the summary

@@ -69,3 +69,13 @@ def test_two_node_rehearsal_equals_single_node_two_processes(tmp_path):
     one = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert nodes["world_size"] == 2
     assert nodes["params"] == one["params"] and nodes["test"] == one["test"]
+
+
+def test_get_data_finds_what_is_there_and_explains_what_is_not(tmp_path):
+    from tests.test_housing import synthetic_frame
+
+    synthetic_frame(20).to_csv(tmp_path / "housing.csv", index=False)
+    result = _script("scripts/get_data.sh", str(tmp_path), env={})
+    assert result.returncode != 0  # no CIFAR-10 and no network here: it says so and stops
+    assert f"housing: {tmp_path}/housing.csv" in result.stdout
+    assert "no CIFAR-10 there and the download" in result.stderr or "cifar" in result.stderr.lower()

@@ -84,7 +84,7 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     constant = [c for c in cols if frame[c].nunique(dropna=False) <= 1]
     md += ["## Missing and constant columns\n",
            f"- missing values: {', '.join(f'{c} ({n})' for c, n in missing.items() if n) or 'none'}",
-           f"- categorical levels '-' (no value): " + ", ".join(f"{c} {n:,} rows" for c, n in blank.items()),
+           "- categorical levels '-' (no value): " + ", ".join(f"{c} {n:,} rows" for c, n in blank.items()),
            f"- constant columns: {', '.join(constant) or 'none'}", ""]
 
     # Per-feature summaries.

@@ -34,7 +34,7 @@ from common.dist import DistInfo, distributed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
 from common.parallel import wrap_model
-from common.report import RunRecorder, get_logger, progress, write_json_atomic
+from common.report import RunRecorder, get_logger, progress
 from common.rng import seed_everything
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"

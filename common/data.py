@@ -86,10 +86,6 @@ class TrainBatches:
         stop = self.n if step == len(self) - 1 else start + self.global_batch_size
         return order[start:stop][self.dist.rank :: self.dist.world_size]
 
-    def local_indices(self, epoch: int, step: int) -> torch.Tensor:
-        """Indices of this rank's part of global batch ``step`` in ``epoch``."""
-        return self._local_part(self.global_order(epoch), step)
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield this rank's batches for ``epoch`` (tensors moved to ``device`` if given)."""
         order = self.global_order(epoch)

@@ -22,7 +22,7 @@ from cifar.plots import plot_confusion
 from common.checkpoint import resume_from, save_checkpoint, training_state, unwrap
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, barrier, broadcast_object, distributed
+from common.dist import DistInfo, distributed, stop_if_any_rank_failed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import wrap_model
@@ -183,17 +183,13 @@ def build_data(cfg: Config, dist: DistInfo) -> CifarData:
 
     A data error found there is sent to every rank, so each exits with the same message.
     """
-    status, cache, decoded = "", None, None
+    problem, cache, decoded = None, None, None
     if dist.local_rank == 0:
         try:
             cache, decoded = prepare(cfg.data_dir, download=cfg.download)
         except UserError as err:
-            status = str(err)
-    failed = reduce_sums({"failed": int(bool(status))}, dist)["failed"]
-    first_error = broadcast_object(status, dist)
-    if failed:
-        barrier(dist)  # every rank holds the message before any exits (torchrun then stops all)
-        raise UserError(status or first_error or "data preparation failed on another node")
+            problem = str(err)
+    stop_if_any_rank_failed(problem, dist)
     if decoded is None:
         source = find_source(cfg.data_dir)
         cache = cache_path(cfg.data_dir, source)

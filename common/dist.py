@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.distributed as tdist
 
-from common.errors import UserError
+from common.errors import UserError, write_error_line
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -158,3 +158,21 @@ def all_gather_object(obj: object, dist: DistInfo) -> list[object]:
     gathered: list[object] = [None] * dist.world_size
     tdist.all_gather_object(gathered, obj)
     return gathered
+
+
+def stop_if_any_rank_failed(problem: str | None, dist: DistInfo) -> None:
+    """Every rank passes its verdict (None = fine); if any rank found a problem, all stop.
+
+    Each rank prints the first problem as one ``error:`` line and waits for the others to have
+    printed before exiting with status 2: the first rank to exit makes torchrun kill the rest,
+    on a busy machine sometimes before they could say why. A single process raises UserError.
+    Call on every rank (it is a collective), e.g. right after loading and validating the data.
+    """
+    problems = [p for p in all_gather_object(problem, dist) if p is not None]
+    if not problems:
+        return
+    if not dist.is_distributed:
+        raise UserError(problems[0])
+    write_error_line(problems[0], dist.rank)
+    barrier(dist)
+    raise SystemExit(2)  # run_main exits with this status and prints nothing more

@@ -28,6 +28,16 @@ def ensure_finite(value: float, step: int) -> None:
         )
 
 
+def write_error_line(message: str, rank: int) -> None:
+    """Print ``error: message`` to stderr, prefixed ``[rank N]`` on ranks other than 0."""
+    prefix = f"[rank {rank}] " if rank else ""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # One write per line: several ranks share the terminal, and print() sends the text and the
+    # newline separately, so two ranks' lines could interleave.
+    os.write(2, f"{prefix}error: {message}\n".encode())
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run a program's ``main`` and turn failures into a prompt exit of this process.
 
@@ -46,13 +56,7 @@ def run_main(main: Callable[[], object]) -> None:
         # three suite runs), turning a complete run into a failed one. Every file is closed.
         os._exit(0)
     except UserError as err:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # One write per line: several ranks share the terminal, and print() sends the text and
-        # the newline separately, so two ranks' lines could interleave.
-        os.write(2, f"{prefix}error: {err}\n".encode())
+        write_error_line(str(err), int(os.environ.get("RANK", 0)))
         os._exit(2)
     except KeyboardInterrupt:
         sys.stdout.flush()

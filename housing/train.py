@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 import torch
 
 from common.checkpoint import load_checkpoint, resume_from, save_checkpoint, training_state, unwrap
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, all_gather_object, barrier, broadcast_object, distributed
+from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_rank_failed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import wrap_model
@@ -139,25 +138,8 @@ def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None
                                   target_stats=target_stats)
     except UserError as err:
         problem = str(err)
-    problems = [p for p in all_gather_object(problem, dist) if p is not None]
-    if problems:
-        stop_every_rank(problems[0], dist)
+    stop_if_any_rank_failed(problem, dist)
     return data
-
-
-def stop_every_rank(message: str, dist: DistInfo) -> NoReturn:
-    """Report ``message`` as ``error: ...`` on every rank and exit 2, none before all have printed.
-
-    ``run_main`` would print and exit too, but the first rank to exit makes torchrun kill the
-    others, on a busy machine sometimes before they print; the barrier after printing closes
-    that race. A single process simply raises the UserError.
-    """
-    if not dist.is_distributed:
-        raise UserError(message)
-    prefix = "" if dist.is_main else f"[rank {dist.rank}] "
-    print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-    barrier(dist)
-    raise SystemExit(2)  # run_main exits with this status and prints nothing more
 
 
 def build_model(cfg: Config, n_features: int) -> MLP:

@@ -14,7 +14,6 @@ transform + threshold, for ``anomaly.predict``), plots/.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,16 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from anomaly import plots
 from anomaly.data import Splits, split_data
 from anomaly.features import FeatureTransform
 from anomaly.model import Autoencoder
-from common.checkpoint import resume_from, save_checkpoint, training_state, unwrap
+from common.checkpoint import resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches, eval_shard
 from common.dist import DistInfo, distributed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
-from common.parallel import wrap_model
+from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
 from common.report import RunRecorder, get_logger, progress
 from common.rng import seed_everything
 
@@ -52,7 +50,7 @@ class Config:
     seed: int
     resume: str | None
     device: str
-    strategy: str  # "ddp" only: the model is ~40k parameters, replication costs nothing
+    strategy: str  # "ddp" or "fsdp" (common.parallel); ~40k parameters need no sharding
     dist_timeout: float  # seconds
     hidden: tuple[int, ...]  # encoder widths; the last is the code size
     val_fraction: float  # of all rows (one file) or of the training file (two files)
@@ -100,9 +98,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         raise UserError(f"--min-frequency must be at least 1, got {args.min_frequency}")
     if args.max_rows is not None and args.max_rows < 100:
         raise UserError(f"--max-rows must be at least 100, got {args.max_rows}")
-    if args.strategy != "ddp":
-        raise UserError(f"--strategy {args.strategy}: the anomaly autoencoder has ~40k parameters "
-                        "and is replicated with ddp; sharding it would only add communication")
     if args.weight_decay < 0:
         raise UserError(f"--weight-decay must be non-negative, got {args.weight_decay}")
     return Config(args.data_dir, args.out_dir, args.epochs, args.batch_size, args.lr,
@@ -163,7 +158,7 @@ def score_rows(model: Autoencoder, x: torch.Tensor, dist: DistInfo) -> torch.Ten
     Scored in float64 on each rank's shard and gathered, so the scores (and all metrics derived
     from them) do not depend on how many ranks share the work.
     """
-    net = copy.deepcopy(unwrap(model)).double().eval()
+    net = local_copy(model).double().eval()  # plain: scores each shard alone
     parts = []
     with torch.no_grad():
         for (xb,) in eval_batches([x], EVAL_BATCH, dist):
@@ -175,7 +170,7 @@ def score_rows(model: Autoencoder, x: torch.Tensor, dist: DistInfo) -> torch.Ten
 def normal_feature_error(model: Autoencoder, x: torch.Tensor, y: torch.Tensor,
                          dist: DistInfo) -> torch.Tensor:
     """Mean squared error per feature over the normal rows of ``x`` (exact sum over ranks)."""
-    net = copy.deepcopy(unwrap(model)).double().eval()
+    net = local_copy(model).double().eval()  # plain: scores each shard alone
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     count = torch.zeros(1, dtype=torch.float64)
     with torch.no_grad():
@@ -280,10 +275,10 @@ def main() -> None:
                                                         transform=data.transform), dist)
 
         # Calibrate on validation only: the per-feature weights and the threshold.
-        net = unwrap(model)
         if cfg.score == "normalized":
-            net.error_weight.copy_((1.0 / normal_feature_error(model, data.x["val"], data.y["val"], dist)
-                                    .clamp(min=1e-6)).float())
+            error = normal_feature_error(model, data.x["val"], data.y["val"], dist)
+            # A buffer: every rank holds it whole under either strategy.
+            unwrap(model).error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
         val_scores = score_rows(model, data.x["val"], dist)
         threshold, val_f1 = best_f1_threshold(val_scores.numpy(), data.y["val"].numpy())
         test_scores = score_rows(model, data.x["test"], dist)
@@ -308,8 +303,12 @@ def main() -> None:
                    "features": data.transform.describe(),
                    "epochs_trained": cfg.epochs - start_epoch, "train_time_s": train_time,
                    "samples_per_s": trained_rows / train_time if train_time else None,
+                   "memory_per_rank": memory_per_rank(model, optimizer),
                    "wall_time_s": time.time() - start}
+        net = local_copy(model)  # every rank: a collective under FSDP
         if dist.is_main:
+            from anomaly import plots  # matplotlib loads only on the rank that draws, at the end
+
             write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, threshold)
             plots.training_plots(recorder.plots_dir, rows, val_scores.numpy(), data.y["val"].numpy(),
                                  test_scores.numpy(), splits, threshold, test, categories)

@@ -57,7 +57,7 @@ from common.data import TrainBatches
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.metrics import gather_tensors
-from common.parallel import memory_per_rank, wrap_model
+from common.parallel import memory_per_rank, unwrap, wrap_model
 from common.report import git_commit, write_json_atomic
 from common.rng import seed_everything
 
@@ -139,8 +139,8 @@ def _cifar(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workload:
     n_params = sum(p.numel() for p in build_model().parameters())
     return Workload(
         "cifar", [data.train_images.to(dist.device), data.train_labels.to(dist.device)],
-        cfg.batch_size, build_model, lambda m: c.build_optimizer(cfg, m, 10_000)[0], inputs, loss,
-        c.use_bf16(cfg, dist.device),
+        cfg.batch_size, build_model, lambda m: c.build_optimizer(cfg, unwrap(m), 10_000)[0],
+        inputs, loss, c.use_bf16(cfg, dist.device),
         f"{cfg.arch} {'-'.join(map(str, cfg.widths))} d{cfg.depth} (preset {cfg.preset}, "
         f"{n_params / 1e6:.2f} M parameters), {len(data.train_labels)} training images, "
         f"SGD-Nesterov, channels_last {cfg.channels_last}")
@@ -267,10 +267,7 @@ def strategy_memory(wl: Workload, dist: DistInfo) -> dict:
     batch = next(iter(batches.epoch(0)))
     result = {}
     for strategy in ("ddp", "fsdp"):
-        # FSDP2 cannot shard channels_last (non-contiguous) conv weights; the byte counts do
-        # not depend on the memory format, so both strategies get contiguous ones.
-        model = wl.build_model().to(memory_format=torch.contiguous_format)
-        model = wrap_model(model, dist, strategy)
+        model = wrap_model(wl.build_model(), dist, strategy)
         optimizer = wl.build_optimizer(model)  # after wrapping: FSDP replaces the parameters
         x, target = wl.inputs(batch, torch.Generator(dist.device).manual_seed(0))
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=wl.bf16):
@@ -715,7 +712,9 @@ def render(report: dict) -> str:
                   "(`common.parallel.memory_per_rank`, after one optimizer step of the program's "
                   "optimizer; models wrapped by `common.parallel.wrap_model`), the largest over "
                   "ranks. FSDP shards each block across ranks, so it should be about 1/world size "
-                  "(a little more where a block's size does not split evenly).", "",
+                  "(a little more where a block's size does not split evenly). Each program "
+                  "records its own figures in `summary.json` (`memory_per_rank`, rank 0's); "
+                  "whole runs under both strategies are in [fsdp.md](fsdp.md).", "",
                   f"Reproduce: `{_command(report['argv_memory'])}`", "",
                   "| program | ddp params / grads / optimizer KiB | ddp total KiB "
                   "| fsdp params / grads / optimizer KiB | fsdp total KiB | fsdp / ddp |",

@@ -19,13 +19,13 @@ from cifar.data import Augment, CifarData, augment, decode_source, find_source, 
     load_cache, normalize, prepare, subset, to_dataset
 from cifar.model import AirNet, resnet18
 from cifar.plots import plot_confusion
-from common.checkpoint import resume_from, save_checkpoint, training_state, unwrap
+from common.checkpoint import resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed, stop_if_any_rank_failed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
-from common.parallel import wrap_model
+from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
 from common.report import RunRecorder, get_logger, plot_curves, progress
 from common.rng import seed_everything
 
@@ -236,7 +236,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
 class Lookahead:
     """airbench's Lookahead-EMA. Every ``every`` steps the average moves toward the weights by
     ``1 - decay`` and the weights are set to it; ``decay`` rises as (step/total)^3, so it only
-    smooths late training. Every rank holds the same weights, so every rank stays in step."""
+    smooths late training. Every rank holds the same weights (or, under FSDP, its shard of them
+    and of the average), so every rank stays in step."""
 
     def __init__(self, model: torch.nn.Module, total_steps: int, every: int = 5) -> None:
         self.total_steps, self.every = total_steps, every
@@ -345,8 +346,9 @@ def main() -> None:
         model = build_model(cfg, data).to(dist.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * steps_per_epoch)
         model = wrap_model(model, dist, cfg.strategy)
+        # After wrapping: under FSDP the optimizer must hold the parameter shards.
+        optimizer, scheduler = build_optimizer(cfg, unwrap(model), cfg.epochs * steps_per_epoch)
         if cfg.compile:
             model = torch.compile(model)
         bf16 = use_bf16(cfg, dist.device)
@@ -358,7 +360,7 @@ def main() -> None:
         lookahead = (Lookahead(unwrap(model), cfg.epochs * steps_per_epoch)
                      if cfg.lookahead and not cfg.eval_only else None)
         if lookahead is not None and state and state.get("lookahead") is not None:
-            lookahead.average = {k: v.to(dist.device) for k, v in state["lookahead"].items()}
+            lookahead.average = shard_like(state["lookahead"], unwrap(model).state_dict())
         start_epoch = state["epoch"] + 1 if state and not cfg.eval_only else 0
         recorder = RunRecorder(cfg.out_dir, dist, start_epoch)
         log.info("%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
@@ -394,7 +396,7 @@ def main() -> None:
             save_checkpoint(cfg.out_dir, training_state(
                 model, optimizer, epoch, meta, scheduler, config=dataclasses.asdict(cfg),
                 elapsed_s=elapsed, time_to_target_s=time_to_target,
-                lookahead=lookahead.average if lookahead is not None else None), dist)
+                lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist)
 
         final = evaluate(model, test_images, test_labels, cfg, dist, bf16, data.num_classes, cfg.tta) \
             if cfg.eval_only or start_epoch >= cfg.epochs else test
@@ -410,6 +412,7 @@ def main() -> None:
             "samples_per_s": trained / train_s if train_s else None,
             "target_accuracy": cfg.target_accuracy, "time_to_target_s": time_to_target,
             "bf16": bf16, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+            "memory_per_rank": memory_per_rank(model, optimizer),
             "checkpoint": state.get("loaded_from") if state else None,
         }
         recorder.write_summary(summary, cfg)

@@ -4,6 +4,10 @@ Layout in the run directory: ``checkpoint.pt`` (newest) and ``checkpoint.prev.pt
 before). A write goes to a temporary file first and is renamed into place, so a crash mid-write
 never damages the newest good checkpoint; a file that fails to load (truncated, corrupt) is
 skipped in favour of the previous one.
+
+``torch.distributed.checkpoint.state_dict`` is imported inside the functions that use it: it
+loads FSDP and DTensor (~0.6 s for every process), which a run that stops at a bad argument or
+file should not pay.
 """
 from __future__ import annotations
 
@@ -13,32 +17,14 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.nn.parallel import DistributedDataParallel
 
 from common.dist import DistInfo, barrier
 from common.errors import UserError
+from common.parallel import is_sharded, unwrap
 from common.rng import capture_rng, restore_rng
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers (saved without ``module.``)."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
@@ -131,14 +117,29 @@ def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
         restore_rng(state["rng"][dist.rank])
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(model: torch.nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's weights by parameter name, on CPU for a sharded model.
 
     Call on every rank. Under FSDP the tensors are gathered to rank 0 and the other ranks get
-    an empty dict; otherwise every rank gets the full dict.
+    an empty dict, unless ``all_ranks`` (every rank then holds the whole model, on its device);
+    otherwise every rank gets the full dict.
     """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     inner = unwrap(model)
-    return get_model_state_dict(inner, options=_full_state_options(inner))
+    options = _full_state_options(inner, gather_to_rank0=not all_ranks)
+    return get_model_state_dict(inner, options=options)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (as ``full_model_state`` returns) into a plain, DDP or FSDP model.
+
+    Under FSDP each rank keeps its shard of ``state``; call on every rank with the whole dict.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    # set_model_state_dict distributes the full tensors in place (FSDP), so hand it copies.
+    set_model_state_dict(unwrap(model), dict(state), options=_full_state_options(model))
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -151,8 +152,10 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epo
     any other. ``epoch`` is the last *completed* epoch; ``extra`` carries program state such as
     the best-so-far weights for early stopping.
     """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     inner = unwrap(model)
-    options = _full_state_options(inner)
+    options = _full_state_options(inner, gather_to_rank0=True)
     return {
         "model": full_model_state(inner),
         "optimizer": get_optimizer_state_dict(inner, optimizer, options=options),
@@ -171,16 +174,18 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
     Returns the checkpoint (read ``state["epoch"] + 1`` to continue, and any extra keys), or
     None when there is nothing to resume from (``--resume`` absent, or ``auto`` with no file).
     """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     path = find_resume_file(resume, out_dir)
     if path is None:
         return None
     state = load_checkpoint(path, dist.device, meta)
     inner = unwrap(model)
-    options = StateDictOptions(full_state_dict=True)
     try:
-        # Both calls distribute the full tensors in place (FSDP), so hand them copies.
-        set_model_state_dict(inner, dict(state["model"]), options=options)
-        set_optimizer_state_dict(inner, optimizer, _copy_nested(state["optimizer"]), options=options)
+        load_model_state(inner, state["model"])
+        # Like the weights, the optimizer state is distributed in place: hand it a copy.
+        set_optimizer_state_dict(inner, optimizer, _copy_nested(state["optimizer"]),
+                                 options=_full_state_options(inner))
     except (RuntimeError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise UserError(f"--resume {path}: checkpoint does not fit this model ({first_line})") from None
@@ -190,10 +195,16 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
     return state
 
 
-def _full_state_options(model: torch.nn.Module) -> StateDictOptions:
-    # cpu_offload gathers to rank 0 only, which needs a process group; rank 0 is the writer.
-    sharded = tdist.is_initialized() and any(hasattr(p, "to_local") for p in model.parameters())
-    return StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+def _full_state_options(model: torch.nn.Module, gather_to_rank0: bool = False):
+    """Whole tensors keyed by parameter name; with ``gather_to_rank0``, gathered to rank 0 only.
+
+    Rank 0 is the rank that writes. cpu_offload is what gathers there, and it needs a process
+    group, so it is only asked for when the model is sharded.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    offload = gather_to_rank0 and tdist.is_initialized() and is_sharded(model)
+    return StateDictOptions(full_state_dict=True, cpu_offload=offload)
 
 
 def _copy_nested(value: Any) -> Any:

@@ -5,23 +5,40 @@
   across ranks and gathered layer by layer for compute, so per-rank memory for them falls by
   about the world size. Same optimisation as DDP; checkpoints are full state dicts either way
   (see common/checkpoint.py), so a run can move between strategies and world sizes.
+
+Under FSDP the parameters are ``DTensor`` shards, so three things a program does with a plain
+model need a helper from here: build the optimizer *after* ``wrap_model`` (it must hold the
+shards), evaluate on a rank alone or in another dtype (``local_copy``), and save or restore
+per-parameter state it keeps itself, such as an EMA of the weights (``full_tensors`` /
+``shard_like``).
+
+FSDP, DTensor and torch.distributed.checkpoint are imported inside the functions that use them
+(~0.6 s for every process): a DDP run, or one that stops at a bad argument, does not load them.
 """
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from common.dist import DistInfo
 
 STRATEGIES = ("ddp", "fsdp")
 
+# Sharded model -> its unsharded twin on the meta device (no memory), kept to build local_copy.
+_UNSHARDED_TEMPLATES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = \
+    weakref.WeakKeyDictionary()
+
 
 def wrap_model(model: torch.nn.Module, dist: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
     """Move ``model`` to this rank's device and wrap it for ``strategy`` when there are ranks.
 
     Either way each rank must compute the *mean* loss over its own share of the global batch:
-    both strategies average gradients across ranks. A single process is left unwrapped.
+    both strategies average gradients across ranks. A single process is left unwrapped. Build
+    the optimizer from the returned model's parameters (FSDP replaces them with shards).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -32,6 +49,25 @@ def wrap_model(model: torch.nn.Module, dist: DistInfo, strategy: str = "ddp") ->
         return _fully_shard(model, dist)
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP and/or torch.compile wrappers (saved without ``module.``).
+
+    A sharded model is returned as it is: FSDP2 shards in place, there is no wrapper to remove.
+    """
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``wrap_model`` sharded ``model`` (its parameters are FSDP's ``DTensor`` shards)."""
+    return unwrap(model) in _UNSHARDED_TEMPLATES
 
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -47,22 +83,100 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _fully_shard(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _UNSHARDED_TEMPLATES[model] = copy.deepcopy(model).to("meta")
+    # FSDP2 splits each parameter along dim 0 of its storage and refuses permuted layouts such
+    # as channels_last conv weights; inputs may stay channels_last, the gathered weights do not.
+    for param in model.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
     # bf16 compute with fp32 gradient reduction on GPUs; full fp32 on CPU (gloo, exactness).
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dist.device.type == "cuda" else MixedPrecisionPolicy())
     for unit in shard_units(model):
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)  # the root: leftover parameters, and drives the units
+    if any(True for _ in model.buffers()):
+        # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every forward; FSDP
+        # leaves each rank its own. Doing what DDP does keeps evaluation and checkpoints the
+        # same under either strategy.
+        model.register_forward_pre_hook(_broadcast_buffers_from_rank0)
     return model
 
 
+@torch.no_grad()
+def _broadcast_buffers_from_rank0(module: torch.nn.Module, _args) -> None:
+    for buffer in module.buffers():
+        tdist.broadcast(buffer, src=0)
+
+
+def local_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain module with the whole model's current weights and buffers, on every rank.
+
+    Its forward runs no collectives, so a rank can evaluate its own shard of the data alone,
+    in another dtype (``local_copy(model).double()``), or a rank 0 can save it. Under FSDP this
+    gathers the parameters and must be called on every rank; otherwise it is a deep copy.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    inner = unwrap(model)
+    if not is_sharded(inner):
+        return copy.deepcopy(inner)
+    device = next(p.device for p in inner.parameters())
+    full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True))
+    plain = copy.deepcopy(_UNSHARDED_TEMPLATES[inner]).to_empty(device=device)
+    plain.load_state_dict(full)
+    for name, buffer in inner.named_buffers():  # non-persistent buffers are not in ``full``
+        plain.get_buffer(name).copy_(buffer)
+    return plain
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every FSDP shard gathered into the whole tensor; the rest as they are.
+
+    For state a program keeps per parameter (an EMA of the weights, say) that must go into a
+    checkpoint in a form any strategy and world size can read. A collective under FSDP: call on
+    every rank with the same keys in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return {name: t.detach().full_tensor() if isinstance(t, DTensor) else t
+            for name, t in tensors.items()}
+
+
+def shard_like(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``full_tensors``: each whole tensor split the way ``like[name]`` is.
+
+    ``like`` is typically ``unwrap(model).state_dict()``; entries that are not shards there are
+    only moved to its device.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name, t in tensors.items():
+        ref = like[name]
+        if isinstance(ref, DTensor):
+            out[name] = distribute_tensor(t.detach().to(ref.to_local().device), ref.device_mesh,
+                                          ref.placements)
+        else:
+            out[name] = t.to(ref.device)
+    return out
+
+
 def _local_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor shard
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
     return local.numel() * local.element_size()
 
 
 def memory_per_rank(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer state held by *this* rank."""
+    """Bytes of parameters, gradients and optimizer state held by *this* rank.
+
+    Under FSDP rank 0 holds the largest shards (an uneven split rounds up on the first ranks),
+    so rank 0's figures, the ones a summary records, are the per-rank maximum.
+    """
     params = list(model.parameters())
     optimizer_bytes = sum(_local_bytes(v) for state in optimizer.state.values()
                           for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)

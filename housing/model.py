@@ -37,7 +37,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, n_features] -> [batch] predictions of the standardised log price."""
-        return self.net(x).squeeze(-1)
+        # A copy, not the squeezed view: FSDP2 warns on every step when a sharded module returns
+        # a view (an in-place op on it would skip the backward all-gather). One float a sample.
+        return self.net(x).squeeze(-1).clone()
 
 
 def describe(width: int, depth: int, activation: str, dropout: float, norm: str) -> str:

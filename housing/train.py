@@ -8,7 +8,6 @@ clipped to the file's range, see housing/data.py) before RMSE, MAE and R^2 are c
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,13 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from common.checkpoint import load_checkpoint, resume_from, save_checkpoint, training_state, unwrap
+from common.checkpoint import (full_model_state, load_checkpoint, load_model_state, resume_from,
+                               save_checkpoint, training_state)
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_rank_failed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import gather_tensors, reduce_sums
-from common.parallel import wrap_model
+from common.parallel import local_copy, memory_per_rank, wrap_model
 from common.report import RunRecorder, get_logger, write_json_atomic
 from common.rng import seed_everything
 from housing import data as hdata
@@ -59,7 +59,7 @@ class Config:
     eval_only: bool  # evaluate the checkpoint named by --resume; no training
     resume: str | None
     device: str
-    strategy: str  # only ddp: a ~150k-parameter net gains nothing from sharding
+    strategy: str  # "ddp" or "fsdp" (common.parallel); a ~150k-parameter net needs no sharding
     dist_timeout: float  # seconds
     download_url: str
 
@@ -74,9 +74,6 @@ class Config:
         if unknown or not self.features:
             raise UserError(f"--features: unknown or empty ({', '.join(sorted(unknown))}); "
                             f"choose from {', '.join(hdata.FEATURE_GROUPS)}")
-        if self.strategy != "ddp":
-            raise UserError(f"--strategy {self.strategy}: housing trains a small MLP that every "
-                            "process holds whole; use --strategy ddp")
         if self.eval_only and self.resume is None:
             raise UserError("--eval-only needs --resume (a run directory or checkpoint file)")
 
@@ -182,8 +179,8 @@ def evaluate(model: torch.nn.Module, split: hdata.Split, data: hdata.HousingData
     """
     # A float64 copy: per-sample predictions then agree across shardings to ~1e-16, far below
     # the whole-dollar rounding in decode_target (float32 differs by a cent or so). The copy is
-    # unwrapped, so forward runs no collectives.
-    model = copy.deepcopy(unwrap(model)).double().eval()
+    # plain (gathered under FSDP), so forward runs no collectives.
+    model = local_copy(model).double().eval()
     sums = {"se": 0.0, "ae": 0.0, "y": 0.0, "y2": 0.0, "loss": 0.0, "n": 0}
     parts = []
     with torch.no_grad():
@@ -223,7 +220,9 @@ class EarlyStopping:
         """Record this epoch; returns True when training should stop."""
         if rmse < self.best_rmse:
             self.best_rmse, self.best_epoch, self.bad_epochs = rmse, epoch, 0
-            self.best_model = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+            # Every rank keeps the whole best model (gathered under FSDP) to load it back at the end.
+            self.best_model = {k: v.detach().clone() for k, v in
+                               full_model_state(model, all_ranks=True).items()}
         else:
             self.bad_epochs += 1
         return self.bad_epochs >= self.patience
@@ -233,7 +232,7 @@ def prepare(cfg: Config, data: hdata.HousingData, dist: DistInfo):
     """Seeded model (wrapped for DDP), optimizer, schedule and the training batches."""
     seed_everything(cfg.seed)
     batches = TrainBatches([data.train.x, data.train.y], cfg.batch_size, dist, seed=cfg.seed)
-    model = wrap_model(build_model(cfg, data.train.x.shape[1]), dist)
+    model = wrap_model(build_model(cfg, data.train.x.shape[1]), dist, cfg.strategy)
     optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
     return model, optimizer, scheduler, batches
 
@@ -265,7 +264,7 @@ def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, opti
         if on_epoch is not None:
             on_epoch(row, model, optimizer, scheduler, stopper)
     if stopper.best_model:
-        unwrap(model).load_state_dict(stopper.best_model)
+        load_model_state(model, stopper.best_model)
     return trained
 
 
@@ -361,7 +360,8 @@ def main() -> None:
         summary = {"test": test, "best_epoch": stopper.best_epoch, "best_val_rmse": stopper.best_rmse,
                    "epochs_run": epochs_run, "baselines": baselines, "wall_time_s": wall,
                    "train_time_s": train_s,
-                   "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9)}
+                   "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9),
+                   "memory_per_rank": memory_per_rank(model, optimizer)}
         recorder.write_summary(summary, cfg)
         recorder.write_text("results.md", report.results_table(test, baselines, cfg.arch))
         log.info(f"wrote {cfg.out_dir}/summary.json, results.md and plots/ in {wall:.1f}s")

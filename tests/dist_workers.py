@@ -122,3 +122,40 @@ def collective_after_peer_exit(dist: DistInfo) -> dict:
     except Exception as err:  # noqa: BLE001 - the test inspects what happened
         outcome = type(err).__name__
     return {"outcome": outcome, "seconds": time.time() - start}
+
+
+def fsdp_helpers(dist: DistInfo) -> dict:
+    """What common.parallel promises for a sharded model, observed on each rank.
+
+    Rank 1 starts with wrong BatchNorm statistics: a forward must replace them with rank 0's
+    (as DDP does). ``local_copy`` must be a plain module computing what the sharded one does;
+    ``full_tensors`` then ``shard_like`` must give back each rank's own shards.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from common.parallel import full_tensors, is_sharded, local_copy, shard_like
+
+    seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 1))
+    if dist.rank == 1:
+        model[1].running_mean.fill_(5.0)
+    model = wrap_model(model, dist, "fsdp")
+    x, _ = regression_data(8)
+    model.eval()
+    with torch.no_grad():
+        sharded_out = model(x)
+    plain = local_copy(model)
+    with torch.no_grad():
+        plain_out = plain.eval()(x)
+    state = model.state_dict()
+    full = full_tensors(state)
+    back = shard_like(full, state)
+    return {
+        "sharded": is_sharded(model), "plain_sharded": is_sharded(plain),
+        "plain_has_dtensors": any(isinstance(p, DTensor) for p in plain.parameters()),
+        "running_mean": model[1].running_mean.clone(), "outputs": (sharded_out, plain_out),
+        "full": full, "full_shapes": {k: tuple(v.shape) for k, v in full.items()},
+        "round_trip": all(torch.equal(back[k].to_local(), v.to_local()) if isinstance(v, DTensor)
+                          else torch.equal(back[k], v) for k, v in state.items()),
+    }

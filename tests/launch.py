@@ -1,12 +1,16 @@
-"""Run programs the way users do (plain python or torchrun) from tests, with time limits."""
+"""Run programs the way users do (plain python or torchrun) from tests, with time limits;
+read what the runs left behind."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -55,3 +59,31 @@ def error_messages(stderr: str) -> list[tuple[str, str]]:
     """
     pattern = re.compile(r"(?:\[rank (\d+)\] )?error: (.*?)(?=(?:\[rank \d+\] )?error: |\n|$)")
     return [(rank or "0", message) for rank, message in pattern.findall(stderr)]
+
+
+# FSDP reduce-scatters gradients where DDP all-reduces them, and one process sums in yet another
+# order: float32 rounding may differ in the last bits and a few optimizer steps amplify that
+# (seen: <= 2e-8 absolute). A wrong gradient (unaveraged, a rank or a shard missing) or a
+# misplaced shard is off by 1e-2 or more.
+SAME_WEIGHTS = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def checkpoint_weights(run_dir: Path, key: str = "model") -> dict:
+    """A full state dict from a run's newest checkpoint (written under either strategy)."""
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)[key]
+
+
+def assert_same_weights(run_dir: Path, reference_dir: Path, key: str = "model") -> None:
+    """The two runs' newest checkpoints hold the same tensors under ``key``, to float tolerance."""
+    got, want = checkpoint_weights(run_dir, key), checkpoint_weights(reference_dir, key)
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **SAME_WEIGHTS,
+                                   msg=lambda message, name=name: f"{key} {name}: {message}")
+
+
+def resume_copy(run_dir: Path, dest: Path) -> Path:
+    """A fresh run dir holding ``run_dir``'s previous checkpoint (one epoch before its end)."""
+    dest.mkdir(parents=True)
+    shutil.copy(Path(run_dir) / "checkpoint.prev.pt", dest / "checkpoint.pt")
+    return dest

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from anomaly.data import TRAIN_FILE
 from anomaly.predict import predict_csv
 from anomaly.synthetic import make_partition, write_partition
-from tests.launch import SHARED_DATA, run_program
+from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
 
 FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--min-frequency", "5"]
 METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_auc")
@@ -16,6 +17,10 @@ METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_a
 
 def _summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
+
+
+# Tests that use ``trained`` run on one xdist worker, so its training runs once.
+SHARES_TRAINED = pytest.mark.xdist_group("anomaly-trained")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,7 @@ def trained(tmp_path_factory):
     return data, run
 
 
+@SHARES_TRAINED
 def test_two_process_training_writes_everything(trained):
     _, run = trained
     summary = _summary(run)
@@ -45,6 +51,7 @@ def test_two_process_training_writes_everything(trained):
     assert (run / "detector.pt").exists() and (run / "checkpoint.pt").exists()
 
 
+@SHARES_TRAINED
 def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path):
     data, run = trained
     summaries = {}
@@ -65,6 +72,7 @@ def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp
     assert summaries[2]["test"]["f1"] == _summary(run)["test"]["f1"]
 
 
+@SHARES_TRAINED
 def test_predict_scores_a_new_csv_in_one_call(trained, tmp_path):
     _, run = trained
     new = make_partition(400, seed=99).drop(columns=["id"])
@@ -74,6 +82,37 @@ def test_predict_scores_a_new_csv_in_one_call(trained, tmp_path):
     assert len(scored) == 400 and {"score", "is_attack"} <= set(scored.columns)
     hit = (scored["is_attack"] == (scored["label"] == 1)).mean()
     assert hit > 0.8  # 3 epochs on 1,000 normal rows; the real-data figures are in the README
+
+
+def _train(data, out, nproc, *extra):
+    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST,
+                                              *extra], nproc=nproc, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _summary(out)
+
+
+@SHARES_TRAINED
+def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path):
+    """--strategy fsdp: DDP's weights, detector and F1 at half the memory; checkpoints move (#8)."""
+    data, ddp_run = trained
+    fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp")
+    ddp = _summary(ddp_run)
+    assert_same_weights(tmp_path / "fsdp", ddp_run)
+    detectors = [torch.load(run / "detector.pt", weights_only=False)["model"]
+                 for run in (tmp_path / "fsdp", ddp_run)]
+    torch.testing.assert_close(detectors[0], detectors[1], **SAME_WEIGHTS)  # plain tensors, whole
+    assert fsdp["test"]["f1"] == pytest.approx(ddp["test"]["f1"], abs=0.01)
+    ratio = fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"]
+    assert 0.45 < ratio < 0.55, ratio
+
+    # fsdp on 2 processes -> ddp on 1, from the epoch-2 checkpoint: ends where ddp did; and
+    # ddp -> fsdp (test_housing also crosses world sizes that way).
+    to_ddp = resume_copy(tmp_path / "fsdp", tmp_path / "fsdp-to-ddp1")
+    assert _train(data, to_ddp, 1, "--resume")["epochs_trained"] == 1
+    assert_same_weights(to_ddp, ddp_run)
+    to_fsdp = resume_copy(ddp_run, tmp_path / "ddp-to-fsdp")
+    assert _train(data, to_fsdp, 2, "--resume", "--strategy", "fsdp")["epochs_trained"] == 1
+    assert_same_weights(to_fsdp, ddp_run)
 
 
 @pytest.mark.parametrize("case", ["missing_column", "non_numeric"])
@@ -101,6 +140,7 @@ def test_bad_csv_fails_on_every_rank_with_one_line_and_writes_nothing(tmp_path, 
     assert not out.exists()
 
 
+@SHARES_TRAINED
 def test_compare_table_has_every_method_and_the_autoencoder_row(trained, tmp_path):
     data, run = trained
     out = tmp_path / "compare"

@@ -24,7 +24,7 @@ from PIL import Image
 from cifar import data as cdata
 from cifar.model import AirNet, resnet18
 from common.errors import UserError
-from tests.launch import SHARED_DATA, error_messages, run_program
+from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
 
 CLASSES = ("cat", "dog", "ship")
 SMALL = ["--widths", "8", "16", "16", "--eval-batch-size", "4", "--no-download"]
@@ -244,14 +244,30 @@ def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> Non
         assert results[nproc]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-6)
 
 
-def test_two_processes_train_and_resume_exactly(folders: Path, tmp_path: Path) -> None:
+TRAIN = ["--batch-size", "12", "--epochs", "2", *SMALL]  # 3 steps an epoch
+
+
+def _train(data: Path, out: Path, nproc: int, *extra: str) -> dict:
+    _check(run_program("cifar/train.py", ["--data-dir", str(data), "--out-dir", str(out), *TRAIN,
+                                          *extra], nproc=nproc))
+    return _summary(out)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run dir) of one 2-process DDP training, shared by the tests of its xdist group."""
+    root = tmp_path_factory.mktemp("cifar-ddp")
+    data = make_folders(root / "data")
+    _train(data, root / "straight", 2)
+    return data, root / "straight"
+
+
+@pytest.mark.xdist_group("cifar-two-process-run")
+def test_two_processes_train_and_resume_exactly(two_process_run, tmp_path: Path) -> None:
     """A run resumed from its epoch-1 checkpoint ends exactly where the uninterrupted run did."""
-    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", *SMALL]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _check(run_program("cifar/train.py", [*args, "--out-dir", str(straight)], nproc=2))
-    resumed.mkdir()
-    shutil.copy(straight / "checkpoint.prev.pt", resumed / "checkpoint.pt")  # after epoch 1
-    _check(run_program("cifar/train.py", [*args, "--out-dir", str(resumed), "--resume"], nproc=2))
+    data, straight = two_process_run
+    resumed = resume_copy(straight, tmp_path / "resumed")
+    _train(data, resumed, 2, "--resume")
     a, b = _summary(straight), _summary(resumed)
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
     assert b["epochs_run"] == 1
@@ -260,6 +276,28 @@ def test_two_processes_train_and_resume_exactly(folders: Path, tmp_path: Path) -
     assert set(a["per_class_accuracy"]) == set(CLASSES) and a["images_per_s"] > 0
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all("test_accuracy" in r for r in rows)
+
+
+@pytest.mark.xdist_group("cifar-two-process-run")
+def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(two_process_run, tmp_path: Path) -> None:
+    """--strategy fsdp: DDP's weights (and Lookahead average) at half the memory (#8).
+
+    Checkpoints move between strategies at world size 2: cifar's trajectory depends on the
+    world size whatever the strategy (BatchNorm statistics and augmentation draws are per rank).
+    """
+    data, ddp_run = two_process_run
+    fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp")
+    ddp = _summary(ddp_run)
+    for key in ("model", "lookahead"):
+        assert_same_weights(tmp_path / "fsdp", ddp_run, key)
+    assert fsdp["test_loss"] == pytest.approx(ddp["test_loss"], rel=1e-4)
+    ratio = fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"]
+    assert 0.45 < ratio < 0.55, ratio
+    for start, strategy in ((tmp_path / "fsdp", "ddp"), (ddp_run, "fsdp")):
+        resumed = resume_copy(start, tmp_path / f"to-{strategy}")
+        assert _train(data, resumed, 2, "--resume", "--strategy", strategy)["epochs_run"] == 1
+        for key in ("model", "lookahead"):
+            assert_same_weights(resumed, ddp_run, key)
 
 
 @pytest.mark.parametrize("damage, expected", [

@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from common.errors import UserError
 from housing import data as hdata
-from tests.launch import SHARED_DATA, error_messages, run_program
+from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
 
 PLOTS = ["loss_curves.png", "predicted_vs_actual.png", "residuals.png", "error_map.png"]
 
@@ -185,20 +185,36 @@ def summary(out_dir: Path) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
 
 
-def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir):
+def train(data_dir: Path, out: Path, nproc: int, *extra: str) -> dict:
+    """One housing run with TRAIN_ARGS; its summary."""
+    result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
+                                              *TRAIN_ARGS, *extra], nproc=nproc, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "UserWarning" not in result.stderr, result.stderr[-2000:]
+    return summary(out)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, data_dir) -> dict[int, Path]:
+    """The same DDP training at world size 1 and 2 (run once; tests in its xdist group share it)."""
+    root = tmp_path_factory.mktemp("housing-ddp")
     runs = {}
     for nproc in (1, 2):
-        out = tmp_path / f"w{nproc}"
-        result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
-                                                  *TRAIN_ARGS], nproc=nproc, timeout=90)
-        assert result.returncode == 0, result.stderr[-2000:]
-        runs[nproc] = summary(out)
+        runs[nproc] = root / f"w{nproc}"
+        train(data_dir, runs[nproc], nproc)
+    return runs
+
+
+@pytest.mark.xdist_group("housing-ddp-runs")
+def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, ddp_runs):
+    runs = {nproc: summary(out) for nproc, out in ddp_runs.items()}
+    for nproc in (1, 2):
         assert runs[nproc]["world_size"] == nproc
     one, two = runs[1]["test"]["rmse"], runs[2]["test"]["rmse"]
     assert abs(one - two) / one < 0.02, (one, two)
 
     # The run directory has everything a person looks at.
-    out2 = tmp_path / "w2"
+    out2 = ddp_runs[2]
     assert len((out2 / "metrics.jsonl").read_text().splitlines()) == 3
     assert all((out2 / "plots" / name).stat().st_size > 0 for name in PLOTS)
     assert "| MLP" in (out2 / "results.md").read_text()
@@ -206,7 +222,7 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir):
     # Resuming from the epoch-2 checkpoint ends exactly where the uninterrupted run did.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copy(tmp_path / "w1" / "checkpoint.prev.pt", resumed / "checkpoint.pt")
+    shutil.copy(ddp_runs[1] / "checkpoint.prev.pt", resumed / "checkpoint.pt")
     result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(resumed),
                                               "--resume", *TRAIN_ARGS], nproc=1, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -222,6 +238,28 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir):
     assert evaluated["world_size"] == 3
     for key in ("rmse", "mae", "r2"):
         assert evaluated["test"][key] == runs[2]["test"][key]
+
+
+@pytest.mark.xdist_group("housing-ddp-runs")
+def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(tmp_path, data_dir, ddp_runs):
+    """--strategy fsdp: DDP's weights at half the memory; checkpoints move both ways (#8)."""
+    fsdp = train(data_dir, tmp_path / "fsdp", 2, "--strategy", "fsdp")
+    ddp = summary(ddp_runs[2])
+    assert_same_weights(tmp_path / "fsdp", ddp_runs[2])  # 3 epochs x 5 steps of AdamW
+    assert fsdp["test"]["rmse"] == pytest.approx(ddp["test"]["rmse"], rel=1e-5)
+    ratio = fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"]
+    assert 0.45 < ratio < 0.55, ratio
+
+    # fsdp on 2 processes -> ddp on 1, from the epoch-2 checkpoint: ends where ddp did.
+    to_ddp = resume_copy(tmp_path / "fsdp", tmp_path / "fsdp-to-ddp1")
+    train(data_dir, to_ddp, 1, "--resume")
+    assert_same_weights(to_ddp, ddp_runs[1])
+    # ddp on 1 process -> fsdp on 2.
+    to_fsdp = resume_copy(ddp_runs[1], tmp_path / "ddp1-to-fsdp")
+    resumed = train(data_dir, to_fsdp, 2, "--resume", "--strategy", "fsdp")
+    assert_same_weights(to_fsdp, ddp_runs[1])
+    assert resumed["epochs_run"] == 1
+    assert resumed["test"]["rmse"] == pytest.approx(summary(ddp_runs[1])["test"]["rmse"], rel=1e-5)
 
 
 @pytest.mark.parametrize("mutate,column", [

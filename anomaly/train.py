@@ -251,7 +251,9 @@ def main() -> None:
                  data.transform.n_features, data.transform.n_components)
         model = wrap_model(build_model(cfg, data.transform), dist, cfg.strategy)
         batches = TrainBatches([data.x["train_normal"]], cfg.batch_size, dist, cfg.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # foreach: see common/parallel.py (7 instead of 24 ms a step under FSDP on 2 CPUs).
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      foreach=True)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
                                                         total_steps=cfg.epochs * len(batches))
         meta = {"program": "anomaly", "arch": f"autoencoder-{'-'.join(map(str, cfg.hidden))}"}

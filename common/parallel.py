@@ -2,15 +2,21 @@
 
 - ``ddp`` (default): every rank holds the whole model; gradients are averaged in backward.
 - ``fsdp``: FSDP2 (``fully_shard``): parameters, gradients and optimizer state are sharded
-  across ranks and gathered layer by layer for compute, so per-rank memory for them falls by
-  about the world size. Same optimisation as DDP; checkpoints are full state dicts either way
+  across ranks and gathered block by block for compute (``shard_units``), so per-rank memory
+  for them falls by about the world size. Same optimisation as DDP; checkpoints are full state dicts either way
   (see common/checkpoint.py), so a run can move between strategies and world sizes.
 
 Under FSDP the parameters are ``DTensor`` shards, so three things a program does with a plain
 model need a helper from here: build the optimizer *after* ``wrap_model`` (it must hold the
-shards), evaluate on a rank alone or in another dtype (``local_copy``), and save or restore
+shards; pass ``foreach=True``, see below), evaluate on a rank alone or in another dtype (``local_copy``), and save or restore
 per-parameter state it keeps itself, such as an EMA of the weights (``full_tensors`` /
 ``shard_like``).
+
+Every op on a DTensor first works out how its result is sharded, and caches that plan keyed
+on the op's arguments. An optimizer's per-tensor loop (the CPU default) passes scalars that a
+schedule changes every step, such as Adam's beta1 under OneCycleLR, so every step misses the
+cache: on the anomaly autoencoder, 24 ms a step instead of 7 with ``foreach=True`` (2 CPU
+processes; DDP 4-5 ms either way, and both loops give bit-identical weights).
 
 FSDP, DTensor and torch.distributed.checkpoint are imported inside the functions that use them
 (~0.6 s for every process): a DDP run, or one that stops at a bad argument, does not load them.
@@ -70,16 +76,29 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return unwrap(model) in _UNSHARDED_TEMPLATES
 
 
-def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks FSDP shards one by one: the model's children that hold parameters.
+# A block with fewer parameters (0.4 MB in fp32) is sharded together with the root instead of
+# on its own: each FSDP unit adds an all-gather before its forward and backward and a
+# reduce-scatter after, about a millisecond each on gloo, and saves only its transient memory.
+# Measured on the anomaly autoencoder (29k parameters, 2 CPU processes, foreach AdamW): 30 ms a
+# step with each of its 8 Linears a unit, 6.4 ms as one unit, 3.7 ms under DDP; the bytes held
+# at rest are the same either way.
+MIN_UNIT_PARAMS = 100_000
 
-    A lone container child (``self.net = nn.Sequential(...)``) is looked through, so an MLP or a
-    CNN written as one Sequential is still sharded per layer / per block.
+
+def shard_units(model: torch.nn.Module, min_params: int = MIN_UNIT_PARAMS) -> list[torch.nn.Module]:
+    """The blocks FSDP shards one by one: children holding ``min_params`` parameters or more.
+
+    Containers (``nn.Sequential``, ``nn.ModuleList``) are looked through, so the residual groups
+    of a CNN, the blocks of a ResNet stage or the layers of an MLP written as one Sequential are
+    candidates each. Smaller blocks stay with the root unit.
     """
-    children = [c for c in model.children() if any(True for _ in c.parameters())]
-    if len(children) == 1 and isinstance(children[0], (torch.nn.Sequential, torch.nn.ModuleList)):
-        return shard_units(children[0])
-    return children
+    units = []
+    for child in model.children():
+        if isinstance(child, (torch.nn.Sequential, torch.nn.ModuleList)):
+            units += shard_units(child, min_params)
+        elif sum(p.numel() for p in child.parameters()) >= min_params:
+            units.append(child)
+    return units
 
 
 def _fully_shard(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
@@ -96,7 +115,7 @@ def _fully_shard(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
               if dist.device.type == "cuda" else MixedPrecisionPolicy())
     for unit in shard_units(model):
         fully_shard(unit, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the root: leftover parameters, and drives the units
+    fully_shard(model, mp_policy=policy)  # the root: the smaller blocks, and drives the units
     if any(True for _ in model.buffers()):
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every forward; FSDP
         # leaves each rank its own. Doing what DDP does keeps evaluation and checkpoints the
@@ -107,8 +126,16 @@ def _fully_shard(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
 
 @torch.no_grad()
 def _broadcast_buffers_from_rank0(module: torch.nn.Module, _args) -> None:
+    # One broadcast per dtype, not per buffer (AirNet has 21 buffers): on gloo each collective
+    # costs about a millisecond whatever its size. Grouped in module order, the same on every rank.
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buffer in module.buffers():
-        tdist.broadcast(buffer, src=0)
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        tdist.broadcast(flat, src=0)
+        for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(value.view_as(buffer))
 
 
 def local_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -145,7 +145,10 @@ def build_model(cfg: Config, n_features: int) -> MLP:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     """AdamW with a one-cycle schedule (warm-up 15%, then cosine decay) stepped per batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # foreach: the same arithmetic as the per-tensor loop, and under FSDP it keeps the shards'
+    # ops on DTensor's cached path (see common/parallel.py).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  foreach=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps,
                                                     pct_start=0.15)
     return optimizer, scheduler

@@ -127,17 +127,20 @@ def collective_after_peer_exit(dist: DistInfo) -> dict:
 def fsdp_helpers(dist: DistInfo) -> dict:
     """What common.parallel promises for a sharded model, observed on each rank.
 
-    Rank 1 starts with wrong BatchNorm statistics: a forward must replace them with rank 0's
-    (as DDP does). ``local_copy`` must be a plain module computing what the sharded one does;
+    Only the 102,656-parameter Linear (index 5) is big enough to be its own FSDP unit. Rank 1
+    starts with wrong BatchNorm statistics: a forward must replace them with rank 0's (as DDP
+    does). ``local_copy`` must be a plain module computing what the sharded one does;
     ``full_tensors`` then ``shard_like`` must give back each rank's own shards.
     """
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from common.parallel import full_tensors, is_sharded, local_copy, shard_like
 
     seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 1))
+                                torch.nn.Linear(16, 400), torch.nn.Tanh(), torch.nn.Linear(400, 256),
+                                torch.nn.Tanh(), torch.nn.Linear(256, 1))
     if dist.rank == 1:
         model[1].running_mean.fill_(5.0)
     model = wrap_model(model, dist, "fsdp")
@@ -153,6 +156,7 @@ def fsdp_helpers(dist: DistInfo) -> dict:
     back = shard_like(full, state)
     return {
         "sharded": is_sharded(model), "plain_sharded": is_sharded(plain),
+        "units": [i for i, layer in enumerate(model) if isinstance(layer, FSDPModule)],
         "plain_has_dtensors": any(isinstance(p, DTensor) for p in plain.parameters()),
         "running_mean": model[1].running_mean.clone(), "outputs": (sharded_out, plain_out),
         "full": full, "full_shapes": {k: tuple(v.shape) for k, v in full.items()},

@@ -12,14 +12,15 @@ from tests import dist_workers as w
 from tests.launch import free_port
 
 
-def test_sharded_model_syncs_buffers_copies_and_gathers(tmp_path):
+def test_sharded_model_units_buffers_copies_and_gathers(tmp_path):
     results = w.spawn(w.fsdp_helpers, 2, free_port(), tmp_path)
     for rank in results:
         assert rank["sharded"] and not rank["plain_sharded"] and not rank["plain_has_dtensors"]
+        assert rank["units"] == [5]  # the one block of >= MIN_UNIT_PARAMS; the rest is the root's
         # Rank 0's BatchNorm statistics everywhere (rank 1's 5.0 overwritten before forward).
         torch.testing.assert_close(rank["running_mean"], torch.zeros(16))
         torch.testing.assert_close(rank["outputs"][1], rank["outputs"][0])
-        assert rank["full_shapes"]["0.weight"] == (16, 6) and rank["full_shapes"]["3.weight"] == (1, 16)
+        assert rank["full_shapes"]["0.weight"] == (16, 6) and rank["full_shapes"]["5.weight"] == (256, 400)
         assert rank["round_trip"]
         for name, tensor in rank["full"].items():  # both ranks gathered the same whole tensors
             torch.testing.assert_close(tensor, results[0]["full"][name], rtol=0, atol=0)

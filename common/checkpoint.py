@@ -190,9 +190,21 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
         first_line = str(err).strip().splitlines()[0]
         raise UserError(f"--resume {path}: checkpoint does not fit this model ({first_line})") from None
     if scheduler is not None and state.get("scheduler") is not None:
+        _check_schedule_length(state["scheduler"], scheduler, path)
         scheduler.load_state_dict(state["scheduler"])
     restore_rng_for_rank(state, dist)
     return state
+
+
+def _check_schedule_length(saved: dict[str, Any], scheduler: Any, path: Path) -> None:
+    """A schedule with a fixed length (OneCycleLR) cannot continue at another length.
+
+    Loading it anyway would keep the saved length and fail with a traceback past its end.
+    """
+    saved_steps, steps = saved.get("total_steps"), getattr(scheduler, "total_steps", None)
+    if saved_steps is not None and steps is not None and saved_steps != steps:
+        raise UserError(f"--resume {path}: its learning-rate schedule spans {saved_steps} steps, this "
+                        f"run's {steps}; resume with the --epochs and --batch-size it was started with")
 
 
 def _full_state_options(model: torch.nn.Module, gather_to_rank0: bool = False):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint, save_checkpoint, training_state
+from common.checkpoint import (CHECKPOINT, PREVIOUS, load_checkpoint, resume_from, save_checkpoint,
+                               training_state)
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_shard
 from common.dist import DistInfo
@@ -91,6 +92,22 @@ def test_checkpoint_of_another_program_is_refused(tmp_path):
     _save(tmp_path, 0, program="cifar")
     with pytest.raises(UserError, match="program is 'cifar', expected 'housing'"):
         load_checkpoint(tmp_path / CHECKPOINT, CPU, {"program": "housing"})
+
+
+def _one_cycle(total_steps: int):
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    return model, optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.01, total_steps=total_steps)
+
+
+def test_resume_with_another_schedule_length_is_one_clear_error(tmp_path):
+    model, optimizer, scheduler = _one_cycle(20)
+    save_checkpoint(tmp_path, training_state(model, optimizer, 0, {"program": "toy"}, scheduler),
+                    rank_info(0, 1))
+    single = rank_info(0, 1)
+    assert resume_from("auto", tmp_path, single, {"program": "toy"}, *_one_cycle(20))["epoch"] == 0
+    with pytest.raises(UserError, match="schedule spans 20 steps, this run's 30; resume with the --epochs"):
+        resume_from("auto", tmp_path, single, {"program": "toy"}, *_one_cycle(30))
 
 
 def _args(*argv: str) -> argparse.Namespace:

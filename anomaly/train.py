@@ -50,7 +50,7 @@ class Config:
     seed: int
     resume: str | None
     device: str
-    strategy: str  # "ddp" or "fsdp" (common.parallel); ~40k parameters need no sharding
+    strategy: str  # "ddp" or "fsdp" (common.parallel); 29k parameters need no sharding
     dist_timeout: float  # seconds
     hidden: tuple[int, ...]  # encoder widths; the last is the code size
     val_fraction: float  # of all rows (one file) or of the training file (two files)

@@ -3,14 +3,15 @@
 - ``ddp`` (default): every rank holds the whole model; gradients are averaged in backward.
 - ``fsdp``: FSDP2 (``fully_shard``): parameters, gradients and optimizer state are sharded
   across ranks and gathered block by block for compute (``shard_units``), so per-rank memory
-  for them falls by about the world size. Same optimisation as DDP; checkpoints are full state dicts either way
-  (see common/checkpoint.py), so a run can move between strategies and world sizes.
+  for them falls by about the world size. Same optimisation as DDP; checkpoints are full state
+  dicts either way (see common/checkpoint.py), so a run can move between strategies and world
+  sizes.
 
 Under FSDP the parameters are ``DTensor`` shards, so three things a program does with a plain
 model need a helper from here: build the optimizer *after* ``wrap_model`` (it must hold the
-shards; pass ``foreach=True``, see below), evaluate on a rank alone or in another dtype (``local_copy``), and save or restore
-per-parameter state it keeps itself, such as an EMA of the weights (``full_tensors`` /
-``shard_like``).
+shards; pass ``foreach=True``, see below), evaluate on a rank alone or in another dtype
+(``local_copy``), and save or restore per-parameter state it keeps itself, such as an EMA of
+the weights (``full_tensors`` / ``shard_like``).
 
 Every op on a DTensor first works out how its result is sharded, and caches that plan keyed
 on the op's arguments. An optimizer's per-tensor loop (the CPU default) passes scalars that a
@@ -172,7 +173,8 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for name, t in tensors.items()}
 
 
-def shard_like(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def shard_like(tensors: dict[str, torch.Tensor],
+               like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of ``full_tensors``: each whole tensor split the way ``like[name]`` is.
 
     ``like`` is typically ``unwrap(model).state_dict()``; entries that are not shards there are

@@ -10,7 +10,6 @@ import http.server
 import io
 import json
 import pickle
-import shutil
 import tarfile
 import threading
 from functools import partial

@@ -117,22 +117,21 @@ def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
         restore_rng(state["rng"][dist.rank])
 
 
-def full_model_state(model: torch.nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights by parameter name, on CPU for a sharded model.
 
     Call on every rank. Under FSDP the tensors are gathered to rank 0 and the other ranks get
-    an empty dict, unless ``all_ranks`` (every rank then holds the whole model, on its device);
-    otherwise every rank gets the full dict.
+    an empty dict (``common.parallel.local_copy`` gives every rank the whole model); otherwise
+    every rank gets the full dict.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     inner = unwrap(model)
-    options = _full_state_options(inner, gather_to_rank0=not all_ranks)
-    return get_model_state_dict(inner, options=options)
+    return get_model_state_dict(inner, options=_full_state_options(inner, gather_to_rank0=True))
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (as ``full_model_state`` returns) into a plain, DDP or FSDP model.
+    """Load a whole state dict (``full_model_state``'s) into a plain, DDP or FSDP model.
 
     Under FSDP each rank keeps its shard of ``state``; call on every rank with the whole dict.
     """

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from common.checkpoint import (full_model_state, load_checkpoint, load_model_state, resume_from,
-                               save_checkpoint, training_state)
+from common.checkpoint import (load_checkpoint, load_model_state, resume_from, save_checkpoint,
+                               training_state)
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_rank_failed
@@ -224,8 +224,7 @@ class EarlyStopping:
         if rmse < self.best_rmse:
             self.best_rmse, self.best_epoch, self.bad_epochs = rmse, epoch, 0
             # Every rank keeps the whole best model (gathered under FSDP) to load it back at the end.
-            self.best_model = {k: v.detach().clone() for k, v in
-                               full_model_state(model, all_ranks=True).items()}
+            self.best_model = local_copy(model).state_dict()
         else:
             self.bad_epochs += 1
         return self.bad_epochs >= self.patience

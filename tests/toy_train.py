@@ -16,7 +16,7 @@ from common.data import TrainBatches, eval_batches
 from common.dist import distributed
 from common.errors import UserError, run_main
 from common.metrics import reduce_sums
-from common.parallel import memory_per_rank, wrap_model
+from common.parallel import wrap_model
 from common.report import RunRecorder
 from common.rng import seed_everything
 
@@ -75,7 +75,6 @@ def main() -> None:
         weights = full_model_state(model)  # complete on rank 0, the rank that writes the summary
         params = torch.cat([t.flatten() for t in weights.values()]) if weights else torch.empty(0)
         recorder.write_summary({"test": evaluate(model, x_test, y_test, dist),
-                                "memory": memory_per_rank(model, optimizer),
                                 "params": params.tolist(), "wall_time_s": time.time() - start},
                                args)
 

@@ -171,8 +171,8 @@ def normal_feature_error(model: Autoencoder, x: torch.Tensor, y: torch.Tensor,
                          dist: DistInfo) -> torch.Tensor:
     """Mean squared error per feature over the normal rows of ``x`` (exact sum over ranks)."""
     net = local_copy(model).double().eval()  # plain: scores each shard alone
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    count = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=dist.device)
+    count = torch.zeros(1, dtype=torch.float64, device=dist.device)
     with torch.no_grad():
         for xb, yb in eval_batches([x, y], EVAL_BATCH, dist):
             normal = xb[yb == 0].double()

@@ -532,8 +532,13 @@ class Augment:
     flip: bool = True  # random horizontal flip
     cutout: int = 0  # side of a zeroed square in pixels, 0 = off
 
+    @property
+    def draws_random(self) -> bool:
+        """True when ``augment`` needs a generator (any augmentation is on)."""
+        return self.translate > 0 or self.flip or self.cutout > 0
 
-def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+
+def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
     """Randomly translate, flip and cut out a float batch [B, C, H, W] (same device)."""
     b, _, h, w = images.shape
     dev = images.device

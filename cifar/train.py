@@ -7,6 +7,7 @@ loss/accuracy curves and the confusion matrix to plots/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -267,6 +268,12 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def bf16_autocast(device: torch.device, enabled: bool):
+    """The forward's precision, chosen here under DDP and FSDP alike: bf16 matmuls and convs
+    with fp32 weights, BatchNorm statistics and loss (``torch.autocast``), or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
 def prepare_batch(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     x = normalize(images)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
@@ -276,9 +283,11 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
                     dist: DistInfo, bf16: bool, lookahead: Lookahead | None) -> dict[str, float]:
     """One pass over the training set; loss and accuracy summed over ranks (exact)."""
     model.train()
-    # Augmentation draws from its own generator, seeded per epoch and rank: resumable exactly.
-    generator = torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
     aug = Augment(cfg.translate, cfg.flip, cfg.cutout)
+    # Augmentation draws from its own generator on the device, seeded per epoch and rank:
+    # resumable exactly. With nothing to draw (no augmentation) there is no generator.
+    generator = (torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
+                 if aug.draws_random else None)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     correct = torch.zeros((), dtype=torch.int64, device=dist.device)
     seen = 0
@@ -286,7 +295,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
         x = augment(normalize(images), aug, generator)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(dist.device, bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -313,7 +322,7 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, cfg: Config, dis
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for xb, yb in eval_batches([images, labels], cfg.eval_batch_size, dist):
         x = prepare_batch(xb, cfg)
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with bf16_autocast(dist.device, bf16):
             logits = model(x).float()
             if tta:
                 logits = (logits + model(x.flip(3)).float()) / 2
@@ -337,13 +346,11 @@ def main() -> None:
         data_s = time.time() - wall_start
         log.info("data: %d train / %d test images, %d classes, from %s (%.1f s)",
                  len(data.train_labels), len(data.test_labels), data.num_classes, data.source, data_s)
-        train_images, train_labels = data.train_images.to(dist.device), data.train_labels.to(dist.device)
-        test_images, test_labels = data.test_images.to(dist.device), data.test_labels.to(dist.device)
-        batches = None if cfg.eval_only else TrainBatches([train_images, train_labels],
+        batches = None if cfg.eval_only else TrainBatches([data.train_images, data.train_labels],
                                                           cfg.batch_size, dist, seed=cfg.seed)
         steps_per_epoch = len(batches) if batches is not None else 1
 
-        model = build_model(cfg, data).to(dist.device)
+        model = build_model(cfg, data)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = wrap_model(model, dist, cfg.strategy)
@@ -380,7 +387,7 @@ def main() -> None:
             last = epoch == cfg.epochs - 1
             if last and lookahead is not None:
                 lookahead.update(unwrap(model), scheduler.last_epoch, final=True)
-            test = evaluate(model, test_images, test_labels, cfg, dist, bf16, data.num_classes,
+            test = evaluate(model, data.test_images, data.test_labels, cfg, dist, bf16, data.num_classes,
                             tta=cfg.tta and last)
             elapsed = elapsed_before + time.time() - wall_start
             if cfg.target_accuracy and time_to_target is None and test["test_accuracy"] >= cfg.target_accuracy:
@@ -398,7 +405,7 @@ def main() -> None:
                 elapsed_s=elapsed, time_to_target_s=time_to_target,
                 lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist)
 
-        final = evaluate(model, test_images, test_labels, cfg, dist, bf16, data.num_classes, cfg.tta) \
+        final = evaluate(model, data.test_images, data.test_labels, cfg, dist, bf16, data.num_classes, cfg.tta) \
             if cfg.eval_only or start_epoch >= cfg.epochs else test
         wall_s = time.time() - wall_start
         summary = {

@@ -11,6 +11,12 @@ Training (``TrainBatches``): like ``DistributedSampler``, every rank draws the s
 The remainder (``n % global_batch_size`` samples) joins the last batch, so every sample is drawn
 exactly once per epoch and nothing is padded or duplicated.
 
+Placement: both yield batches on ``dist.device``; a program never moves a batch itself, so a
+model on ``cuda:LOCAL_RANK`` cannot meet a batch (or a target) left on the CPU. The tensors may
+start on any device: ``TrainBatches`` moves its tensors to the device once (these data sets fit
+in GPU memory, and then a step costs no host-to-device copy), ``eval_batches`` moves the rank's
+shard once per call.
+
 Evaluation (``eval_shard``): rank r gets the contiguous slice ``[r*n//W, (r+1)*n//W)``. The
 shards cover every sample once, so sums reduced across ranks equal the single-process sums, and
 per-sample results gathered in rank order come back in the original order.
@@ -41,7 +47,7 @@ def per_rank_batch_size(global_batch_size: int, dist: DistInfo) -> int:
 
 
 class TrainBatches:
-    """Shuffled training batches for this rank; iterate with ``.epoch(e)``.
+    """Shuffled training batches for this rank, on ``dist.device``; iterate with ``.epoch(e)``.
 
     There is no way to iterate without naming the epoch, so the reshuffle that
     ``DistributedSampler.set_epoch`` needs cannot be forgotten. ``start_step`` skips batches
@@ -54,11 +60,9 @@ class TrainBatches:
         global_batch_size: int,
         dist: DistInfo,
         seed: int,
-        device: torch.device | None = None,
     ) -> None:
-        self.tensors = list(tensors)
-        self.n = len(self.tensors[0])
-        if any(len(t) != self.n for t in self.tensors):
+        self.n = len(tensors[0])
+        if any(len(t) != self.n for t in tensors):
             raise ValueError("all tensors must have the same first dimension")
         per_rank_batch_size(global_batch_size, dist)  # validates divisibility
         if self.n < global_batch_size:
@@ -66,10 +70,10 @@ class TrainBatches:
                 f"--batch-size {global_batch_size} is larger than the training set "
                 f"({self.n} samples)"
             )
+        self.tensors = [t.to(dist.device) for t in tensors]  # once: a no-op if already there
         self.global_batch_size = global_batch_size
         self.dist = dist
         self.seed = seed
-        self.device = device
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
@@ -87,14 +91,12 @@ class TrainBatches:
         return order[start:stop][self.dist.rank :: self.dist.world_size]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yield this rank's batches for ``epoch`` (tensors moved to ``device`` if given)."""
-        order = self.global_order(epoch)
+        """Yield this rank's batches for ``epoch``, on ``dist.device``."""
+        # The permutation is drawn on the CPU (the same numbers on every device), then moved.
+        order = self.global_order(epoch).to(self.dist.device)
         for step in range(start_step, len(self)):
             idx = self._local_part(order, step)
-            batch = tuple(t[idx] for t in self.tensors)
-            if self.device is not None:
-                batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
-            yield batch
+            yield tuple(t[idx] for t in self.tensors)
 
 
 def eval_shard(n: int, dist: DistInfo) -> slice:
@@ -106,9 +108,8 @@ def eval_batches(
     tensors: Sequence[torch.Tensor],
     batch_size: int,
     dist: DistInfo,
-    device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Yield this rank's evaluation batches: its shard, in order, each sample once.
+    """Yield this rank's evaluation batches on ``dist.device``: its shard, in order, each once.
 
     ``batch_size`` is the most samples per batch on one rank. Every rank yields the *same
     number* of batches (its shard cut into nearly equal parts), because a sharded model (FSDP)
@@ -120,9 +121,6 @@ def eval_batches(
     largest_shard = -(-n // dist.world_size)
     num_batches = -(-largest_shard // batch_size)
     shard = eval_shard(n, dist)
-    local = [t[shard] for t in tensors]
+    local = [t[shard].to(dist.device) for t in tensors]
     for part in torch.arange(len(local[0])).tensor_split(num_batches):
-        batch = tuple(t[part[0] : part[0] + len(part)] if len(part) else t[:0] for t in local)
-        if device is not None:
-            batch = tuple(t.to(device, non_blocking=True) for t in batch)
-        yield batch
+        yield tuple(t[part[0] : part[0] + len(part)] if len(part) else t[:0] for t in local)

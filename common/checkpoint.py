@@ -28,7 +28,7 @@ PREVIOUS = "checkpoint.prev.pt"
 
 
 def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
-    local = capture_rng()
+    local = capture_rng(dist.device)
     if not dist.is_distributed:
         return [local]
     states: list[Any] = [None] * dist.world_size
@@ -114,7 +114,7 @@ def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
     as seeded, and the data order (which depends only on seed and epoch) is still identical.
     """
     if state.get("world_size") == dist.world_size:
-        restore_rng(state["rng"][dist.rank])
+        restore_rng(state["rng"][dist.rank], dist.device)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

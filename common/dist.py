@@ -2,7 +2,8 @@
 
 ``setup()`` works in two modes (nanoGPT's rule: ``RANK`` in the environment means torchrun):
 - launched by torchrun: joins the process group (NCCL on CUDA, gloo on CPU) and binds this
-  process to ``cuda:LOCAL_RANK``;
+  process to ``cuda:LOCAL_RANK``, even when it is the only process (``--nproc_per_node=1``
+  runs the same DDP/FSDP and collective code paths as eight processes do);
 - plain ``python program.py``: a single process, no process group, every collective a no-op.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ class DistInfo:
     world_size: int
     local_world_size: int  # processes on this node; divides the CPU threads
     device: torch.device
+    in_group: bool = False  # joined a process group (launched by torchrun), even a group of one
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +40,8 @@ class DistInfo:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """True when collectives must run: several ranks, or a torchrun launch of one."""
+        return self.world_size > 1 or self.in_group
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -64,7 +67,8 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInf
     ``timeout_s`` bounds every collective, so a rank that dies outside torchrun's watch turns
     into an error on the others instead of a hang.
     """
-    if "RANK" in os.environ:
+    launched = "RANK" in os.environ
+    if launched:
         rank = int(os.environ["RANK"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ["WORLD_SIZE"])
@@ -80,7 +84,7 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInf
         # Must happen before init_process_group so NCCL binds to the right GPU.
         torch.cuda.set_device(dev)
 
-    if world_size > 1 and not tdist.is_initialized():
+    if launched and not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         tdist.init_process_group(
             backend="nccl" if dev.type == "cuda" else "gloo",
@@ -90,7 +94,7 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInf
             timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
-    return DistInfo(rank, local_rank, world_size, local_world_size, dev)
+    return DistInfo(rank, local_rank, world_size, local_world_size, dev, in_group=launched)
 
 
 def _store_for_this_attempt(rank: int, world_size: int, timeout: datetime.timedelta) -> tdist.Store:

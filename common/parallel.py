@@ -103,7 +103,8 @@ def shard_units(model: torch.nn.Module, min_params: int = MIN_UNIT_PARAMS) -> li
 
 
 def _fully_shard(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     _UNSHARDED_TEMPLATES[model] = copy.deepcopy(model).to("meta")
     # FSDP2 splits each parameter along dim 0 of its storage and refuses permuted layouts such
@@ -111,12 +112,18 @@ def _fully_shard(model: torch.nn.Module, dist: DistInfo) -> torch.nn.Module:
     for param in model.parameters():
         if not param.is_contiguous():
             param.data = param.data.contiguous()
-    # bf16 compute with fp32 gradient reduction on GPUs; full fp32 on CPU (gloo, exactness).
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if dist.device.type == "cuda" else MixedPrecisionPolicy())
+    # The mesh is built from this rank's device: without one, fully_shard picks the default
+    # accelerator, so `--device cpu` on a GPU host would put the shards on CUDA while gloo and
+    # the data stay on the CPU.
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    # No MixedPrecisionPolicy: shards are gathered, computed with and reduced in the parameters'
+    # own dtype (fp32), exactly what DDP does. Lower precision is the program's own choice, made
+    # with torch.autocast in its loop under either strategy (cifar's bf16): a policy here would
+    # also cast BatchNorm's weights to bf16 beside fp32 running statistics, and the fp32 buffers
+    # of other models (anomaly's PCA projection) would meet bf16 weights.
     for unit in shard_units(model):
-        fully_shard(unit, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the root: the smaller blocks, and drives the units
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root: the smaller blocks, and drives the units
     if any(True for _ in model.buffers()):
         # DDP broadcasts rank 0's buffers (BatchNorm statistics) before every forward; FSDP
         # leaves each rank its own. Doing what DDP does keeps evaluation and checkpoints the

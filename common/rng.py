@@ -20,22 +20,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every random generator this process uses, so a resumed run draws the same numbers."""
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """Every random generator this process uses, so a resumed run draws the same numbers.
+
+    ``device`` is this rank's device: of the GPUs only its generator is saved. Saving every
+    visible GPU's would tie the checkpoint to this node's GPU count and visibility (a job moved
+    from 8 GPUs a node to 4, or to one visible GPU per process, could not restore it), and on a
+    CPU run it would initialise CUDA for nothing.
+    """
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of ``capture_rng``."""
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Inverse of ``capture_rng``: this rank's generators, its own GPU's included."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

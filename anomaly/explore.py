@@ -153,12 +153,16 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     return "\n".join(md)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="UNSW-NB15 folder")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/anomaly-explore"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     frames, _ = load_frames(args.data_dir)  # validates before anything is written
     frame = pd.concat(list(frames.values()), ignore_index=True)
     source = f"{args.data_dir} ({', '.join(frames)})"

@@ -54,13 +54,17 @@ def predict_csv(csv_path: Path | str, detector_path: Path | str) -> pd.DataFrame
     return predict_frame(frame, load_detector(Path(detector_path)))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", type=Path, help="flow records to score")
     parser.add_argument("--detector", type=Path, default=Path("runs/anomaly/detector.pt"))
     parser.add_argument("--out", type=Path, default=None, help="write the scored rows here (CSV)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     scored = predict_csv(args.csv, args.detector)
     flagged = int(scored["is_attack"].sum())
     print(f"{args.csv}: {len(scored)} rows, {flagged} flagged as attacks ({flagged / max(len(scored), 1):.1%})")

@@ -26,7 +26,8 @@ EXAMPLE = """example (2 processes, a short CPU budget, 2 seeds):
 """
 
 
-def parse_args() -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """This script's arguments, and the ones after ``--`` that go to every train.py run."""
     parser = argparse.ArgumentParser(description=__doc__ + "\n" + EXAMPLE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -35,7 +36,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", type=int, default=1, help="repeat every variant with seeds 0..N-1")
     parser.add_argument("--translate", type=int, default=2, help="baseline random shift, pixels")
     parser.add_argument("--cutout", type=int, default=8, help="baseline cutout square, pixels")
-    argv = sys.argv[1:]
+    argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")

@@ -82,6 +82,9 @@ def run_info(dist: DistInfo, config: Any) -> dict[str, Any]:
         "world_size": dist.world_size,
         "device": str(dist.device.type),
         "device_name": device_name,
+        # Rank 0's high-water mark of tensor memory on its GPU (what OOMs first); None on CPU.
+        "peak_gpu_mib": (torch.cuda.max_memory_allocated(dist.device) / 2**20
+                         if dist.device.type == "cuda" else None),
         "threads_per_process": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

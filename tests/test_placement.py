@@ -103,3 +103,16 @@ def test_cifar_trains_and_evaluates_on_the_model_device(tmp_path: Path):
         c.train_one_epoch(model, batches, optimizer, scheduler, cfg, 0, META, False, None)
     with runs_on_meta():
         c.evaluate(model, data.test_images, data.test_labels, cfg, META, False, data.num_classes, tta=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rng_state_is_this_ranks_gpu_only():
+    from common.rng import capture_rng, restore_rng
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    state = capture_rng(device)
+    assert isinstance(state["cuda"], torch.Tensor)  # one generator, not one per visible GPU
+    first = torch.rand(4, device=device)
+    restore_rng(state, device)
+    assert torch.equal(torch.rand(4, device=device), first)
+    assert "cuda" not in capture_rng(torch.device("cpu"))  # a CPU run leaves CUDA alone

@@ -1,8 +1,9 @@
 """Flow records -> a numeric matrix: engineered features, log1p, one-hot, scaling, PCA.
 
 Everything is fitted on training rows only and kept in one scikit-learn ``Pipeline``
-(``build_transform``), which is pickled into the checkpoint so that a new CSV is scored with one
-call (``anomaly.predict.predict_csv``).
+(``build_transform``), which is stored in the checkpoint and ``detector.pt`` as plain data
+(``transform_to_plain``: arrays and names, loaded without running code) so that a new CSV is
+scored with one call (``anomaly.predict.predict_csv``).
 
 Steps, each suggested by ``explore.py``'s report on the 82,332-row partition:
 - engineered columns (``engineer``): bytes per packet in each direction, and log ratios of
@@ -34,6 +35,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY
 from common.errors import UserError
+from common.safe_state import from_plain, to_plain
 
 # Numeric codes with a few distinct values that behave like categories.
 CODES = ("sttl", "dttl", "swin", "dwin", "ct_state_ttl")
@@ -146,7 +148,7 @@ def prepare(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 class FeatureTransform:
-    """The fitted feature pipeline plus PCA; picklable, applied identically at inference."""
+    """The fitted feature pipeline plus PCA; stored as plain data, applied identically at inference."""
 
     def __init__(self, min_frequency: int = 20, skew_threshold: float = 2.0,
                  pca_variance: float = 0.999) -> None:
@@ -197,3 +199,27 @@ class FeatureTransform:
                 "pca_explained": float(self.pca.explained_variance_ratio_.sum()),
                 "log1p_columns": list(log_columns),
                 "engineered": list(ENGINEERED) + list(COUNTED)}
+
+
+# Everything a fitted FeatureTransform is built from: the only classes and functions that loading
+# one from a checkpoint or detector.pt may call (common/safe_state.py).
+TRUSTED = (FeatureTransform, Pipeline, FunctionTransformer, engineer, CountEncoder, ColumnTransformer,
+           SkewedLog1p, StandardScaler, OneHotEncoder, PCA)
+
+
+def transform_to_plain(transform: FeatureTransform) -> dict:
+    """The fitted transform as tensors and plain values, for detector.pt and checkpoints."""
+    return to_plain(transform, TRUSTED)
+
+
+def transform_from_plain(tree: dict, where: str) -> FeatureTransform:
+    """Inverse of ``transform_to_plain``; UserError naming ``where`` if it is not one."""
+    try:
+        transform = from_plain(tree, TRUSTED)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{where}: its stored feature transform cannot be rebuilt ({err}); "
+                        "re-run anomaly/train.py to write a new detector") from None
+    if not isinstance(transform, FeatureTransform):
+        raise UserError(f"{where}: its stored feature transform is a {type(transform).__name__}, "
+                        "not a fitted FeatureTransform")
+    return transform

@@ -17,22 +17,33 @@ import pandas as pd
 import torch
 
 from anomaly.data import read_csv_file
+from anomaly.features import transform_from_plain
 from anomaly.model import Autoencoder
+from common.checkpoint import load_tensors_file
 from common.errors import UserError, run_main
 
 
 def load_detector(path: Path) -> dict:
-    """The bundle train.py wrote: model weights, hidden sizes, fitted transform, threshold."""
+    """The bundle train.py wrote: model weights, hidden sizes, fitted transform, threshold.
+
+    Read without running code from the file (``common.checkpoint.load_tensors_file``): a
+    detector holding pickled objects, as those of earlier versions did, is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such detector; expected the detector.pt of an anomaly/train.py run")
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=False)
+        bundle = load_tensors_file(path)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001 - any failure to read means an unusable file
         raise UserError(f"{path}: not a readable detector ({type(err).__name__})") from None
-    if not isinstance(bundle, dict) or "transform" not in bundle:
-        raise UserError(f"{path}: not an anomaly detector; expected the detector.pt of a train run")
-    transform = bundle["transform"]
+    needed = ("model", "hidden", "transform", "threshold")
+    if not isinstance(bundle, dict) or any(k not in bundle for k in needed):
+        raise UserError(f"{path}: not an anomaly detector (lacks {', '.join(needed)}); expected the "
+                        "detector.pt of an anomaly/train.py run")
+    transform = transform_from_plain(bundle["transform"], str(path))
+    bundle["transform"] = transform
     mean, components = transform.pca_tensors()
     model = Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), tuple(bundle["hidden"]))
     model.load_state_dict(bundle["model"])

@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from anomaly.data import Splits, split_data
-from anomaly.features import FeatureTransform
+from anomaly.features import FeatureTransform, transform_to_plain
 from anomaly.model import Autoencoder
 from common.checkpoint import resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
@@ -274,7 +274,7 @@ def main() -> None:
             log.info("epoch %d/%d  train loss %.5f  val normal loss %.5f  (%.1fs)",
                      epoch + 1, cfg.epochs, train_loss, val_normal, time.time() - t0)
             save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
-                                                        transform=data.transform), dist)
+                                                        transform=transform_to_plain(data.transform)), dist)
 
         # Calibrate on validation only: the per-feature weights and the threshold.
         if cfg.score == "normalized":
@@ -320,9 +320,14 @@ def main() -> None:
 
 def write_detector(path: Path, net: Autoencoder, cfg: Config, transform: FeatureTransform,
                    threshold: float) -> None:
-    """Everything ``anomaly.predict`` needs to score a new CSV, written atomically."""
+    """Everything ``anomaly.predict`` needs to score a new CSV, written atomically.
+
+    Tensors and plain values only (the transform through ``transform_to_plain``), so
+    ``anomaly.predict`` loads it without running code from the file.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": net.state_dict(), "hidden": cfg.hidden, "transform": transform,
+    torch.save({"model": net.state_dict(), "hidden": list(cfg.hidden),
+                "transform": transform_to_plain(transform),
                 "threshold": threshold, "score": cfg.score}, tmp)
     tmp.replace(path)
 

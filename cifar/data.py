@@ -259,15 +259,70 @@ def _load_archive_folders(archive: Path, workers: int) -> tuple[dict, tuple[str,
     return _decode_splits(split_classes, classes, workers), classes
 
 
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """What a protocol-2 pickle calls to rebuild ``bytes`` (``_codecs.encode(text, 'latin1')``)."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A batch file named a class or function that CIFAR-10 batches never hold."""
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: no code from the file runs.
+
+    A batch is a dict of str/bytes keys, a uint8 NumPy array, and lists of ints, bytes and str.
+    Pickle rebuilds objects by calling the functions the file names; this unpickler resolves
+    only the names a NumPy array needs (Python 2's pickles, as distributed, and those of
+    today's NumPy), so a doctored file that names ``os.system`` is refused before anything runs.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.zeros(1).__reduce__()[0],
+        ("numpy.core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+        ("numpy._core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def unpickle_batch(raw: bytes) -> object:
+    """One ``cifar-10-batches-py`` file's content, through ``BatchUnpickler``."""
+    return BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
+
+
 def _unpickle_batches(read: Callable[[str], bytes | None], where: str) -> tuple[dict, tuple[str, ...]]:
     """torchvision's pickled batches (``read(name)`` returns a file's bytes or None)."""
+    def unpickle(name: str, raw: bytes) -> object:
+        try:
+            return unpickle_batch(raw)
+        except _RefusedGlobal as err:
+            raise UserError(f"{where}/{name}: refused to load: it names {err}, which a CIFAR-10 "
+                            "batch never holds, and unpickling it could run code; expected "
+                            f"torchvision's {BATCHES_DIR} files") from None
+        except Exception as err:  # noqa: BLE001 - any other failure means the file is damaged
+            raise UserError(f"{where}/{name}: unreadable CIFAR-10 batch ({type(err).__name__}: "
+                            f"{err}); expected torchvision's pickled batch format") from None
+
     def load(name: str) -> dict:
         raw = read(name)
         if raw is None:
             raise UserError(f"{where}: {name} is missing; expected {', '.join(TRAIN_BATCHES)}, "
                             f"{TEST_BATCH} and batches.meta (torchvision's {BATCHES_DIR})")
+        batch = unpickle(name, raw)
         try:
-            batch = pickle.loads(raw, encoding="latin1")
+            if not isinstance(batch["data"], np.ndarray) or batch["data"].dtype != np.uint8:
+                raise TypeError("'data' is not a uint8 array")
             data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
             labels = np.asarray(batch["labels"], dtype=np.int64)
         except Exception as err:  # noqa: BLE001 - any failure means the file is damaged
@@ -278,9 +333,13 @@ def _unpickle_batches(read: Callable[[str], bytes | None], where: str) -> tuple[
         return {"data": data, "labels": labels}
 
     meta_raw = read("batches.meta")
-    classes = (tuple(pickle.loads(meta_raw, encoding="latin1")["label_names"]) if meta_raw
-               else ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                     "ship", "truck"))
+    classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    if meta_raw:
+        meta = unpickle("batches.meta", meta_raw)
+        if not isinstance(meta, dict) or not all(isinstance(c, str) for c in meta.get("label_names", [0])):
+            raise UserError(f"{where}/batches.meta: no 'label_names' list of strings; expected "
+                            f"torchvision's {BATCHES_DIR} files")
+        classes = tuple(meta["label_names"])
     train = [load(name) for name in TRAIN_BATCHES]
     test = load(TEST_BATCH)
     out = {

@@ -20,7 +20,7 @@ from cifar.data import Augment, CifarData, augment, decode_source, find_source, 
     load_cache, normalize, prepare, subset, to_dataset
 from cifar.model import AirNet, resnet18
 from cifar.plots import plot_confusion
-from common.checkpoint import resume_from, save_checkpoint, training_state
+from common.checkpoint import config_dict, resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed, stop_if_any_rank_failed
@@ -401,7 +401,7 @@ def main() -> None:
                      row["train_accuracy"], test["test_loss"], test["test_accuracy"],
                      " (flip TTA)" if cfg.tta and last else "", row["train_images_per_s"], elapsed)
             save_checkpoint(cfg.out_dir, training_state(
-                model, optimizer, epoch, meta, scheduler, config=dataclasses.asdict(cfg),
+                model, optimizer, epoch, meta, scheduler, config=config_dict(cfg),
                 elapsed_s=elapsed, time_to_target_s=time_to_target,
                 lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist)
 

@@ -5,20 +5,33 @@ before). A write goes to a temporary file first and is renamed into place, so a 
 never damages the newest good checkpoint; a file that fails to load (truncated, corrupt) is
 skipped in favour of the previous one.
 
+Loading never runs code from the file: every file the programs read with ``torch.load`` goes
+through ``load_tensors_file`` (``weights_only=True``), so a checkpoint holds only tensors and
+plain values - fitted scikit-learn transforms are stored through ``common.safe_state``, RNG
+states as tensors and tuples, paths as strings. A file holding anything else (a pickled object,
+as every checkpoint written before this format did) is refused with one ``error:`` line.
+
+A write that fails (a full disk, a quota) leaves the previous checkpoints untouched and no
+temporary file, and stops every rank with one line naming the file and the cause.
+
 ``torch.distributed.checkpoint.state_dict`` is imported inside the functions that use it: it
 loads FSDP and DTensor (~0.6 s for every process), which a run that stops at a bad argument or
 file should not pay.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 
-from common.dist import DistInfo, barrier
+from common.dist import DistInfo, stop_if_any_rank_failed
 from common.errors import UserError
 from common.parallel import is_sharded, unwrap
 from common.rng import capture_rng, restore_rng
@@ -28,7 +41,7 @@ PREVIOUS = "checkpoint.prev.pt"
 
 
 def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
-    local = capture_rng(dist.device)
+    local = _plain_rng(capture_rng(dist.device))
     if not dist.is_distributed:
         return [local]
     states: list[Any] = [None] * dist.world_size
@@ -36,31 +49,120 @@ def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
     return states
 
 
-def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo) -> None:
-    """Write ``state`` plus every rank's RNG state; call on all ranks (it is a collective).
+def _plain_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """NumPy's state tuple holds an array: store its key as a tensor (weights_only loads it)."""
+    name, key, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos),
+                               int(has_gauss), float(cached))}
 
-    ``state`` should hold the unwrapped model's ``state_dict``, optimizer, scheduler, epoch,
-    step and config, plus a ``meta`` dict naming the program and architecture so ``--resume``
-    can refuse a checkpoint from something else.
+
+def _rng_from_plain(state: dict[str, Any]) -> dict[str, Any]:
+    name, key, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (name, key.numpy().astype(np.uint32), pos, has_gauss, cached)}
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A program's Config as a dict of plain values for a checkpoint: paths become strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write.
+
+    ``torch.save`` reports a failed write (ENOSPC) as "RuntimeError: unexpected pos", losing
+    the cause; this keeps it for the error line.
     """
-    rng = _gather_rng(dist)
-    if dist.is_main:
-        out_dir = Path(out_dir)
-        tmp = out_dir / f".{CHECKPOINT}.tmp"
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_atomically(out_dir: Path, payload: dict[str, Any]) -> str | None:
+    """Write ``payload`` as the newest checkpoint; return None, or why the write failed.
+
+    On failure the temporary file is removed and the checkpoints in place are untouched: the
+    rename of the newest to ``checkpoint.prev.pt`` happens only after a complete write.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".{CHECKPOINT}.tmp"
+    writer = None
+    try:
         with open(tmp, "wb") as f:
-            torch.save({**state, "rng": rng, "world_size": dist.world_size}, f)
+            writer = _RecordingWriter(f)
+            torch.save(payload, writer)
             f.flush()
             os.fsync(f.fileno())
         if (out_dir / CHECKPOINT).exists():
             os.replace(out_dir / CHECKPOINT, out_dir / PREVIOUS)
         os.replace(tmp, out_dir / CHECKPOINT)
-    # Nobody moves on (or exits) until the file is in place.
-    barrier(dist)
+        return None
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if isinstance(cause, RuntimeError):
+            raise  # not an I/O failure: a bug, with its traceback
+        kept = "the previous checkpoint is kept" if (out_dir / CHECKPOINT).exists() else "no checkpoint was kept"
+        return (f"{out_dir / CHECKPOINT}: cannot write the checkpoint ({cause.strerror or cause}); "
+                f"{kept}; free space (or pick another --out-dir) and resume with --resume")
+
+
+def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo) -> None:
+    """Write ``state`` plus every rank's RNG state; call on all ranks (it is a collective).
+
+    ``state`` should hold the unwrapped model's ``state_dict``, optimizer, scheduler, epoch,
+    step and config, plus a ``meta`` dict naming the program and architecture so ``--resume``
+    can refuse a checkpoint from something else. Only tensors and plain values: anything else
+    would not load (see ``load_tensors_file``).
+
+    If rank 0 cannot write the file (full disk, quota, permissions), every rank stops with one
+    ``error:`` line naming the file and the cause (exit status 2); nothing half-written is left.
+    """
+    rng = _gather_rng(dist)
+    problem = None
+    if dist.is_main:
+        problem = _write_atomically(out_dir, {**state, "rng": rng, "world_size": dist.world_size})
+    # Rank 0's verdict reaches every rank, and nobody moves on (or exits) until the file is in
+    # place or all know it is not.
+    stop_if_any_rank_failed(problem, dist)
+
+
+def load_tensors_file(path: Path, map_location: torch.device | str = "cpu") -> Any:
+    """``torch.load`` that never runs code from the file (``weights_only=True``).
+
+    Raises UserError naming ``path`` when the file holds a pickled object (refused: unpickling
+    it could run anything); other failures (missing, truncated, not a torch file) propagate as
+    they are, for the caller to judge.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # A refused class or function is what a doctored or old-format file holds; any other
+        # unpickling failure (an unknown opcode in a damaged file) is damage, not danger.
+        if "global" not in str(err).lower():
+            raise
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        raise UserError(f"{path}: refused to load: it holds {what}, and unpickling could run code; "
+                        "this project's files hold only tensors and plain values (files written "
+                        "before that format are refused too: train again to write a new one)") from None
 
 
 def _try_load(path: Path, map_location: torch.device | str) -> dict[str, Any] | None:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = load_tensors_file(path, map_location)
+    except UserError:
+        raise  # refused as unsafe: never fall back silently past a doctored file
     except Exception:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
         return None
     return state if isinstance(state, dict) and "model" in state else None
@@ -107,6 +209,15 @@ def load_checkpoint(
     raise UserError(f"--resume: no loadable checkpoint at {path} (corrupt or truncated)")
 
 
+def require_keys(state: dict[str, Any], keys: tuple[str, ...], program: str) -> None:
+    """UserError naming the checkpoint when it lacks any of ``keys`` (written by something else)."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise UserError(f"{state.get('loaded_from', 'checkpoint')}: lacks {', '.join(map(repr, missing))}, "
+                        f"so it was not written by this version of {program}/train.py; pass a "
+                        f"{program} run directory or checkpoint.pt, or train again")
+
+
 def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
     """Restore this rank's RNG from a checkpoint written at the same world size.
 
@@ -114,7 +225,7 @@ def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
     as seeded, and the data order (which depends only on seed and epoch) is still identical.
     """
     if state.get("world_size") == dist.world_size:
-        restore_rng(state["rng"][dist.rank], dist.device)
+        restore_rng(_rng_from_plain(state["rng"][dist.rank]), dist.device)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -179,6 +290,7 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
     if path is None:
         return None
     state = load_checkpoint(path, dist.device, meta)
+    require_keys(state, ("model", "optimizer", "epoch"), meta["program"])
     inner = unwrap(model)
     try:
         load_model_state(inner, state["model"])

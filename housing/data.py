@@ -42,6 +42,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 from sklearn.metrics.pairwise import rbf_kernel
 
 from common.errors import UserError
+from common.safe_state import from_plain, to_plain
 
 FILENAME = "housing.csv"
 # The raw CSV of "Hands-On Machine Learning" (2nd ed.); the same bytes as the Kaggle copy.
@@ -234,8 +235,23 @@ class NeighbourPrices(BaseEstimator, TransformerMixin):
         from sklearn.neighbors import NearestNeighbors
 
         self.y_ = np.asarray(y, dtype=np.float64)
-        self.nn_ = NearestNeighbors(n_neighbors=max(self.ks)).fit(self._km(x))
+        self.train_km_ = self._km(x)
+        self.nn_ = NearestNeighbors(n_neighbors=max(self.ks)).fit(self.train_km_)
         return self
+
+    def __getstate__(self) -> dict:
+        # The neighbour index is rebuilt from the training coordinates (deterministically, the
+        # same tree) rather than stored: its internals are not plain data (common/safe_state.py).
+        state = dict(super().__getstate__())  # a copy: object.__getstate__ returns __dict__ itself
+        state.pop("nn_", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from sklearn.neighbors import NearestNeighbors
+
+        super().__setstate__(state)
+        if hasattr(self, "train_km_"):
+            self.nn_ = NearestNeighbors(n_neighbors=max(self.ks)).fit(self.train_km_)
 
     def _encode(self, dist: np.ndarray, idx: np.ndarray) -> np.ndarray:
         cols = []
@@ -286,6 +302,30 @@ def make_preprocessor(n_clusters: int = 48, cluster_gamma: float = 4.0, seed: in
 
 
 FEATURE_GROUPS = [name for name, _, _ in make_preprocessor().transformers]
+
+# Everything a fitted preprocessor is built from: the only classes and functions that loading
+# one from a checkpoint may call (common/safe_state.py).
+TRUSTED = (ColumnTransformer, Pipeline, StandardScaler, SimpleImputer, FunctionTransformer,
+           OneHotEncoder, KMeans, ClusterSimilarity, NeighbourPrices, np.log, np.log1p,
+           _safe_ratio, _ratio_names, _city_distances, _city_names)
+
+
+def preprocessor_to_plain(preprocessor: ColumnTransformer) -> dict:
+    """The fitted preprocessor as tensors and plain values, for a checkpoint."""
+    return to_plain(preprocessor, TRUSTED)
+
+
+def preprocessor_from_plain(tree: dict, where: str) -> ColumnTransformer:
+    """Inverse of ``preprocessor_to_plain``; UserError naming ``where`` if it is not one."""
+    try:
+        preprocessor = from_plain(tree, TRUSTED)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{where}: its stored preprocessor cannot be rebuilt ({err}); "
+                        "re-run housing/train.py to write a new checkpoint") from None
+    if not isinstance(preprocessor, ColumnTransformer):
+        raise UserError(f"{where}: its stored preprocessor is a {type(preprocessor).__name__}, "
+                        "not a fitted ColumnTransformer")
+    return preprocessor
 
 
 def group_columns(preprocessor: ColumnTransformer, groups: Sequence[str]) -> list[int]:

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from common.checkpoint import (load_checkpoint, load_model_state, resume_from, save_checkpoint,
-                               training_state)
+from common.checkpoint import (config_dict, load_checkpoint, load_model_state, require_keys,
+                               resume_from, save_checkpoint, training_state)
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_rank_failed
@@ -286,8 +286,9 @@ def fit(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> tuple[torch.nn.
 
 def checkpoint_extra(cfg: Config, data: hdata.HousingData, stopper: EarlyStopping) -> dict[str, Any]:
     """What, besides weights and optimizer, a checkpoint needs to resume or re-evaluate."""
-    return {"config": asdict(cfg), "early_stopping": asdict(stopper),
-            "preprocessor": data.preprocessor, "target_stats": (data.target_mean, data.target_std)}
+    return {"config": config_dict(cfg), "early_stopping": asdict(stopper),
+            "preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
+            "target_stats": (data.target_mean, data.target_std)}
 
 
 def meta_for(cfg: Config) -> dict[str, Any]:
@@ -299,10 +300,16 @@ def eval_from_checkpoint(cfg: Config, dist: DistInfo, log) -> None:
     path = Path(cfg.resume)
     state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path, dist.device,
                             {"program": "housing"})
-    saved = Config(**{**state["config"], "data_dir": cfg.data_dir, "out_dir": cfg.out_dir,
-                      "resume": cfg.resume, "eval_only": True, "device": cfg.device,
-                      "features": tuple(state["config"]["features"])})
-    data = build_data(saved, dist, state["preprocessor"], state["target_stats"])
+    require_keys(state, ("model", "config", "early_stopping", "preprocessor", "target_stats"), "housing")
+    try:
+        saved = Config(**{**state["config"], "data_dir": cfg.data_dir, "out_dir": cfg.out_dir,
+                          "resume": cfg.resume, "eval_only": True, "device": cfg.device,
+                          "features": tuple(state["config"]["features"])})
+    except (TypeError, KeyError) as err:
+        raise UserError(f"{state['loaded_from']}: its config does not fit this version of "
+                        f"housing/train.py ({err}); train again") from None
+    preprocessor = hdata.preprocessor_from_plain(state["preprocessor"], state["loaded_from"])
+    data = build_data(saved, dist, preprocessor, state["target_stats"])
     model = build_model(saved, data.test.x.shape[1]).to(dist.device)
     model.load_state_dict(state["early_stopping"]["best_model"] or state["model"])
     results = {name: evaluate(model, split, data, dist) for name, split in
@@ -330,6 +337,8 @@ def main() -> None:
         model, optimizer, scheduler, batches = prepare(cfg, data, dist)
         meta = meta_for(cfg)
         state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
+        if state:
+            require_keys(state, ("early_stopping",), "housing")
         stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)
         recorder = RunRecorder(cfg.out_dir, dist, start_epoch=state["epoch"] + 1 if state else 0)
 

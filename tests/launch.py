@@ -70,7 +70,7 @@ SAME_WEIGHTS = {"rtol": 1e-4, "atol": 1e-5}
 
 def checkpoint_weights(run_dir: Path, key: str = "model") -> dict:
     """A full state dict from a run's newest checkpoint (written under either strategy)."""
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)[key]
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)[key]
 
 
 def assert_same_weights(run_dir: Path, reference_dir: Path, key: str = "model") -> None:

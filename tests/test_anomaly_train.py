@@ -98,7 +98,7 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path
     fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp")
     ddp = _summary(ddp_run)
     assert_same_weights(tmp_path / "fsdp", ddp_run)
-    detectors = [torch.load(run / "detector.pt", weights_only=False)["model"]
+    detectors = [torch.load(run / "detector.pt", weights_only=True)["model"]
                  for run in (tmp_path / "fsdp", ddp_run)]
     torch.testing.assert_close(detectors[0], detectors[1], **SAME_WEIGHTS)  # plain tensors, whole
     assert fsdp["test"]["f1"] == pytest.approx(ddp["test"]["f1"], abs=0.01)

@@ -21,6 +21,7 @@ from cifar.data import Augment, CifarData, augment, decode_source, find_source, 
 from cifar.model import AirNet, resnet18
 from cifar.plots import plot_confusion
 from common.checkpoint import config_dict, resume_from, save_checkpoint, training_state
+from common.preempt import EpochProgress, Preemption, progress_from
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed, stop_if_any_rank_failed
@@ -279,19 +280,26 @@ def prepare_batch(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
-def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Config, epoch: int,
-                    dist: DistInfo, bf16: bool, lookahead: Lookahead | None) -> dict[str, float]:
-    """One pass over the training set; loss and accuracy summed over ranks (exact)."""
+def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Config,
+                    partial: EpochProgress, dist: DistInfo, bf16: bool, lookahead: Lookahead | None,
+                    preempt: Preemption | None = None) -> dict[str, float] | None:
+    """One pass over the training set from ``partial.step``; loss and accuracy summed over ranks
+    (exact), or None when pre-empted (``partial`` then holds the step and this rank's sums)."""
     model.train()
+    epoch, sums = partial.epoch, partial.sums
     aug = Augment(cfg.translate, cfg.flip, cfg.cutout)
     # Augmentation draws from its own generator on the device, seeded per epoch and rank:
-    # resumable exactly. With nothing to draw (no augmentation) there is no generator.
+    # resumable exactly (mid-epoch, from the state a pre-emption checkpoint saved). With nothing
+    # to draw (no augmentation) there is no generator.
     generator = (torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
                  if aug.draws_random else None)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    correct = torch.zeros((), dtype=torch.int64, device=dist.device)
-    seen = 0
-    for images, labels in progress(batches.epoch(epoch), dist, total=len(batches), desc=f"epoch {epoch + 1}"):
+    if generator is not None and "_augment_rng" in sums:
+        generator.set_state(sums["_augment_rng"])
+    loss_sum = sums.get("loss", torch.zeros((), dtype=torch.float64)).to(dist.device)
+    correct = sums.get("correct", torch.zeros((), dtype=torch.int64)).to(dist.device)
+    seen = sums.get("n", 0)
+    for images, labels in progress(batches.epoch(epoch, partial.step), dist, total=len(batches) - partial.step,
+                                   desc=f"epoch {epoch + 1}"):
         x = augment(normalize(images), aug, generator)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -307,6 +315,12 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
         loss_sum += loss.detach().double() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
+        partial.step += 1
+        if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+            partial.sums = {"loss": loss_sum, "correct": correct, "n": seen}
+            if generator is not None:
+                partial.sums["_augment_rng"] = generator.get_state()
+            return None
     totals = reduce_sums({"loss": loss_sum, "correct": correct, "n": seen}, dist)
     ensure_finite(totals["loss"], epoch)
     return {"train_loss": totals["loss"] / totals["n"], "train_accuracy": totals["correct"] / totals["n"],
@@ -377,10 +391,26 @@ def main() -> None:
         if state and not cfg.eval_only:
             elapsed_before = state.get("elapsed_s", 0.0)  # wall time of the runs before
             time_to_target = state.get("time_to_target_s")
+        resumed = progress_from(state, dist) if not cfg.eval_only else None
+        preempt = Preemption(dist)
+
+        def checkpoint(epoch: int, elapsed: float, partial: EpochProgress | None = None) -> None:
+            """``epoch`` is the last completed one; ``partial`` the one stopped inside."""
+            save_checkpoint(cfg.out_dir, training_state(
+                model, optimizer, epoch, meta, scheduler, config=config_dict(cfg),
+                elapsed_s=elapsed, time_to_target_s=time_to_target,
+                lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist,
+                partial)
+
         for epoch in range(start_epoch, 0 if cfg.eval_only else cfg.epochs):
             t0 = time.time()
-            row = {"epoch": epoch, **train_one_epoch(model, batches, optimizer, scheduler, cfg,
-                                                     epoch, dist, bf16, lookahead)}
+            partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
+            result = train_one_epoch(model, batches, optimizer, scheduler, cfg, partial, dist, bf16,
+                                     lookahead, preempt)
+            if result is None:
+                checkpoint(epoch - 1, elapsed_before + time.time() - wall_start, partial)
+                preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
+            row = {"epoch": epoch, **result}
             epoch_train_s = time.time() - t0
             train_s += epoch_train_s
             trained += row["train_images"]
@@ -400,10 +430,7 @@ def main() -> None:
                      "%.0f img/s, %.1f s elapsed", epoch + 1, cfg.epochs, row["train_loss"],
                      row["train_accuracy"], test["test_loss"], test["test_accuracy"],
                      " (flip TTA)" if cfg.tta and last else "", row["train_images_per_s"], elapsed)
-            save_checkpoint(cfg.out_dir, training_state(
-                model, optimizer, epoch, meta, scheduler, config=config_dict(cfg),
-                elapsed_s=elapsed, time_to_target_s=time_to_target,
-                lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist)
+            checkpoint(epoch, elapsed)
 
         final = evaluate(model, data.test_images, data.test_labels, cfg, dist, bf16, data.num_classes, cfg.tta) \
             if cfg.eval_only or start_epoch >= cfg.epochs else test

@@ -34,14 +34,16 @@ import torch.distributed as tdist
 from common.dist import DistInfo, stop_if_any_rank_failed
 from common.errors import UserError
 from common.parallel import is_sharded, unwrap
+from common.preempt import EpochProgress
 from common.rng import capture_rng, restore_rng
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 
 
-def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
-    local = _plain_rng(capture_rng(dist.device))
+def _gather_per_rank(dist: DistInfo, sums: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every rank's RNG state and running epoch sums, in rank order, for rank 0 to write."""
+    local = {"rng": _plain_rng(capture_rng(dist.device)), "sums": sums}
     if not dist.is_distributed:
         return [local]
     states: list[Any] = [None] * dist.world_size
@@ -117,7 +119,8 @@ def _write_atomically(out_dir: Path, payload: dict[str, Any]) -> str | None:
                 f"{kept}; free space (or pick another --out-dir) and resume with --resume")
 
 
-def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo) -> None:
+def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo,
+                    progress: EpochProgress | None = None) -> None:
     """Write ``state`` plus every rank's RNG state; call on all ranks (it is a collective).
 
     ``state`` should hold the unwrapped model's ``state_dict``, optimizer, scheduler, epoch,
@@ -125,13 +128,23 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo) -> Non
     can refuse a checkpoint from something else. Only tensors and plain values: anything else
     would not load (see ``load_tensors_file``).
 
+    ``progress`` (a pre-emption mid-epoch, see common/preempt.py) adds the steps done in the
+    epoch after ``state["epoch"]`` and each rank's running sums for it; without it the
+    checkpoint is at an epoch boundary (``step_in_epoch`` 0).
+
     If rank 0 cannot write the file (full disk, quota, permissions), every rank stops with one
     ``error:`` line naming the file and the cause (exit status 2); nothing half-written is left.
     """
-    rng = _gather_rng(dist)
+    if progress is not None:
+        # CPU copies: the sums travel to rank 0 by pickling, and a checkpoint is loaded anywhere.
+        sums = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in progress.sums.items()}
+    per_rank = _gather_per_rank(dist, sums if progress is not None else None)
     problem = None
     if dist.is_main:
-        problem = _write_atomically(out_dir, {**state, "rng": rng, "world_size": dist.world_size})
+        problem = _write_atomically(out_dir, {
+            **state, "rng": [r["rng"] for r in per_rank], "world_size": dist.world_size,
+            "step_in_epoch": progress.step if progress is not None else 0,
+            "epoch_sums": [r["sums"] for r in per_rank] if progress is not None else None})
     # Rank 0's verdict reaches every rank, and nobody moves on (or exits) until the file is in
     # place or all know it is not.
     stop_if_any_rank_failed(problem, dist)

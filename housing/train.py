@@ -24,6 +24,7 @@ from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_ran
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
+from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger, write_json_atomic
 from common.rng import seed_everything
 from housing import data as hdata
@@ -155,20 +156,27 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
 
 
 def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, scheduler,
-                    epoch: int, dist: DistInfo) -> float:
-    """One pass over the training split; returns the exact mean loss over all ranks' samples."""
+                    progress: EpochProgress, dist: DistInfo,
+                    preempt: Preemption | None = None) -> float | None:
+    """One pass over the training split from ``progress.step``; returns the exact mean loss over
+    all ranks' samples, or None when pre-empted (``progress`` then says where it stopped)."""
     model.train()
-    sums = {"loss": 0.0, "n": 0}
-    for step, (x, y) in enumerate(batches.epoch(epoch)):
+    sums = progress.sums
+    sums.setdefault("loss", 0.0)
+    sums.setdefault("n", 0)
+    for x, y in batches.epoch(progress.epoch, progress.step):
         loss = torch.nn.functional.mse_loss(model(x), y)  # mean over this rank's share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages gradients across ranks
         optimizer.step()
         scheduler.step()
         value = loss.item()
-        ensure_finite(value, epoch * len(batches) + step)
+        ensure_finite(value, progress.epoch * len(batches) + progress.step)
         sums["loss"] += value * len(y)
         sums["n"] += len(y)
+        progress.step += 1
+        if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+            return None
     totals = reduce_sums(sums, dist)
     return totals["loss"] / totals["n"]
 
@@ -241,11 +249,15 @@ def prepare(cfg: Config, data: hdata.HousingData, dist: DistInfo):
 
 def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, optimizer, scheduler,
                batches: TrainBatches, stopper: EarlyStopping, start_epoch: int = 0,
-               on_epoch: Callable[..., None] | None = None, log=None) -> int:
+               on_epoch: Callable[..., None] | None = None, log=None,
+               resumed: EpochProgress | None = None, preempt: Preemption | None = None,
+               on_preempt: Callable[[EpochProgress], None] | None = None) -> int:
     """Train until ``cfg.epochs`` or early stopping, then load the best weights into ``model``.
 
     ``on_epoch(row, model, optimizer, scheduler, stopper)`` runs after each epoch (logging,
-    checkpoints). Returns the number of epochs trained by this call.
+    checkpoints). ``resumed`` continues a partial epoch; when ``preempt`` stops training
+    mid-epoch, ``on_preempt(progress)`` runs (it checkpoints and exits). Returns the number of
+    epochs trained by this call.
     """
     done = stopper.bad_epochs >= stopper.patience  # a resumed run that had already stopped
     trained = 0
@@ -253,7 +265,10 @@ def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, opti
         if done:
             break
         started = time.time()
-        train_loss = train_one_epoch(model, batches, optimizer, scheduler, epoch, dist)
+        progress = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
+        train_loss = train_one_epoch(model, batches, optimizer, scheduler, progress, dist, preempt)
+        if train_loss is None:
+            on_preempt(progress)
         val = evaluate(model, data.val, data, dist)
         done = stopper.update(val["rmse"], epoch, model)
         trained += 1
@@ -341,6 +356,7 @@ def main() -> None:
             require_keys(state, ("early_stopping",), "housing")
         stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)
         recorder = RunRecorder(cfg.out_dir, dist, start_epoch=state["epoch"] + 1 if state else 0)
+        preempt = Preemption(dist)
 
         def on_epoch(row, model, optimizer, scheduler, stopper):
             recorder.log_epoch(row)
@@ -348,9 +364,16 @@ def main() -> None:
                 model, optimizer, row["epoch"], meta, scheduler,
                 **checkpoint_extra(cfg, data, stopper)), dist)
 
+        def on_preempt(progress: EpochProgress) -> None:
+            save_checkpoint(cfg.out_dir, training_state(
+                model, optimizer, progress.epoch - 1, meta, scheduler,
+                **checkpoint_extra(cfg, data, stopper)), dist, progress)
+            preempt.leave(cfg.out_dir / "checkpoint.pt", progress, log.info)
+
         train_started = time.time()
         epochs_run = train_loop(cfg, data, dist, model, optimizer, scheduler, batches, stopper,
-                                state["epoch"] + 1 if state else 0, on_epoch, log)
+                                state["epoch"] + 1 if state else 0, on_epoch, log,
+                                progress_from(state, dist), preempt, on_preempt)
         train_s = time.time() - train_started
         test = evaluate(model, data.test, data, dist, keep_predictions=True)
         predictions = test.pop("predictions")

@@ -52,3 +52,24 @@ def truncate(path: Path) -> None:
     """Cut a file to half its size, as a crash mid-copy or a full disk would."""
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def run_and_terminate(script: str, args: list[str], out_dir: Path, nproc: int = 2,
+                      sig: signal.Signals = signal.SIGTERM, timeout: float = 240) -> dict:
+    """Launch under torchrun, send ``sig`` to torchrun's agent (as a scheduler does) once the
+    first checkpoint exists, and return how the job ended and how long it took to exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+           str(REPO / script), *args, "--out-dir", str(out_dir)]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not (out_dir / "checkpoint.pt").exists():
+        if agent.poll() is not None or time.time() > deadline:
+            out, err = agent.communicate()
+            raise AssertionError(f"no checkpoint appeared before the job ended:\n{err[-3000:]}")
+        time.sleep(0.02)
+    agent.send_signal(sig)
+    sent = time.time()
+    out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
+    return {"returncode": agent.returncode, "exit_s": time.time() - sent, "stdout": out, "stderr": err}

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 
 import pytest
+import torch
 
 from tests.faults import run_and_kill_one_worker, truncate
-from tests.launch import run_program
+from tests.launch import error_messages, run_program
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     out = tmp_path / "run"
@@ -72,3 +76,45 @@ def _metric(summary: dict, name: str):
     if isinstance(summary.get(split), dict) and key in summary[split]:
         return summary[split][key]
     return summary[name] if name in summary else summary["test"][key]
+
+
+# --- a full disk while a checkpoint is written ------------------------------------------------
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted for the test (needs root); skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_tmpfs):
+    out = small_tmpfs / "run"
+    first = run_program("tests/toy_train.py", ["--epochs", "2", "--out-dir", str(out)], nproc=2)
+    assert first.returncode == 0, first.stderr
+    before = (out / "checkpoint.pt").read_bytes()
+    # Fill the disk, leaving two pages: enough for a line of metrics, not for a checkpoint.
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    (small_tmpfs / "filler").write_bytes(b"\0" * (free - 8192))
+    started = time.time()
+    resumed = run_program("tests/toy_train.py", ["--epochs", "4", "--out-dir", str(out), "--resume"],
+                          nproc=2, timeout=60)
+    took = time.time() - started
+    assert resumed.returncode != 0
+    messages = error_messages(resumed.stderr)
+    assert messages and len({text for _, text in messages}) == 1, resumed.stderr[-3000:]
+    assert {rank for rank, _ in messages} <= {"0", "1"} and len(messages) <= 2
+    text = messages[0][1]
+    assert str(out / "checkpoint.pt") in text and "No space left on device" in text
+    assert "previous checkpoint is kept" in text
+    assert "checkpoint.py" not in resumed.stderr  # no traceback of ours (torchrun adds its report)
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert (out / "checkpoint.pt").read_bytes() == before  # untouched, and it still loads:
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert took < 30

@@ -32,6 +32,7 @@ from common.dist import DistInfo, distributed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
+from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger, progress
 from common.rng import seed_everything
 
@@ -134,20 +135,27 @@ def build_model(cfg: Config, transform: FeatureTransform) -> Autoencoder:
     return Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), cfg.hidden)
 
 
-def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, epoch: int,
-                    dist: DistInfo) -> float:
-    """One pass over the normal training rows; returns the mean loss per row (exact)."""
+def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial: EpochProgress,
+                    dist: DistInfo, preempt: Preemption | None = None) -> float | None:
+    """One pass over the normal training rows from ``partial.step``; returns the mean loss per
+    row (exact), or None when pre-empted (``partial`` then says where it stopped)."""
     model.train()
-    sums = {"loss": 0.0, "n": 0}
-    for step, (xb,) in enumerate(progress(batches.epoch(epoch), dist, len(batches), f"epoch {epoch}")):
+    epoch, sums = partial.epoch, partial.sums
+    sums.setdefault("loss", 0.0)
+    sums.setdefault("n", 0)
+    for (xb,) in progress(batches.epoch(epoch, partial.step), dist, len(batches) - partial.step,
+                          f"epoch {epoch}"):
         loss = torch.nn.functional.mse_loss(model(xb), xb)  # mean over this rank's rows
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        ensure_finite(loss.item(), epoch * len(batches) + step)
+        ensure_finite(loss.item(), epoch * len(batches) + partial.step)
         sums["loss"] += loss.item() * len(xb)
         sums["n"] += len(xb)
+        partial.step += 1
+        if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+            return None
     totals = reduce_sums(sums, dist)
     return totals["loss"] / totals["n"]
 
@@ -263,10 +271,17 @@ def main() -> None:
             raise UserError(f"--resume: the checkpoint finished epoch {start_epoch}, more than "
                             f"--epochs {cfg.epochs}; pass --epochs {start_epoch} or more")
         recorder = RunRecorder(cfg.out_dir, dist, start_epoch)
+        resumed, preempt = progress_from(state, dist), Preemption(dist)
         train_time = 0.0
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
-            train_loss = train_one_epoch(model, batches, optimizer, scheduler, epoch, dist)
+            partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
+            train_loss = train_one_epoch(model, batches, optimizer, scheduler, partial, dist, preempt)
+            if train_loss is None:
+                save_checkpoint(cfg.out_dir, training_state(
+                    model, optimizer, epoch - 1, meta, scheduler,
+                    transform=transform_to_plain(data.transform)), dist, partial)
+                preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
             train_time += time.time() - t0
             val_normal = normal_feature_error(model, data.x["val"], data.y["val"], dist).mean().item()
             recorder.log_epoch({"epoch": epoch, "train_loss": train_loss, "val_normal_loss": val_normal,

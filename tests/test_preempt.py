@@ -19,7 +19,15 @@ def _case(program: str, data_root):
     from tests.test_housing import synthetic_frame
 
     data = data_root / "data"
-    if program == "housing":
+    if program == "anomaly":
+        from anomaly.data import TRAIN_FILE
+        from anomaly.synthetic import make_partition, write_partition
+        from tests.test_anomaly_train import FAST as ANOMALY_SMALL
+
+        data.mkdir()
+        write_partition(make_partition(3000, seed=3), data / TRAIN_FILE)
+        args = [*ANOMALY_SMALL, "--epochs", "4"]
+    elif program == "housing":
         data.mkdir()
         synthetic_frame().to_csv(data / "housing.csv", index=False)
         # Batches of 16: 27 steps an epoch, so the signal lands inside one.
@@ -33,10 +41,11 @@ def _case(program: str, data_root):
 
 def _metric(program: str, out) -> float:
     summary = json.loads((out / "summary.json").read_text())
-    return summary["test"]["rmse"] if program == "housing" else summary["test_accuracy"]
+    return {"housing": lambda: summary["test"]["rmse"], "cifar": lambda: summary["test_accuracy"],
+            "anomaly": lambda: summary["test"]["f1"]}[program]()
 
 
-@pytest.mark.parametrize("program", ["housing", "cifar"])
+@pytest.mark.parametrize("program", ["housing", "cifar", "anomaly"])
 def test_sigterm_mid_epoch_checkpoints_the_step_and_resume_ends_identically(tmp_path, program):
     args = _case(program, tmp_path)
     out = tmp_path / "preempted"

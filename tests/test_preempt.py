@@ -3,13 +3,17 @@ within 30 s, and ``--resume`` ends exactly where an uninterrupted run ends."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 
 from common.preempt import PREEMPTED_EXIT
 from tests.faults import run_and_terminate
-from tests.launch import run_program
+from tests.launch import REPO, child_env, free_port, run_program
 
 
 def _case(program: str, data_root):
@@ -72,3 +76,34 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resume_ends_identically(tmp_
     loss = "train_loss"
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in straight_rows]
     assert [r[loss] for r in rows] == [r[loss] for r in straight_rows]  # the split epoch's too
+
+
+def test_slurm_script_passes_the_warning_on_and_requeues(tmp_path):
+    """scripts/slurm.sbatch under stand-ins for srun and scontrol: SIGUSR1 to the batch script
+    (what ``--signal=B:USR1@120`` does) reaches the workers through torchrun, the job stops after
+    a step with a checkpoint, and the script asks SLURM to requeue it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift  # --kill-on-bad-exit=1\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[[ $1 == show ]] && echo localhost && exit 0\n'
+                                      f'echo "$@" >> {tmp_path / "scontrol.log"}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    args = _case("housing", tmp_path)
+    out = tmp_path / "run"
+    env = child_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "1",
+                     "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_ID": "7", "RDZV_PORT": str(free_port())})
+    job = subprocess.Popen(["bash", "scripts/slurm.sbatch", "housing/train.py", *args, "--out-dir", str(out)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists():
+        assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    sent = time.time()
+    stdout, stderr = job.communicate(timeout=60)
+    assert time.time() - sent < 30
+    assert job.returncode != 0
+    assert "pre-empted by SIGUSR1: stopped after step" in stdout, stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step_in_epoch"] > 0

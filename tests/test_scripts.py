@@ -27,7 +27,8 @@ def _script(*argv: str, env: dict[str, str] | None = None, timeout: float = 120)
     (["scripts/slurm.sbatch", "tests/toy_train.py", "--epochs", "2"],
      {"DRY_RUN": "1", "SLURM_NNODES": "3", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "42"},
      "srun --kill-on-bad-exit=1 torchrun --nnodes=3 --nproc_per_node=8 --rdzv-backend=c10d "
-     "--rdzv-endpoint=localhost:29500 --rdzv-id=42 --max-restarts=3 tests/toy_train.py --resume --epochs 2"),
+     "--rdzv-endpoint=localhost:29500 --rdzv-id=42 --max-restarts=3 "
+     r"--signals-to-handle=SIGTERM\,SIGINT\,SIGHUP\,SIGQUIT\,SIGUSR1 tests/toy_train.py --resume --epochs 2"),
 ])
 def test_dry_run_prints_the_exact_command(argv, env, expected):
     result = _script(*argv, env=env)

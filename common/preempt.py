@@ -88,7 +88,7 @@ class Preemption:
         """After the checkpoint is written: say where training stopped, exit ``PREEMPTED_EXIT``."""
         if log is not None and self.dist.is_main:
             what = self.received.name if self.received is not None else "a signal on another rank"
-            waited = f" {time.time() - self.received_at:.1f} s after it" if self.received_at else ""
+            waited = f" {time.time() - self.received_at:.1f} s after the signal" if self.received_at else ""
             log(f"pre-empted by {what}: stopped after step {progress.step} of epoch "
                 f"{progress.epoch + 1}; checkpoint written to {checkpoint_dir}{waited}; "
                 f"continue with --resume (exit status {PREEMPTED_EXIT})")

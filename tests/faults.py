@@ -55,9 +55,11 @@ def truncate(path: Path) -> None:
 
 
 def run_and_terminate(script: str, args: list[str], out_dir: Path, nproc: int = 2,
-                      sig: signal.Signals = signal.SIGTERM, timeout: float = 240) -> dict:
-    """Launch under torchrun, send ``sig`` to torchrun's agent (as a scheduler does) once the
-    first checkpoint exists, and return how the job ended and how long it took to exit."""
+                      sig: signal.Signals = signal.SIGTERM, delay_s: float = 0.2,
+                      timeout: float = 240) -> dict:
+    """Launch under torchrun, send ``sig`` to torchrun's agent (as a scheduler does) ``delay_s``
+    after the first checkpoint exists (into the next epoch), and return how the job ended and
+    how long it took to exit."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
            str(REPO / script), *args, "--out-dir", str(out_dir)]
@@ -69,6 +71,7 @@ def run_and_terminate(script: str, args: list[str], out_dir: Path, nproc: int = 
             out, err = agent.communicate()
             raise AssertionError(f"no checkpoint appeared before the job ended:\n{err[-3000:]}")
         time.sleep(0.02)
+    time.sleep(delay_s)
     agent.send_signal(sig)
     sent = time.time()
     out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))

@@ -53,7 +53,8 @@ def _metric(program: str, out) -> float:
 def test_sigterm_mid_epoch_checkpoints_the_step_and_resume_ends_identically(tmp_path, program):
     args = _case(program, tmp_path)
     out = tmp_path / "preempted"
-    stopped = run_and_terminate(f"{program}/train.py", args, out)
+    # Into housing's second epoch (27 steps); the others' epochs are shorter than a delay.
+    stopped = run_and_terminate(f"{program}/train.py", args, out, delay_s=0.2 if program == "housing" else 0)
     assert stopped["exit_s"] < 30, stopped["stderr"][-3000:]
     # The workers exit PREEMPTED_EXIT; torchrun itself, having been signalled, ends with its own
     # SignalException (status 1) once they are gone.

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.dist import DistInfo
+from common.preempt import EpochProgress
 
 META = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("meta"))
 # The only way a meta run may stop: reading a number out of a (correctly placed) meta tensor.
@@ -55,7 +56,7 @@ def test_housing_trains_and_evaluates_on_the_model_device(tmp_path: Path):
     model, optimizer, scheduler, batches = h.prepare(cfg, data, META)
     assert next(model.parameters()).device.type == "meta"
     with runs_on_meta(model):
-        h.train_one_epoch(model, batches, optimizer, scheduler, 0, META)
+        h.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0), META)
     with runs_on_meta():
         h.evaluate(model, data.val, data, META)
 
@@ -76,7 +77,7 @@ def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=len(batches))
     with runs_on_meta(model):
-        a.train_one_epoch(model, batches, optimizer, scheduler, 0, META)
+        a.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0), META)
     with runs_on_meta():
         a.score_rows(model, data.x["val"], META)
     with runs_on_meta():
@@ -100,7 +101,7 @@ def test_cifar_trains_and_evaluates_on_the_model_device(tmp_path: Path):
     optimizer, scheduler = c.build_optimizer(cfg, model, len(data.train_labels) // 12)
     batches = TrainBatches([data.train_images, data.train_labels], 12, META, seed=0)
     with runs_on_meta(model):
-        c.train_one_epoch(model, batches, optimizer, scheduler, cfg, 0, META, False, None)
+        c.train_one_epoch(model, batches, optimizer, scheduler, cfg, EpochProgress(0), META, False, None)
     with runs_on_meta():
         c.evaluate(model, data.test_images, data.test_labels, cfg, META, False, data.num_classes, tta=True)
 

@@ -147,7 +147,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial:
                           f"epoch {epoch}"):
         loss = torch.nn.functional.mse_loss(model(xb), xb)  # mean over this rank's rows
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
         optimizer.step()
         scheduler.step()
         ensure_finite(loss.item(), epoch * len(batches) + partial.step)

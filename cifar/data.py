@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import pickle
+import socket
 import tarfile
 import tempfile
 import urllib.request
@@ -505,7 +506,8 @@ def _write_cache(path: Path, decoded: dict) -> None:
         "test_images": decoded["test"][0], "test_labels": decoded["test"][1],
         "classes": list(decoded["classes"]), "source": decoded["source"],
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Named per host and process: nodes sharing a filesystem may write the same cache at once.
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     if not _writable_dir(path.parent):
         return
     try:

@@ -24,11 +24,12 @@ from common.checkpoint import config_dict, resume_from, save_checkpoint, trainin
 from common.preempt import EpochProgress, Preemption, progress_from
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, distributed, stop_if_any_rank_failed
+from common.dist import (DistInfo, distributed, stop_if_any_rank_failed, stop_unless_all_ranks_agree,
+                         tensor_digest)
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
-from common.report import RunRecorder, get_logger, plot_curves, progress
+from common.report import RunRecorder, get_logger, plot_curves, progress, write_json_atomic
 from common.rng import seed_everything
 
 EXAMPLES = """examples:
@@ -183,7 +184,13 @@ def check_config(cfg: Config) -> None:
 def build_data(cfg: Config, dist: DistInfo) -> CifarData:
     """Decode (or load the cache) on each node's local rank 0 while the others wait.
 
-    A data error found there is sent to every rank, so each exits with the same message.
+    A data error found there is sent to every rank, so each exits with the same message. Each
+    node decodes and caches its own copy: nodes without a shared filesystem each build one in
+    their own data dir; nodes that share one may both build it (the cache is written to a temp
+    file per process and renamed, so they cannot damage each other's) and then read the same
+    file. Either way the ranks then compare a digest of the data they will train on, so nodes
+    holding different files (another CIFAR copy, a stale cache) stop with one line instead of
+    training on different data.
     """
     problem, cache, decoded = None, None, None
     if dist.local_rank == 0:
@@ -198,7 +205,12 @@ def build_data(cfg: Config, dist: DistInfo) -> CifarData:
         data = load_cache(cache) if cache is not None and cache.is_file() else to_dataset(decode_source(source))
     else:
         data = to_dataset(decoded)
-    return subset(data, cfg.train_per_class, cfg.test_limit)
+    data = subset(data, cfg.train_per_class, cfg.test_limit)
+    stop_unless_all_ranks_agree(tensor_digest([
+        ("train_images", data.train_images), ("train_labels", data.train_labels),
+        ("test_images", data.test_images), ("test_labels", data.test_labels)])[:16],
+        f"the CIFAR-10 data in {cfg.data_dir} (its SHA-256)", dist)
+    return data
 
 
 def build_model(cfg: Config, data: CifarData) -> torch.nn.Module:
@@ -307,7 +319,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
         optimizer.step()
         scheduler.step()
         if lookahead is not None:
@@ -350,6 +362,28 @@ def evaluate(model, images: torch.Tensor, labels: torch.Tensor, cfg: Config, dis
             "test_images": n, "per_class": per_class, "confusion": confusion}
 
 
+def eval_from_checkpoint(cfg: Config, state: dict | None, model, images: torch.Tensor,
+                         labels: torch.Tensor, data: CifarData, dist: DistInfo, bf16: bool, log) -> None:
+    """--eval-only: the resumed weights on the test set, written to ``eval.json`` in --out-dir.
+
+    The evaluated run's own files (metrics.jsonl, summary.json, plots) are left as they are.
+    """
+    if state is None:  # --resume auto and no rank has a checkpoint in its --out-dir
+        raise UserError(f"--eval-only --resume: no checkpoint in {cfg.out_dir} on any node")
+    result = evaluate(model, images, labels, cfg, dist, bf16, data.num_classes, cfg.tta)
+    log.info("%s: test accuracy %.4f (%d images%s, %d process(es))", state["loaded_from"],
+             result["test_accuracy"], result["test_images"], ", flip TTA" if cfg.tta else "",
+             dist.world_size)
+    if dist.is_main:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.out_dir / "eval.json", {
+            "test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
+            "test_images": result["test_images"], "tta": cfg.tta,
+            "per_class_accuracy": dict(zip(data.classes, result["per_class"])),
+            "confusion_matrix": result["confusion"], "checkpoint": state["loaded_from"],
+            "world_size": dist.world_size})
+
+
 def main() -> None:
     cfg = parse_args()
     wall_start = time.time()
@@ -382,16 +416,18 @@ def main() -> None:
                      if cfg.lookahead and not cfg.eval_only else None)
         if lookahead is not None and state and state.get("lookahead") is not None:
             lookahead.average = shard_like(state["lookahead"], unwrap(model).state_dict())
-        start_epoch = state["epoch"] + 1 if state and not cfg.eval_only else 0
+        if cfg.eval_only:
+            return eval_from_checkpoint(cfg, state, model, data.test_images, data.test_labels, data, dist, bf16, log)
+        start_epoch = state["epoch"] + 1 if state else 0
         recorder = RunRecorder(cfg.out_dir, dist, start_epoch)
         log.info("%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
                  meta["arch"], dist.world_size, dist.device, bf16, steps_per_epoch, cfg.batch_size)
 
         train_s, trained, time_to_target, elapsed_before = 0.0, 0, None, 0.0
-        if state and not cfg.eval_only:
+        if state:
             elapsed_before = state.get("elapsed_s", 0.0)  # wall time of the runs before
             time_to_target = state.get("time_to_target_s")
-        resumed = progress_from(state, dist) if not cfg.eval_only else None
+        resumed = progress_from(state, dist)
         preempt = Preemption(dist)
 
         def checkpoint(epoch: int, elapsed: float, partial: EpochProgress | None = None) -> None:
@@ -402,7 +438,7 @@ def main() -> None:
                 lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist,
                 partial)
 
-        for epoch in range(start_epoch, 0 if cfg.eval_only else cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
             result = train_one_epoch(model, batches, optimizer, scheduler, cfg, partial, dist, bf16,
@@ -433,14 +469,14 @@ def main() -> None:
             checkpoint(epoch, elapsed)
 
         final = evaluate(model, data.test_images, data.test_labels, cfg, dist, bf16, data.num_classes, cfg.tta) \
-            if cfg.eval_only or start_epoch >= cfg.epochs else test
+            if start_epoch >= cfg.epochs else test
         wall_s = time.time() - wall_start
         summary = {
             "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
             "test_images": final["test_images"], "tta": cfg.tta,
             "per_class_accuracy": dict(zip(data.classes, final["per_class"])),
             "classes": list(data.classes), "confusion_matrix": final["confusion"],
-            "epochs_run": cfg.epochs - start_epoch if not cfg.eval_only else 0,
+            "epochs_run": cfg.epochs - start_epoch,
             "wall_time_s": wall_s, "data_setup_s": data_s, "train_time_s": train_s,
             "images_per_s": trained / train_s if train_s else None,
             "samples_per_s": trained / train_s if train_s else None,

@@ -9,7 +9,9 @@ Training (``TrainBatches``): like ``DistributedSampler``, every rank draws the s
 *global* batches of ``global_batch_size`` and each global batch is then split across ranks, so
 1 process with batch B and N processes with B/N each see exactly the same samples per step.
 The remainder (``n % global_batch_size`` samples) joins the last batch, so every sample is drawn
-exactly once per epoch and nothing is padded or duplicated.
+exactly once per epoch and nothing is padded or duplicated. That last batch may not split
+evenly: ``TrainBatches.global_mean`` weights each rank's mean loss by its share, so the
+averaged gradient is still the one process's.
 
 Placement: both yield batches on ``dist.device``; a program never moves a batch itself, so a
 model on ``cuda:LOCAL_RANK`` cannot meet a batch (or a target) left on the CPU. The tensors may
@@ -89,6 +91,21 @@ class TrainBatches:
         start = step * self.global_batch_size
         stop = self.n if step == len(self) - 1 else start + self.global_batch_size
         return order[start:stop][self.dist.rank :: self.dist.world_size]
+
+    def global_mean(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """This rank's *mean* loss over its share of global batch ``step``, weighted so that
+        the average over ranks (what DDP and FSDP do to gradients) is the mean over the whole
+        global batch: call ``batches.global_mean(loss, step).backward()``.
+
+        The factor is ``local_n * world_size / global_n``: exactly 1 for every batch that
+        splits evenly, and different from 1 only on the last batch when the remainder leaves
+        the ranks unequal shares (at 3 ranks a last batch of 8 rows splits 3/3/2), where an
+        unweighted average would count the rows of the smaller share more.
+        """
+        start = step * self.global_batch_size
+        global_n = (self.n if step == len(self) - 1 else start + self.global_batch_size) - start
+        local_n = len(range(self.dist.rank, global_n, self.dist.world_size))
+        return loss * (local_n * self.dist.world_size / global_n)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yield this rank's batches for ``epoch``, on ``dist.device``."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -98,12 +100,25 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInf
 
 
 def _store_for_this_attempt(rank: int, world_size: int, timeout: datetime.timedelta) -> tdist.Store:
-    """The rendezvous key-value store, namespaced by torchrun's restart attempt.
+    """The rendezvous key-value store, in a namespace that every rank of this attempt shares.
 
     After a restart (``--max-restarts``) torchrun hands the workers the same store as before,
     still holding the previous attempt's peer addresses under the same keys; a rank that starts
     faster than a peer reads the dead peer's address and the job hangs or fails to connect (the
-    symptom of pytorch/pytorch#167288). A prefix per attempt keeps the attempts apart.
+    symptom of pytorch/pytorch#167288). So each attempt needs keys of its own.
+
+    The namespace cannot come from ``TORCHELASTIC_RESTART_COUNT``: torchrun's agent counts it
+    per node, and only restarts after a *failure* count (torch/distributed/elastic/agent/server/
+    api.py, ``_invoke_run``). When a worker dies on node A while node B's workers are busy
+    outside a collective (loading data, evaluating, writing a checkpoint), B's agent sees a
+    healthy group and a node waiting to rejoin, and restarts its workers as a *membership
+    change*: A's workers get count 1, B's count 0, and the two halves would wait for each other
+    in different namespaces until the timeout (tests/test_faults.py reproduces this). The
+    rendezvous round, which the agents do share, is not passed to the workers.
+
+    Instead the ranks agree on a generation through the store itself (``_agree_on_generation``):
+    rank 0 draws a fresh number, every other rank acknowledges it, rank 0 confirms. A number
+    left over from an earlier attempt is never confirmed again, so no rank can settle on it.
     """
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = tdist.TCPStore(
@@ -114,8 +129,58 @@ def _store_for_this_attempt(rank: int, world_size: int, timeout: datetime.timede
         timeout=timeout,
         multi_tenant=True,
     )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return tdist.PrefixStore(f"attempt{attempt}", store)
+    generation = _agree_on_generation(store, rank, world_size, timeout)
+    return tdist.PrefixStore(f"torchdist/generation{generation}", store)
+
+
+_POLL_S = 0.05
+
+
+def _agree_on_generation(store: tdist.Store, rank: int, world_size: int,
+                         timeout: datetime.timedelta) -> int:
+    """A number all ranks of this attempt share and no earlier attempt used.
+
+    Rank 0 is unique in an attempt, and every worker of the previous attempt is dead before
+    any worker of the next one starts (torchrun stops them before it rendezvouses again). So:
+    rank 0 takes the next number from a counter that survives in the store (``leader``); rank r
+    acknowledges a leader number only if it is newer than the last one rank r acknowledged
+    (``ack/r``, a leftover of the previous attempt is not); rank 0 confirms once every rank has
+    acknowledged its number. A rank that acknowledged a stale number (its predecessor died
+    before acknowledging it) waits for the confirmation that never comes, sees the new leader
+    number instead, and acknowledges that one.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def wait_a_little(what: str) -> None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank}: no agreement on the rendezvous namespace within "
+                               f"{timeout.total_seconds():.0f}s ({what})")
+        time.sleep(_POLL_S)
+
+    if rank == 0:
+        generation = store.add("torchdist/counter", 1)
+        store.set("torchdist/leader", str(generation))
+        for peer in range(1, world_size):
+            while not (store.check([f"torchdist/ack/{peer}"])
+                       and int(store.get(f"torchdist/ack/{peer}")) == generation):
+                wait_a_little(f"waiting for rank {peer}")
+        store.set(f"torchdist/confirmed/{generation}", "1")
+        return generation
+    while True:
+        while not store.check(["torchdist/leader"]):
+            wait_a_little("waiting for rank 0")
+        leader = int(store.get("torchdist/leader"))
+        acked = int(store.get(f"torchdist/ack/{rank}")) if store.check([f"torchdist/ack/{rank}"]) else 0
+        if leader <= acked:  # the previous attempt's number: our predecessor acknowledged it
+            wait_a_little("waiting for rank 0")
+            continue
+        store.set(f"torchdist/ack/{rank}", str(leader))
+        while True:
+            if store.check([f"torchdist/confirmed/{leader}"]):
+                return leader
+            if int(store.get("torchdist/leader")) != leader:
+                break  # we acknowledged a stale number; a new rank 0 has drawn its own
+            wait_a_little("waiting for rank 0 to confirm")
 
 
 def teardown() -> None:
@@ -180,3 +245,26 @@ def stop_if_any_rank_failed(problem: str | None, dist: DistInfo) -> None:
     write_error_line(problems[0], dist.rank)
     barrier(dist)
     raise SystemExit(2)  # run_main exits with this status and prints nothing more
+
+
+def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of named tensors (names, dtypes and bytes): equal iff bit-identical contents."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{data.numel()};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stop_unless_all_ranks_agree(value: object, what: str, dist: DistInfo) -> None:
+    """Every rank passes its view of something that must be the same everywhere (a digest of
+    its data, the state it resumes from); unless all are equal, every rank stops with one
+    ``error:`` line naming the first rank that differs from rank 0. Call on every rank."""
+    views = all_gather_object(value, dist)
+    differing = [rank for rank, view in enumerate(views) if view != views[0]]
+    problem = None
+    if differing:
+        problem = (f"{what} differs between ranks (rank 0: {views[0]}; rank {differing[0]}: "
+                   f"{views[differing[0]]})")
+    stop_if_any_rank_failed(problem, dist)

@@ -23,6 +23,7 @@ from common.cli import make_parser
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.metrics import gather_tensors
+from common.parallel import local_copy
 from common.report import RunRecorder, get_logger
 from housing import data as hdata
 from housing.train import (GLOBAL_BATCH, Config, add_model_args, build_data, config_from_args, evaluate, fit,
@@ -73,6 +74,10 @@ def filter_scores(data: hdata.HousingData, slices: dict[str, list[int]], seed: i
 def permutation_importance(model, data: hdata.HousingData, slices: dict[str, list[int]],
                            repeats: int, seed: int, dist: DistInfo) -> torch.Tensor:
     """Mean rise in validation RMSE ($) per group; groups split across ranks, then gathered."""
+    # Each rank shuffles its own groups, a different number on each, so it evaluates a plain
+    # copy of the whole model in a world of one: gathering an FSDP model (a collective) inside
+    # the loop would be called a different number of times on each rank and hang.
+    model = local_copy(model)  # every rank, once
     solo = this_process_only(dist)
     base = evaluate(model, data.val, data, solo)["rmse"]
     rows = []

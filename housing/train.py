@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from common.checkpoint import (config_dict, load_checkpoint, load_model_state, require_keys,
-                               resume_from, save_checkpoint, training_state)
+from common.checkpoint import (agreed_checkpoint, check_ranks_agree, config_dict, load_model_state,
+                               require_keys, resume_from, save_checkpoint, training_state)
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_rank_failed
@@ -167,7 +167,7 @@ def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, sc
     for x, y in batches.epoch(progress.epoch, progress.step):
         loss = torch.nn.functional.mse_loss(model(x), y)  # mean over this rank's share
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages gradients across ranks
+        batches.global_mean(loss, progress.step).backward()  # DDP averages gradients across ranks
         optimizer.step()
         scheduler.step()
         value = loss.item()
@@ -312,9 +312,10 @@ def meta_for(cfg: Config) -> dict[str, Any]:
 
 def eval_from_checkpoint(cfg: Config, dist: DistInfo, log) -> None:
     """--eval-only: the best weights and fitted preprocessor of a saved run, on val and test."""
-    path = Path(cfg.resume)
-    state = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path, dist.device,
-                            {"program": "housing"})
+    # One checkpoint for every rank, sent to nodes that cannot read it (common/checkpoint.py).
+    state = agreed_checkpoint(cfg.resume, cfg.out_dir, dist, {"program": "housing"})
+    if state is None:  # --resume auto and no rank has a checkpoint in its --out-dir
+        raise UserError(f"--eval-only --resume: no checkpoint in {cfg.out_dir} on any node")
     require_keys(state, ("model", "config", "early_stopping", "preprocessor", "target_stats"), "housing")
     try:
         saved = Config(**{**state["config"], "data_dir": cfg.data_dir, "out_dir": cfg.out_dir,
@@ -327,6 +328,7 @@ def eval_from_checkpoint(cfg: Config, dist: DistInfo, log) -> None:
     data = build_data(saved, dist, preprocessor, state["target_stats"])
     model = build_model(saved, data.test.x.shape[1]).to(dist.device)
     model.load_state_dict(state["early_stopping"]["best_model"] or state["model"])
+    check_ranks_agree(state, model, dist)
     results = {name: evaluate(model, split, data, dist) for name, split in
                (("val", data.val), ("test", data.test))}
     log.info(f"{state['loaded_from']}: test RMSE ${results['test']['rmse']:,.2f}  "

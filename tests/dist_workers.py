@@ -57,10 +57,11 @@ def mlp() -> torch.nn.Module:
 
 # --- workers --------------------------------------------------------------------------------
 
-def ddp_sgd_steps(dist: DistInfo, global_batch: int, steps: int) -> dict:
-    """Train an MLP for ``steps`` SGD steps with a global batch; return the final parameters."""
+def ddp_sgd_steps(dist: DistInfo, global_batch: int, steps: int, n: int = 96) -> dict:
+    """Train an MLP for ``steps`` SGD steps with a global batch on ``n`` samples; return the
+    final parameters."""
     seed_everything(0)
-    x, y = regression_data()
+    x, y = regression_data(n)
     model = wrap_model(mlp(), dist)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batches = TrainBatches([x, y], global_batch, dist, seed=3)
@@ -69,7 +70,7 @@ def ddp_sgd_steps(dist: DistInfo, global_batch: int, steps: int) -> dict:
             break
         loss = torch.nn.functional.mse_loss(model(xb).squeeze(1), yb)
         optimizer.zero_grad()
-        loss.backward()
+        batches.global_mean(loss, step).backward()
         optimizer.step()
     return {"params": [p.detach().clone() for p in model.parameters()]}
 
@@ -163,3 +164,17 @@ def fsdp_helpers(dist: DistInfo) -> dict:
         "round_trip": all(torch.equal(back[k].to_local(), v.to_local()) if isinstance(v, DTensor)
                           else torch.equal(back[k], v) for k, v in state.items()),
     }
+
+
+def disagreeing_start(dist: DistInfo) -> dict:
+    """Rank 1 holds other weights than rank 0 (as when it resumed from no checkpoint): the
+    agreement check must stop every rank, not let them train apart."""
+    from common.checkpoint import check_ranks_agree
+
+    torch.manual_seed(dist.rank)
+    model = mlp()
+    try:
+        check_ranks_agree({"epoch": 3} if dist.rank == 0 else None, model, dist)
+    except SystemExit as stop:
+        return {"exit": stop.code}
+    return {"exit": None}

@@ -76,3 +76,77 @@ def run_and_terminate(script: str, args: list[str], out_dir: Path, nproc: int = 
     sent = time.time()
     out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
     return {"returncode": agent.returncode, "exit_s": time.time() - sent, "stdout": out, "stderr": err}
+
+
+# --- several "nodes" on this machine: one torchrun agent each, joined by c10d rendezvous ------
+
+def start_nodes(script: str, args_per_node: list[list[str]], max_restarts: int = 1) -> list[subprocess.Popen]:
+    """One torchrun agent per entry of ``args_per_node`` (1 worker each), as on separate hosts.
+
+    The agents share an endpoint and a run id, as ``scripts/run_multi_node.sh`` on every node
+    would; each gets its own program arguments (e.g. its own ``--out-dir``, a node's disk).
+    """
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = []
+    for args in args_per_node:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(args_per_node)}",
+               "--nproc_per_node=1", f"--max-restarts={max_restarts}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint={endpoint}", "--rdzv-id=faults", str(REPO / script), *args]
+        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return nodes
+
+
+def worker_with_rank(nodes: list[subprocess.Popen], rank: int) -> int:
+    """The pid of the worker that torchrun started with global ``RANK=rank``, on whichever node."""
+    for node in nodes:
+        for pid in worker_pids(node.pid):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+    raise AssertionError(f"no worker with RANK={rank} among {[worker_pids(n.pid) for n in nodes]}")
+
+
+def wait_for(condition, nodes: list[subprocess.Popen], deadline: float, what: str) -> None:
+    """Poll ``condition()`` until true; fail with the nodes' output if they end or time runs out."""
+    while not condition():
+        if any(node.poll() is not None for node in nodes) or time.time() > deadline:
+            finish_nodes(nodes, 5)
+            raise AssertionError(f"{what} did not happen before the job ended")
+        time.sleep(0.05)
+
+
+def finish_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """Wait for every agent; ``(exit code, stderr)`` each. Agents still running are killed."""
+    results = []
+    deadline = time.time() + timeout
+    for node in nodes:
+        try:
+            _, err = node.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for pid in worker_pids(node.pid):
+                os.kill(pid, signal.SIGKILL)
+            node.kill()
+            _, err = node.communicate()
+            err += "\n[test] killed: the job did not finish in time"
+        results.append((node.returncode, err))
+    return results
+
+
+def kill_a_node_worker(script: str, args_per_node: list[list[str]], kill_rank: int,
+                       checkpoint_dirs: list[Path], timeout: float = 180) -> dict:
+    """Two nodes train with ``--max-restarts=1 --resume``; SIGKILL the worker holding global
+    rank ``kill_rank`` once the first checkpoint appears in any of ``checkpoint_dirs``; return
+    the seconds from the kill to the end of the job and each node's exit code and stderr.
+    """
+    nodes = start_nodes(script, [[*args, "--resume"] for args in args_per_node])
+    deadline = time.time() + timeout
+    wait_for(lambda: any((d / "checkpoint.pt").exists() for d in checkpoint_dirs), nodes, deadline,
+             "a first checkpoint")
+    os.kill(worker_with_rank(nodes, kill_rank), signal.SIGKILL)
+    killed_at = time.time()
+    results = finish_nodes(nodes, deadline - time.time())
+    return {"recovery_s": time.time() - killed_at, "results": results}

@@ -223,20 +223,27 @@ def _check(result) -> None:
 
 
 def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> None:
-    """The 1-process training run's final evaluation, then its checkpoint re-evaluated at 2, 3."""
+    """The 1-process training run's final evaluation, then its checkpoint re-evaluated at 2, 3.
+
+    At 2 processes the run is evaluated in place (``--out-dir`` = the run): only eval.json is
+    added, the run's own metrics.jsonl, summary.json and plots are left as they were.
+    """
     train = tmp_path / "train"
     _check(run_program("cifar/train.py", ["--data-dir", str(folders), "--out-dir", str(train),
                                           "--epochs", "1", "--batch-size", "12", *SMALL], nproc=1))
     results = {1: _summary(train)}
+    run_files = {p: p.read_bytes() for p in sorted(train.rglob("*")) if p.is_file()}
     for nproc in (2, 3):
-        out = tmp_path / f"eval{nproc}"
+        out = train if nproc == 2 else tmp_path / f"eval{nproc}"
         _check(run_program("cifar/train.py", ["--data-dir", str(folders), "--out-dir", str(out),
                                               "--eval-only", "--resume", str(train / "checkpoint.pt"),
                                               *SMALL], nproc=nproc, timeout=120))
-        results[nproc] = _summary(out)
+        results[nproc] = json.loads((out / "eval.json").read_text())
+    assert {p: p.read_bytes() for p in sorted(train.rglob("*")) if p.is_file() and p.name != "eval.json"} == run_files
     for nproc in (1, 2, 3):
-        assert results[nproc]["world_size"] == nproc and results[nproc]["test_images"] == 21
+        assert results[nproc]["test_images"] == 21
     for nproc in (2, 3):
+        assert results[nproc]["world_size"] == nproc
         assert results[nproc]["test_accuracy"] == results[1]["test_accuracy"]
         assert results[nproc]["confusion_matrix"] == results[1]["confusion_matrix"]
         assert results[nproc]["per_class_accuracy"] == results[1]["per_class_accuracy"]

@@ -27,6 +27,26 @@ def test_ddp_steps_equal_single_process_steps(tmp_path, world_size):
             torch.testing.assert_close(p_multi, p_single, rtol=1e-5, atol=1e-6)
 
 
+def test_ranks_starting_from_different_states_all_stop(tmp_path, capfd):
+    results = w.spawn(w.disagreeing_start, 2, free_port(), tmp_path)
+    assert [r["exit"] for r in results] == [2, 2]
+    err = capfd.readouterr().err
+    assert "error: the state training starts from" in err and "[rank 1] error: " in err
+    assert "rank 0: epoch 3" in err and "rank 1: epoch None" in err
+
+
+def test_uneven_last_batch_steps_equal_single_process_steps(tmp_path):
+    """100 samples, global batch 12, 3 ranks: the last batch (16 rows) splits 6/5/5. Each rank's
+    mean loss is weighted by its share, so the 8th step is one process's step too."""
+    single = w.ddp_sgd_steps(SINGLE, 12, 8, 100)
+    multi = w.spawn(w.ddp_sgd_steps, 3, free_port(), tmp_path, 12, 8, 100)
+    seven = w.ddp_sgd_steps(SINGLE, 12, 7, 100)
+    assert any(not torch.allclose(p, q) for p, q in zip(single["params"], seven["params"]))  # it stepped
+    for rank_result in multi:
+        for p_multi, p_single in zip(rank_result["params"], single["params"]):
+            torch.testing.assert_close(p_multi, p_single, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_evaluation_is_exact_on_uneven_shards(tmp_path, world_size):
     """101 samples on 2 and 3 ranks: loss, RMSE, accuracy, confusion matrix equal one process."""

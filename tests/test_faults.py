@@ -1,15 +1,18 @@
-"""Fault tolerance for real: a truncated checkpoint; a SIGKILLed worker in each program."""
+"""Fault tolerance for real: a truncated checkpoint; a SIGKILLed worker in each program; a
+SIGKILLed worker on one of two nodes, with and without a shared filesystem."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.faults import run_and_kill_one_worker, truncate
+from tests.faults import (finish_nodes, kill_a_node_worker, run_and_kill_one_worker, start_nodes,
+                          truncate, wait_for, worker_with_rank)
 from tests.launch import error_messages, run_program
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
@@ -118,3 +121,60 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_tmpfs):
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1
     assert took < 30
+
+
+# --- several nodes: a failure on one node, with or without a shared filesystem ---------------
+
+def test_restarted_nodes_form_a_group_whatever_each_agent_counted(tmp_path):
+    """A worker dies on one node while the other node's worker is busy outside a collective.
+
+    The first node's agent restarts after a failure (TORCHELASTIC_RESTART_COUNT 1), the
+    second's after a membership change (count 0). The restarted ranks must form one group.
+    """
+    nodes = start_nodes("tests/restart_probe.py", [[str(tmp_path)], [str(tmp_path)]])
+    deadline = time.time() + 120
+    wait_for(lambda: len(list(tmp_path.glob("started.*"))) == 2, nodes, deadline, "the first group")
+    (tmp_path / "killed").touch()
+    os.kill(worker_with_rank(nodes, 1), signal.SIGKILL)
+    results = finish_nodes(nodes, deadline - time.time())
+    for code, err in results:
+        assert code == 0, err[-3000:]
+    # The scenario happened: the two nodes counted the restart differently.
+    assert sorted(json.loads((tmp_path / "result.json").read_text())["restart_counts"]) == ["0", "1"]
+
+
+@pytest.fixture(scope="module")
+def housing_two_nodes(tmp_path_factory):
+    """Small housing data and the uninterrupted 2-process run's test metrics."""
+    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+
+    root = tmp_path_factory.mktemp("multinode")
+    (root / "data").mkdir()
+    synthetic_frame().to_csv(root / "data" / "housing.csv", index=False)
+    args = ["--data-dir", str(root / "data"), *TRAIN_ARGS, "--epochs", "12", "--patience", "100"]
+    straight = run_program("housing/train.py", [*args, "--out-dir", str(root / "straight")], nproc=2)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    return args, json.loads((root / "straight" / "summary.json").read_text())["test"]
+
+
+@pytest.mark.xdist_group("multinode")
+@pytest.mark.parametrize("out_dirs,kill_rank", [
+    ("per-node", 1),  # the node without the checkpoint: it must be sent the file
+    ("per-node", 0),  # the node that holds the checkpoint and rank 0
+    ("shared", 1),
+])
+def test_two_nodes_survive_a_killed_worker(housing_two_nodes, tmp_path, out_dirs, kill_rank):
+    """Two torchrun agents (1 worker each), each with its own --out-dir (no shared filesystem)
+    or one shared; a worker SIGKILLed after the first checkpoint; the job ends exactly where
+    the uninterrupted run does."""
+    args, expected = housing_two_nodes
+    dirs = [tmp_path / "node0", tmp_path / "node1"] if out_dirs == "per-node" else [tmp_path / "shared"] * 2
+    result = kill_a_node_worker("housing/train.py", [[*args, "--out-dir", str(d)] for d in dirs],
+                                kill_rank, dirs)
+    for code, err in result["results"]:
+        assert code == 0, f"exit {code}:\n{err[-3000:]}"
+    assert any("failed (exitcode" in err for _, err in result["results"])  # a worker did fail
+    summaries = [d / "summary.json" for d in set(dirs) if (d / "summary.json").exists()]
+    assert len(summaries) == 1  # written once, by rank 0
+    assert json.loads(summaries[0].read_text())["test"] == expected  # exactly, on CPU
+    print(f"{out_dirs} out-dirs, rank {kill_rank} killed: kill to job end {result['recovery_s']:.1f}s")

@@ -65,10 +65,10 @@ def main() -> None:
         start = time.time()
         for epoch in range(start_epoch, args.epochs):
             model.train()
-            for xb, yb in batches.epoch(epoch):
+            for step, (xb, yb) in enumerate(batches.epoch(epoch)):
                 loss = torch.nn.functional.mse_loss(model(xb).squeeze(1), yb)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                batches.global_mean(loss, step).backward()
                 optimizer.step()
             recorder.log_epoch({"epoch": epoch, **evaluate(model, x_test, y_test, dist)})
             save_checkpoint(args.out_dir, training_state(model, optimizer, epoch, meta), dist)

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def run_train(args: argparse.Namespace, train_args: list[str], out: Path) -> dict:
-    """One train.py run into ``out``; its summary.json, or a UserError with its last error line."""
+    """One train.py run into ``out``; its summary.json (eval.json for ``--eval-only``), or a
+    UserError with its last error line."""
     train_args = [*train_args, "--out-dir", str(out)]
     if args.nproc == 1:
         cmd = [sys.executable, str(TRAIN), *train_args]
@@ -61,7 +62,7 @@ def run_train(args: argparse.Namespace, train_args: list[str], out: Path) -> dic
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         raise UserError(f"train.py failed ({' '.join(train_args)}): {lines[-1] if lines else '?'}")
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / ("eval.json" if "--eval-only" in train_args else "summary.json")).read_text())
 
 
 def main() -> None:

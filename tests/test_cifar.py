@@ -363,7 +363,8 @@ def test_augment_study_runs_each_variant_and_tabulates(tmp_path: Path, monkeypat
         out = Path(cmd[cmd.index("--out-dir") + 1])
         out.mkdir(parents=True)
         key = next((k for k in accuracy if k != "base" and k in args), "base")
-        (out / "summary.json").write_text(json.dumps({"test_accuracy": accuracy[key]}))
+        (out / ("eval.json" if "--eval-only" in cmd else "summary.json")).write_text(
+            json.dumps({"test_accuracy": accuracy[key]}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(augment_study.subprocess, "run", fake_run)

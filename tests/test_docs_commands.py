@@ -111,7 +111,17 @@ def follow(command: str, tmp: Path) -> tuple[str, list[str]]:
         assert printed, f"{command}: printed no command\n{result.stdout}"
         return follow(printed[-1][2:], tmp)
     if words[0] == "srun":
-        words = words[words.index("torchrun"):]
+        words = words[1:]
+        while words[0].startswith("-"):
+            words.pop(0)
+    if words[0] == "env":  # env GLOO_SOCKET_IFNAME=... torchrun ...
+        words = words[1:]
+        while ASSIGNMENT.match(words[0]):
+            words.pop(0)
+    if words[:2] == ["bash", "-c"] and "-m torch.distributed.run --local-addr=" in words[2]:
+        # slurm.sbatch with NET_IF: a bash on each node runs `$0 -m torch.distributed.run
+        # --local-addr=<its address> "$@"`, $0 being the python
+        words = [words[3], "-m", "torch.distributed.run", "--local-addr=10.0.0.2", *words[4:]]
     if words[0] == "python" and words[1:3] == ["-m", "torch.distributed.run"]:
         words = ["torchrun", *words[3:]]
     if words[0] == "torchrun":

@@ -8,7 +8,7 @@
 #      as peers reach it: torchrun --local-addr), NET_IF (the interface gloo and NCCL use:
 #      GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME).
 source "$(dirname "$0")/_lib.sh"
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; usage_programs; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; usage_programs; }
 parse_launch_args "$@"
 : "${NNODES:?set NNODES, the number of nodes}"
 : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port, reachable from every node}"

@@ -104,12 +104,12 @@ def _housing(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        return h.build_model(cfg, n_features)
+        return h.build_model(cfg, n_features, data.train.x)
 
     return Workload(
         "housing", [data.train.x.to(dist.device), data.train.y.to(dist.device)], cfg.batch_size,
         build_model, lambda m: h.build_optimizer(cfg, m, 10_000)[0],
-        lambda batch, g: (batch[0], batch[1]), F.mse_loss, False,
+        lambda batch, g: (batch[0], batch[1]), h.loss_fn, False,
         f"MLP {cfg.arch}, {n_features} features, {len(data.train.y)} training rows, AdamW")
 
 
@@ -179,7 +179,7 @@ def _synthetic(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workl
 
     return Workload("synthetic", [x.to(dist.device), y.to(dist.device)], 256, build_model,
                     lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
-                    lambda batch, g: (batch[0], batch[1]), F.mse_loss, False,
+                    lambda batch, g: (batch[0], batch[1]), h.loss_fn, False,
                     "MLP 16-64-64-1 on 2048 random rows, AdamW")
 
 

@@ -17,38 +17,54 @@ def _rmse_mae_r2(pred: np.ndarray, price: np.ndarray) -> dict[str, float]:
             "r2": float(1 - np.sum(err ** 2) / np.sum((price - price.mean()) ** 2))}
 
 
-def run_baselines(data: hdata.HousingData, seed: int) -> dict[str, dict[str, float]]:
-    """Two scikit-learn models fitted on the net's training rows, scored on the same test rows.
+# Tuned once on the standard split with all 74 features (validation RMSE, seed 0): 500 trees of
+# up to 63 leaves at learning rate 0.05; 0.1 or 31 leaves score worse (housing/README.md).
+HGB_SETTINGS = {"max_iter": 500, "learning_rate": 0.05, "max_leaf_nodes": 63}
+HGB_NAME = "HistGradientBoosting (net's features, log target)"
 
-    - LinearRegression on the net's own features and log target: what the features alone buy.
-    - HistGradientBoostingRegressor on the nine original columns (``ocean_proximity`` as a
-      native categorical, dollars as target): the usual strong baseline for this file.
+
+def run_baselines(data: hdata.HousingData, seed: int) -> dict[str, dict[str, float]]:
+    """Two scikit-learn models fitted on the net's training rows, features and target.
+
+    Both see exactly what the network sees (the same engineered features, the standardised log
+    price, the same decoding to clipped whole dollars), so the comparison is of models alone:
+
+    - LinearRegression: what the features alone buy.
+    - HistGradientBoostingRegressor (HGB_SETTINGS, no early stopping): the strong baseline the
+      network has to beat on tabular data. Its fit time is recorded beside its metrics.
     """
+    import time
+
     from sklearn.ensemble import HistGradientBoostingRegressor
     from sklearn.linear_model import LinearRegression
 
     price = data.test.price.numpy()
-    linear = LinearRegression().fit(data.train.x.numpy(), data.train.y.numpy())
-    linear_pred = hdata.decode_target(torch.from_numpy(linear.predict(data.test.x.numpy())),
-                                      data.target_mean, data.target_std).numpy()
-    raw = data.raw[hdata.NUMERIC + [hdata.CATEGORICAL]].copy()
-    raw[hdata.CATEGORICAL] = raw[hdata.CATEGORICAL].astype("category")
-    boost = HistGradientBoostingRegressor(max_iter=500, learning_rate=0.1, max_leaf_nodes=63,
-                                          categorical_features="from_dtype", early_stopping=False,
-                                          random_state=seed)
-    boost.fit(raw.iloc[data.train.rows], data.raw[hdata.TARGET].iloc[data.train.rows])
-    boost_pred = np.clip(boost.predict(raw.iloc[data.test.rows]), hdata.PRICE_MIN, hdata.PRICE_CAP).round()
-    return {"LinearRegression (net's features, log target)": _rmse_mae_r2(linear_pred, price),
-            "HistGradientBoosting (9 original columns)": _rmse_mae_r2(boost_pred, price)}
+    x, y, test_x = data.train.x.numpy(), data.train.y.numpy(), data.test.x.numpy()
+
+    def dollars(z: np.ndarray) -> np.ndarray:
+        return hdata.decode_target(torch.from_numpy(z), data.target_mean, data.target_std).numpy()
+
+    linear = LinearRegression().fit(x, y)
+    started = time.time()
+    boost = HistGradientBoostingRegressor(**HGB_SETTINGS, early_stopping=False, random_state=seed).fit(x, y)
+    boost_pred = dollars(boost.predict(test_x))
+    boost_s = time.time() - started
+    return {"LinearRegression (net's features, log target)": _rmse_mae_r2(dollars(linear.predict(test_x)), price),
+            HGB_NAME: {**_rmse_mae_r2(boost_pred, price), "fit_s": boost_s, "settings": HGB_SETTINGS}}
 
 
-def results_table(test: dict[str, Any], baselines: dict[str, dict[str, float]] | None,
+def results_table(test: dict[str, Any], baselines: dict[str, dict[str, Any]] | None,
                   arch: str) -> str:
-    """Markdown: the net against the baselines on the same test rows."""
+    """Markdown: the net against the baselines on the same test rows, and against HGB in words."""
     rows = [(f"MLP {arch} (this run)", test)] + list((baselines or {}).items())
     lines = ["# Test results (standard 20% split, random_state=42)", "",
              "| model | RMSE ($) | MAE ($) | R² |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {m['rmse']:,.0f} | {m['mae']:,.0f} | {m['r2']:.4f} |" for name, m in rows]
+    if baselines and HGB_NAME in baselines:
+        gap = test["rmse"] - baselines[HGB_NAME]["rmse"]
+        lines += ["", f"The network is ${abs(gap):,.0f} {'below' if gap < 0 else 'above'} "
+                      f"gradient boosting on the same features and target "
+                      f"({HGB_SETTINGS}, fitted in {baselines[HGB_NAME]['fit_s']:.1f} s)."]
     return "\n".join(lines) + "\n"
 
 

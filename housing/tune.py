@@ -27,10 +27,22 @@ from housing.train import (GLOBAL_BATCH, Config, add_model_args, build_data, con
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/tune.py --data-dir ../shared/data --out-dir runs/housing-tune
   torchrun --nproc_per_node=2 housing/tune.py --grid "width=128,256 lr=0.002,0.004" --epochs 20
+  torchrun --nproc_per_node=2 housing/tune.py --grid "ensemble=1,8 ensemble_mode=mini,packed width=128 depth=2"
 """
-DEFAULT_GRID = "width=128,256,512 depth=2,3 lr=0.002,0.004"
+# The ingredients of housing/model.py on and off, around the default (PLE embedding).
+DEFAULT_GRID = "embedding=none,ple,periodic quantile=0,1 ensemble=1,8"
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
+
+
+_flag.__name__ = "0 or 1"
 TUNABLE = {"width": int, "depth": int, "lr": float, "weight_decay": float, "dropout": float,
-           "batch_size": int, "activation": str, "norm": str}
+           "batch_size": int, "activation": str, "norm": str, "quantile": _flag, "embedding": str,
+           "embed_bins": int, "embed_dim": int, "ensemble": int, "ensemble_mode": str}
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:
@@ -51,7 +63,7 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[dict[str, Any]]]:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=GLOBAL_BATCH,
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=60, batch_size=GLOBAL_BATCH,
                          lr=4e-3, data_dir="data", out_dir="runs/housing-tune")
     add_model_args(parser)
     parser.add_argument("--grid", default=DEFAULT_GRID,

@@ -207,7 +207,9 @@ class MLP(nn.Module):
         elif self.packed:
             x = x.expand(-1, self.ensemble, -1)
         h = self.net(x)
-        return torch.einsum("bkw,kw->bk", h.expand(-1, self.ensemble, -1), self.head_weight) + self.head_bias
+        # Multiply-and-sum rather than einsum: einsum's gradient for a [1, width] weight has
+        # strides DDP's gradient buckets do not expect (a UserWarning on every step).
+        return (h * self.head_weight).sum(-1) + self.head_bias
 
 
 def describe(width: int, depth: int, activation: str, dropout: float, norm: str,

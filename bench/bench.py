@@ -179,7 +179,7 @@ def _synthetic(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workl
 
     return Workload("synthetic", [x.to(dist.device), y.to(dist.device)], 256, build_model,
                     lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
-                    lambda batch, g: (batch[0], batch[1]), h.loss_fn, False,
+                    lambda batch, g: (batch[0], batch[1]), F.mse_loss, False,
                     "MLP 16-64-64-1 on 2048 random rows, AdamW")
 
 

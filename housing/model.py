@@ -221,6 +221,7 @@ def describe(width: int, depth: int, activation: str, dropout: float, norm: str,
         tag += "-quantile"
     if embedding != "none":
         tag += f"-{embedding}{embed_bins}x{embed_dim}"
-    if ensemble > 1:
-        tag += f"-{ensemble_mode}{ensemble}"
+    # Always a member count: the output heads are parameters of their own since #16, so a
+    # checkpoint from before (tag without it) is refused by --resume instead of failing to load.
+    tag += f"-{ensemble_mode}{ensemble}" if ensemble > 1 else "-k1"
     return tag

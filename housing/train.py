@@ -62,11 +62,11 @@ class Config:
     eval_only: bool  # evaluate the checkpoint named by --resume; no training
     resume: str | None
     device: str
-    strategy: str  # "ddp" or "fsdp" (common.parallel); a ~150k-parameter net needs no sharding
+    strategy: str  # "ddp" or "fsdp" (common.parallel); a ~300k-parameter net needs no sharding
     dist_timeout: float  # seconds
     download_url: str
-    # The tabular-DL ingredients (housing/model.py); the defaults here are the plain MLP, so a
-    # checkpoint saved before they existed still builds the model it was trained with.
+    # The tabular-DL ingredients (housing/model.py); defaults here (not the CLI's) are the plain
+    # MLP, so a saved config from before they existed still parses.
     quantile: bool = False  # inputs through their training quantiles to a normal
     embedding: str = "none"  # numeric-feature embedding: none, ple, periodic
     embed_bins: int = 16  # PLE bins / periodic frequencies per feature

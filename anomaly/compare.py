@@ -1,4 +1,4 @@
-"""Compare the autoencoder with classic detectors on the same splits and the same features.
+"""Compare the trained detectors with classic ones on the same split and the same features.
 
 Rows of the table (threshold on the validation split by best F1 unless said otherwise):
 - all-attack baseline: flags everything; its F1 is what "no skill" scores on this test split;
@@ -7,13 +7,15 @@ Rows of the table (threshold on the validation split by best F1 unless said othe
 - IsolationForest, fitted on normal training rows;
 - one-class SVM (RBF kernel), fitted on a seeded subsample of normal training rows (kernel SVMs
   scale quadratically with rows);
-- supervised gradient boosting, fitted on *labelled* training rows: an upper bound for what the
-  semi-supervised detectors could reach, not a competitor;
-- the autoencoder, read from a train run's summary.json (``--ae-run``), whose config also sets
-  the split and feature settings here, so every row is measured on the same rows.
+- gradient boosting (``HistGradientBoostingClassifier``), fitted on *labelled* training rows
+  with the classifier's own input columns, tuned on validation over a small grid (the settings
+  chosen are in the table): what the supervised network has to beat;
+- every train.py run named by ``--runs`` (autoencoder, classifier, hybrid), read from its
+  summary.json. The first run's config sets the split and feature settings here, and every run
+  must share them, so every row is measured on the same rows.
 
 Writes ``compare.md`` and ``compare.json`` into --out-dir.
-Example: ``python anomaly/compare.py --data-dir ../shared/data --ae-run runs/anomaly``
+Example: ``python anomaly/compare.py --data-dir ../shared/data --runs runs/anomaly-ae runs/anomaly runs/anomaly-hybrid``
 """
 from __future__ import annotations
 
@@ -31,14 +33,19 @@ from sklearn.metrics import (average_precision_score, f1_score, precision_score,
 from sklearn.svm import OneClassSVM
 
 from anomaly.data import split_data
-from anomaly.features import FeatureTransform
-from anomaly.train import best_f1_threshold
+from anomaly.model import classifier_inputs
+from anomaly.train import best_f1_threshold, hold_out, make_features
 from common.errors import UserError, run_main
 from common.report import write_json_atomic
 
-SPLIT_KEYS = ("seed", "val_fraction", "test_fraction", "pca_variance", "min_frequency", "max_rows")
-DEFAULTS = {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.30, "pca_variance": 0.999,
-            "min_frequency": 20, "max_rows": None}
+SPLIT_KEYS = ("seed", "split", "val_fraction", "test_fraction", "pca_variance", "min_frequency",
+              "max_rows", "holdout")
+DEFAULTS = {"seed": 0, "split": "grouped", "val_fraction": 0.15, "test_fraction": 0.30,
+            "pca_variance": 0.999, "min_frequency": 20, "max_rows": None, "holdout": None}
+# Gradient boosting's grid, searched on validation F1 (max_iter with early stopping on a
+# validation cut of the training rows, scikit-learn's default 10%).
+GB_GRID = [{"learning_rate": lr, "max_leaf_nodes": leaves}
+           for lr in (0.05, 0.1) for leaves in (31, 63, 127)]
 OCSVM_ROWS = 5000  # normal training rows the one-class SVM is fitted on
 
 
@@ -48,9 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="UNSW-NB15 folder")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/anomaly-compare"),
                         help="where compare.md and compare.json go")
-    parser.add_argument("--ae-run", type=Path, default=Path("runs/anomaly"),
-                        help="train.py run directory whose summary.json gives the autoencoder "
-                             "row and the split/feature settings; skipped if it has none")
+    parser.add_argument("--runs", type=Path, nargs="*", default=[Path("runs/anomaly")],
+                        help="train.py run directories whose summary.json gives a row each; the "
+                             "first sets the split and feature settings (none: defaults)")
     parser.add_argument("--seed", type=int, default=None,
                         help="split seed when there is no --ae-run summary (default 0)")
     parser.add_argument("--max-rows", type=int, default=None,
@@ -58,21 +65,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Split/feature settings (from the autoencoder run when there is one) and its summary."""
-    path = args.ae_run / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
+def settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[Path, dict]]]:
+    """Split/feature settings (from the first run when there is one) and every run's summary."""
+    runs = []
+    for run in args.runs:
+        path = run / "summary.json"
+        if not path.is_file():
+            raise UserError(f"--runs {run}: no summary.json there; expected an anomaly/train.py run directory")
+        runs.append((run, json.loads(path.read_text())))
     chosen = dict(DEFAULTS)
-    if summary is not None:
-        chosen.update({k: summary["config"][k] for k in SPLIT_KEYS if k in summary["config"]})
+    if runs:
+        first = runs[0][1]["config"]
+        chosen.update({k: first.get(k, DEFAULTS[k]) for k in SPLIT_KEYS})
+        for run, summary in runs[1:]:
+            differs = [k for k in SPLIT_KEYS if summary["config"].get(k, DEFAULTS[k]) != chosen[k]]
+            if differs:
+                raise UserError(f"--runs {run}: its {', '.join(differs)} differ from {runs[0][0]}; "
+                                "compare runs of the same split and features")
         for flag in ("seed", "max_rows"):
             given = getattr(args, flag)
             if given is not None and given != chosen[flag]:
-                raise UserError(f"--{flag.replace('_', '-')} {given} differs from the autoencoder run "
-                                f"{args.ae_run} ({chosen[flag]}); drop it so both use the same split")
+                raise UserError(f"--{flag.replace('_', '-')} {given} differs from the run "
+                                f"{runs[0][0]} ({chosen[flag]}); drop it so both use the same split")
     else:
         chosen.update({k: getattr(args, k) for k in ("seed", "max_rows") if getattr(args, k) is not None})
-    return chosen, summary
+    return chosen, runs
 
 
 def metrics(y: np.ndarray, scores: np.ndarray, predicted: np.ndarray, unseen: np.ndarray) -> dict[str, float]:
@@ -99,6 +116,20 @@ def run_detector(name: str, kind: str, fit: Callable[[], Callable[[np.ndarray], 
     return row
 
 
+def tune_boosting(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                  seed: int) -> dict[str, Any]:
+    """``GB_GRID``'s best setting by validation F1 (at its own best threshold), refitted never:
+    the returned ``model`` is the one measured on validation."""
+    best = None
+    for params in GB_GRID:
+        model = HistGradientBoostingClassifier(max_iter=1000, early_stopping=True, random_state=seed,
+                                               **params).fit(x_train, y_train)
+        f1 = best_f1_threshold(model.predict_proba(x_val)[:, 1], y_val)[1]
+        if best is None or f1 > best[0]:
+            best = (f1, params, model)
+    return {**best[1], "trees": int(best[2].n_iter_), "model": best[2]}
+
+
 def pca_detector(x_normal: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
     """PCA residual error; the component count is chosen by validation F1."""
     full = PCA(svd_solver="full").fit(x_normal)
@@ -119,14 +150,15 @@ def pca_detector(x_normal: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
 
 def main() -> None:
     args = parse_args()
-    chosen, summary = settings(args)
+    chosen, runs = settings(args)
     splits = split_data(args.data_dir, chosen["val_fraction"], chosen["test_fraction"],
-                        chosen["seed"], chosen["max_rows"])
-    normal = splits.train[splits.train["label"] == 0]
-    transform = FeatureTransform(chosen["min_frequency"], pca_variance=chosen["pca_variance"])
-    x_normal = transform.fit_transform(normal)
-    x_train, x_val, x_test = (transform.transform(f) for f in (splits.train, splits.val, splits.test))
-    y_train, y_val, y_test = (f["label"].to_numpy() for f in (splits.train, splits.val, splits.test))
+                        chosen["seed"], chosen["max_rows"], chosen["split"])
+    if chosen["holdout"] is not None:
+        splits = hold_out(splits, chosen["holdout"])
+    transform, x, y = make_features(splits, chosen["min_frequency"], chosen["pca_variance"])
+    x_normal, x_val, x_test = (x[k].numpy() for k in ("train_normal", "val", "test"))
+    y_train, y_val, y_test = (y[k].numpy() for k in ("train", "val", "test"))
+    columns = classifier_inputs(transform)  # the supervised network's own inputs
     unseen = ~splits.test_seen_in_train
     common = (x_val, y_val, x_test, y_test, unseen)
     rows = [{"method": "all-attack baseline", "kind": "trivial",
@@ -158,18 +190,24 @@ def main() -> None:
     rows.append(run_detector(f"one-class SVM (RBF, {min(OCSVM_ROWS, len(x_normal))} rows)",
                              "semi-supervised", fit_ocsvm, *common))
 
-    def fit_supervised():
-        model = HistGradientBoostingClassifier(random_state=chosen["seed"]).fit(x_train, y_train)
-        return lambda x: model.predict_proba(x)[:, 1]
+    gb = {}
 
-    rows.append(run_detector("gradient boosting (labels)", "supervised upper bound",
-                             fit_supervised, *common))
-    if summary is not None:
+    def fit_boosting():
+        gb.update(tune_boosting(x["train"].numpy()[:, columns], y_train, x_val[:, columns], y_val,
+                                chosen["seed"]))
+        model = gb.pop("model")
+        return lambda features: model.predict_proba(features[:, columns])[:, 1]
+
+    rows.append(run_detector("gradient boosting, tuned", "supervised", fit_boosting, *common))
+    rows[-1]["method"] += f" ({', '.join(f'{k} {v}' for k, v in gb.items())})"
+    for run, summary in runs:
         test, unseen_part = summary["test"], summary["test_unseen"]
-        rows.append({"method": f"autoencoder ({args.ae_run}, world size {summary['world_size']})",
-                     "kind": "semi-supervised", **{k: test[k] for k in ("precision", "recall", "f1", "roc_auc", "pr_auc")},
+        detector = summary.get("detector", "autoencoder")
+        kind = {"autoencoder": "semi-supervised", "classifier": "supervised"}.get(detector, "both")
+        rows.append({"method": f"{detector} network ({run}, world size {summary['world_size']})",
+                     "kind": kind, **{k: test[k] for k in ("precision", "recall", "f1", "roc_auc", "pr_auc")},
                      "f1_unseen": unseen_part["f1"], "fit_time_s": summary["train_time_s"],
-                     "threshold": summary["threshold"]})
+                     "threshold": summary["thresholds"]})
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"settings": chosen, "data": splits.source, "test_rows": len(y_test),

@@ -72,6 +72,7 @@ RAW_BLANK_IS_ZERO = ("ct_flw_http_mthd", "is_ftp_login")
 # The raw files spell a few attack categories differently from the partitions.
 ATTACK_CAT_FIXES = {"Backdoors": "Backdoor", "": "Normal"}
 NORMAL = "Normal"
+SPLITS = ("grouped", "random")
 
 
 @dataclass
@@ -256,6 +257,23 @@ def _split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFram
     return kept.sort_index(), taken.sort_index()
 
 
+def _split_groups(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Like ``_split``, but every group of identical feature rows lands on one side.
+
+    The distinct feature rows are split (stratified on each group's most common ``attack_cat``),
+    then every row follows its group, so no row on one side has a copy on the other. The row
+    shares only approximate ``fraction``: a group of 1,000 identical attacks moves as one.
+    """
+    groups = pd.util.hash_pandas_object(frame[feature_columns(frame)], index=False).to_numpy()
+    per_group = pd.DataFrame({"group": groups, "attack_cat": frame["attack_cat"].to_numpy()})
+    sizes = per_group.value_counts().reset_index(name="rows")  # largest first
+    distinct = sizes.drop_duplicates("group").set_index("group")[["attack_cat"]]
+    kept, taken = train_test_split(distinct, test_size=fraction, random_state=seed,
+                                   stratify=_stratify_key(distinct))
+    in_taken = np.isin(groups, taken.index.to_numpy())
+    return frame[~in_taken], frame[in_taken]  # record order is kept
+
+
 def seen_in(reference: pd.DataFrame, query: pd.DataFrame) -> np.ndarray:
     """Per row of ``query``: does ``reference`` hold a row with identical features?"""
     cols = feature_columns(query)
@@ -265,26 +283,31 @@ def seen_in(reference: pd.DataFrame, query: pd.DataFrame) -> np.ndarray:
 
 
 def split_data(data_dir: Path, val_fraction: float, test_fraction: float, seed: int,
-               max_rows: int | None = None) -> Splits:
+               max_rows: int | None = None, split: str = "grouped") -> Splits:
     """Load ``data_dir`` and cut it into train / validation / test (see the module docstring).
 
     ``val_fraction`` and ``test_fraction`` are fractions of all rows when one file is split; with
     the official partitions, validation is ``val_fraction`` of the training file and the test
     fraction is unused. ``max_rows`` takes a stratified subset first (for quick runs and tests).
+    ``split`` is "grouped" (identical feature rows stay on one side, so no test row has a copy in
+    train) or "random" (rows split independently, as most published UNSW-NB15 figures are).
     """
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    cut = _split_groups if split == "grouped" else _split
     frames, time_column = load_frames(data_dir)
     if max_rows is not None:
         frames = {k: (_split(f, max_rows / len(f), seed)[1] if len(f) > max_rows else f)
                   for k, f in frames.items()}
     if "all" in frames:
         frame = frames["all"]
-        rest, test = _split(frame, test_fraction, seed)
-        train, val = _split(rest, val_fraction / (1 - test_fraction), seed + 1)
-        source = (f"one file, {len(frame)} rows, stratified seeded split "
+        rest, test = cut(frame, test_fraction, seed)
+        train, val = cut(rest, val_fraction / (1 - test_fraction), seed + 1)
+        source = (f"one file, {len(frame)} rows, {split} stratified seeded split "
                   f"{1 - val_fraction - test_fraction:.2f}/{val_fraction:.2f}/{test_fraction:.2f}")
     else:
-        train, val = _split(frames["train"], val_fraction, seed)
-        test = frames["test"]
+        train, val = cut(frames["train"], val_fraction, seed)
+        test = frames["test"]  # the official test file: copies of training rows may remain
         source = (f"official partitions: train {len(frames['train'])} rows "
                   f"({val_fraction:.2f} carved out for validation), test {len(test)} rows")
     for name, part in (("training", train), ("validation", val), ("test", test)):

@@ -18,13 +18,13 @@ import torch
 
 from anomaly.data import read_csv_file
 from anomaly.features import transform_from_plain
-from anomaly.model import Autoencoder
+from anomaly.model import combined_score, make_detector, raw_scores, thresholds_tensor
 from common.checkpoint import load_tensors_file
 from common.errors import UserError, run_main
 
 
 def load_detector(path: Path) -> dict:
-    """The bundle train.py wrote: model weights, hidden sizes, fitted transform, threshold.
+    """The bundle train.py wrote: detector kind, weights, widths, fitted transform, thresholds.
 
     Read without running code from the file (``common.checkpoint.load_tensors_file``): a
     detector holding pickled objects, as those of earlier versions did, is refused.
@@ -38,25 +38,34 @@ def load_detector(path: Path) -> dict:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read means an unusable file
         raise UserError(f"{path}: not a readable detector ({type(err).__name__})") from None
-    needed = ("model", "hidden", "transform", "threshold")
+    needed = ("detector", "model", "hidden", "classifier_hidden", "transform", "thresholds")
     if not isinstance(bundle, dict) or any(k not in bundle for k in needed):
-        raise UserError(f"{path}: not an anomaly detector (lacks {', '.join(needed)}); expected the "
-                        "detector.pt of an anomaly/train.py run")
+        raise UserError(f"{path}: not an anomaly detector of this version (lacks "
+                        f"{', '.join(k for k in needed if k not in bundle) if isinstance(bundle, dict) else 'everything'}); "
+                        "expected the detector.pt of an anomaly/train.py run: train again")
     transform = transform_from_plain(bundle["transform"], str(path))
     bundle["transform"] = transform
-    mean, components = transform.pca_tensors()
-    model = Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), tuple(bundle["hidden"]))
-    model.load_state_dict(bundle["model"])
+    model = make_detector(bundle["detector"], transform, tuple(bundle["hidden"]),
+                          tuple(bundle["classifier_hidden"]))
+    try:
+        model.load_state_dict(bundle["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: its weights do not fit a {bundle['detector']} detector "
+                        f"({str(err).splitlines()[0]})") from None
     bundle["net"] = model.double().eval()
+    bundle["cut"] = thresholds_tensor(bundle["detector"], bundle["thresholds"])
     return bundle
 
 
 def predict_frame(frame: pd.DataFrame, detector: dict) -> pd.DataFrame:
-    """``frame`` plus ``score`` and ``is_attack`` (score >= the validation threshold)."""
+    """``frame`` plus ``score`` (score / validation threshold, the largest over the detector's
+    parts) and ``is_attack`` (score >= 1)."""
     x = torch.from_numpy(detector["transform"].transform(frame)).double()
     with torch.no_grad():
-        scores = torch.cat([detector["net"].score(part) for part in x.split(8192)]).numpy() if len(x) else []
-    return frame.assign(score=scores, is_attack=scores >= detector["threshold"])
+        scores = torch.cat([combined_score(raw_scores(detector["detector"], detector["net"], part),
+                                           detector["cut"]) for part in x.split(8192)]).numpy() \
+            if len(x) else []
+    return frame.assign(score=scores, is_attack=scores >= 1.0)
 
 
 def predict_csv(csv_path: Path | str, detector_path: Path | str) -> pd.DataFrame:

@@ -1,16 +1,23 @@
-"""Train an autoencoder on normal UNSW-NB15 traffic with DDP; flag flows it cannot reconstruct.
+"""Train a detector of attacks in UNSW-NB15 traffic with DDP (or FSDP) and measure it honestly.
 
-Semi-supervised: the network only ever sees *normal* training rows. The anomaly score is its
-reconstruction error; the threshold is the one that maximises F1 on the validation split (never
-on test). Test precision, recall, F1 come from a confusion matrix summed over ranks; ROC-AUC and
-PR-AUC from the per-sample scores gathered in original order, so every figure is the same at any
-world size. Resuming a finished run's checkpoint (``--resume RUN_DIR`` with the same
-``--epochs``) trains nothing and only evaluates: that is how 1, 2 and 3 processes are compared on
-the same weights.
+``--detector`` picks what is trained (``anomaly/model.py``):
+- ``classifier`` (default, best F1 on the honest split): supervised, every labelled training row;
+- ``autoencoder``: semi-supervised, normal training rows only; its score is the reconstruction
+  error, so it can flag attacks of a kind no label has shown;
+- ``hybrid``: both, trained together; an attack if the classifier says so *or* the autoencoder
+  finds the row unlike normal traffic (at most ``--novelty-alarms`` of normal validation rows).
 
-Outputs in --out-dir: metrics.jsonl, summary.json (test metrics on the whole test split and on
-the part with no identical row in train), checkpoint.pt, detector.pt (model + fitted feature
-transform + threshold, for ``anomaly.predict``), plots/.
+Thresholds are chosen on the validation split (never on test). By default the split keeps every
+group of identical feature rows on one side (``--split grouped``), so no test row has a copy in
+train; ``--split random`` gives the usual random split for comparison with published figures.
+Test precision, recall, F1 come from a confusion matrix summed over ranks; ROC-AUC and PR-AUC
+from the per-sample scores gathered in original order, so every figure is the same at any world
+size. Resuming a finished run's checkpoint (``--resume RUN_DIR`` with the same ``--epochs``)
+trains nothing and only evaluates: that is how 1, 2 and 3 processes are compared on the same
+weights.
+
+Outputs in --out-dir: metrics.jsonl, summary.json, checkpoint.pt, detector.pt (network + fitted
+feature transform + thresholds, for ``anomaly.predict``), plots/.
 """
 from __future__ import annotations
 
@@ -20,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anomaly.data import Splits, split_data
+from anomaly.data import SPLITS, Splits, split_data
 from anomaly.features import FeatureTransform, transform_to_plain
-from anomaly.model import Autoencoder
+from anomaly.model import (PARTS, Autoencoder, combined_score, make_detector, raw_scores,
+                           thresholds_tensor, training_loss)
 from common.checkpoint import resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches, eval_shard
@@ -38,6 +46,10 @@ from common.rng import seed_everything
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"
 EVAL_BATCH = 4096  # rows per rank per scoring batch
+DETECTORS = tuple(PARTS)
+# Per detector: (epochs, global batch, peak lr); --epochs, --batch-size, --lr override them.
+# The autoencoder's epochs pass over the normal training rows only (about 45% of them).
+DEFAULTS = {"autoencoder": (100, 240, 3e-3), "classifier": (30, 512, 3e-3), "hybrid": (30, 512, 3e-3)}
 
 
 @dataclass(frozen=True)
@@ -45,15 +57,20 @@ class Config:
     data_dir: Path
     out_dir: Path
     epochs: int
-    batch_size: int  # global, rows of normal traffic per optimizer step
+    batch_size: int  # global rows per optimizer step (normal rows only for the autoencoder)
     lr: float  # peak of the one-cycle schedule
     weight_decay: float
     seed: int
     resume: str | None
     device: str
-    strategy: str  # "ddp" or "fsdp" (common.parallel); 29k parameters need no sharding
+    strategy: str  # "ddp" or "fsdp" (common.parallel); these small models need no sharding
     dist_timeout: float  # seconds
-    hidden: tuple[int, ...]  # encoder widths; the last is the code size
+    detector: str  # "autoencoder", "classifier" or "hybrid" (anomaly/model.py)
+    split: str  # "grouped" (identical rows on one side) or "random"
+    hidden: tuple[int, ...]  # autoencoder encoder widths; the last is the code size
+    classifier_hidden: tuple[int, ...]  # classifier MLP widths
+    novelty_alarms: float  # hybrid: share of normal validation rows the autoencoder may flag
+    holdout: str | None  # attack_cat removed from train and validation (novel-attack study)
     val_fraction: float  # of all rows (one file) or of the training file (two files)
     test_fraction: float  # of all rows when one file is split
     pca_variance: float  # fraction of variance the PCA components keep, (0, 1)
@@ -62,13 +79,40 @@ class Config:
     max_rows: int | None  # stratified subset of each file, for quick runs
 
 
+def _widths(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers like 128,64,16") from None
+    if not widths or min(widths) <= 0:
+        raise UserError(f"{flag} {text!r}: widths must be positive integers")
+    return widths
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = make_parser(
-        f"{__doc__.splitlines()[0]}\n\nexample:\n  {EXAMPLE}\n  "
-        "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick",
-        epochs=100, batch_size=240, lr=3e-3, data_dir="data", out_dir="runs/anomaly")
+        f"{__doc__.splitlines()[0]}\n\nexamples:\n  {EXAMPLE}\n  "
+        f"{EXAMPLE} --detector hybrid\n  "
+        "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick\n\n"
+        "--epochs, --batch-size and --lr default per detector: "
+        + "; ".join(f"{d} {e} / {b} / {lr:g}" for d, (e, b, lr) in DEFAULTS.items()),
+        epochs=0, batch_size=0, lr=0.0, data_dir="data", out_dir="runs/anomaly")
+    parser.set_defaults(epochs=None, batch_size=None, lr=None)
     group = parser.add_argument_group("anomaly")
-    group.add_argument("--hidden", default="128,64,16", help="encoder widths, comma-separated")
+    group.add_argument("--detector", choices=DETECTORS, default="classifier",
+                       help="classifier: supervised; autoencoder: normal traffic only; "
+                            "hybrid: both, an attack if either flags it")
+    group.add_argument("--split", choices=SPLITS, default="grouped",
+                       help="grouped: identical feature rows stay on one side (no test row has a "
+                            "copy in train); random: rows split independently")
+    group.add_argument("--hidden", default="128,64,16", help="autoencoder encoder widths")
+    group.add_argument("--classifier-hidden", default="256,256", help="classifier MLP widths")
+    group.add_argument("--novelty-alarms", type=float, default=0.01,
+                       help="hybrid: the autoencoder flags at most this share of normal "
+                            "validation rows; the classifier's threshold is tuned given that")
+    group.add_argument("--holdout", default=None, metavar="ATTACK_CAT",
+                       help="remove this attack category from train and validation (test keeps "
+                            "it): how well is a never-seen kind of attack caught?")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     group.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
     group.add_argument("--test-fraction", type=float, default=0.30,
@@ -78,23 +122,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     group.add_argument("--min-frequency", type=int, default=20,
                        help="categorical levels rarer than this (rows) are folded together")
     group.add_argument("--score", choices=["mse", "normalized"], default="mse",
-                       help="mse = mean squared error over scaled features; normalized = each "
-                            "feature's error divided by its mean on normal validation rows")
+                       help="autoencoder score: mse = mean squared error over scaled features; "
+                            "normalized = each feature's error / its mean on normal validation rows")
     group.add_argument("--max-rows", type=int, default=None,
                        help="use a stratified subset of this many rows per file (quick runs)")
     args = parser.parse_args(argv)
+    epochs, batch_size, lr = DEFAULTS[args.detector]
+    args.epochs = epochs if args.epochs is None else args.epochs
+    args.batch_size = batch_size if args.batch_size is None else args.batch_size
+    args.lr = lr if args.lr is None else args.lr
     check_shared_args(args)
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(","))
-    except ValueError:
-        raise UserError(f"--hidden {args.hidden!r}: expected comma-separated integers like 128,64,16") from None
-    if not hidden or min(hidden) <= 0:
-        raise UserError(f"--hidden {args.hidden!r}: widths must be positive integers")
     if not (0 < args.val_fraction < 1 and 0 < args.test_fraction < 1
             and args.val_fraction + args.test_fraction < 1):
         raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
     if not 0 < args.pca_variance < 1:
         raise UserError(f"--pca-variance must be in (0, 1), got {args.pca_variance}")
+    if not 0 < args.novelty_alarms < 1:
+        raise UserError(f"--novelty-alarms must be in (0, 1), got {args.novelty_alarms}")
     if args.min_frequency < 1:
         raise UserError(f"--min-frequency must be at least 1, got {args.min_frequency}")
     if args.max_rows is not None and args.max_rows < 100:
@@ -102,8 +146,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if args.weight_decay < 0:
         raise UserError(f"--weight-decay must be non-negative, got {args.weight_decay}")
     return Config(args.data_dir, args.out_dir, args.epochs, args.batch_size, args.lr,
-                  args.weight_decay, args.seed, args.resume, args.device, args.strategy, args.dist_timeout,
-                  hidden, args.val_fraction, args.test_fraction, args.pca_variance,
+                  args.weight_decay, args.seed, args.resume, args.device, args.strategy,
+                  args.dist_timeout, args.detector, args.split, _widths("--hidden", args.hidden),
+                  _widths("--classifier-hidden", args.classifier_hidden), args.novelty_alarms,
+                  args.holdout, args.val_fraction, args.test_fraction, args.pca_variance,
                   args.min_frequency, args.score, args.max_rows)
 
 
@@ -111,8 +157,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
 class Data:
     splits: Splits
     transform: FeatureTransform
-    x: dict[str, torch.Tensor]  # "train_normal", "val", "test": scaled features, float32
-    y: dict[str, torch.Tensor]  # "val", "test": 1 = attack
+    x: dict[str, torch.Tensor]  # "train", "train_normal", "val", "test": scaled features, float32
+    y: dict[str, torch.Tensor]  # same keys: 1 = attack
+
+    def training_rows(self, detector: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``detector`` learns from: normal rows for the autoencoder, all rows otherwise."""
+        key = "train_normal" if detector == "autoencoder" else "train"
+        return self.x[key], self.y[key]
 
 
 def build_data(cfg: Config) -> Data:
@@ -120,32 +171,63 @@ def build_data(cfg: Config) -> Data:
 
     Every rank does this identically (all steps are deterministic), so nothing is broadcast.
     """
-    splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows)
-    normal_train = splits.train[splits.train["label"] == 0]
-    transform = FeatureTransform(cfg.min_frequency, pca_variance=cfg.pca_variance)
-    x = {"train_normal": torch.from_numpy(transform.fit_transform(normal_train)),
-         "val": torch.from_numpy(transform.transform(splits.val)),
-         "test": torch.from_numpy(transform.transform(splits.test))}
-    y = {name: torch.tensor(getattr(splits, name)["label"].to_numpy()) for name in ("val", "test")}
+    splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
+                        cfg.split)
+    if cfg.holdout is not None:
+        splits = hold_out(splits, cfg.holdout)
+    transform, x, y = make_features(splits, cfg.min_frequency, cfg.pca_variance)
     return Data(splits, transform, x, y)
 
 
-def build_model(cfg: Config, transform: FeatureTransform) -> Autoencoder:
-    mean, components = transform.pca_tensors()
-    return Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), cfg.hidden)
+def make_features(splits: Splits, min_frequency: int, pca_variance: float
+                  ) -> tuple[FeatureTransform, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fit the transform on the normal training rows; features and labels of every split."""
+    normal = (splits.train["label"] == 0).to_numpy()
+    transform = FeatureTransform(min_frequency, pca_variance=pca_variance)
+    x_normal = transform.fit_transform(splits.train[normal])  # frequencies leave-one-out
+    x_train = transform.transform(splits.train)
+    x_train[normal] = x_normal  # every training row's frequencies count the *other* rows only
+    x = {"train": torch.from_numpy(x_train), "train_normal": torch.from_numpy(x_normal),
+         "val": torch.from_numpy(transform.transform(splits.val)),
+         "test": torch.from_numpy(transform.transform(splits.test))}
+    y = {name: torch.tensor(getattr(splits, name)["label"].to_numpy()) for name in ("train", "val", "test")}
+    y["train_normal"] = torch.zeros(len(x_normal), dtype=y["train"].dtype)
+    return transform, x, y
+
+
+def hold_out(splits: Splits, category: str) -> Splits:
+    """``splits`` without ``category`` in train and validation; test keeps every row."""
+    known = sorted(set(splits.test["attack_cat"]) - {"Normal"})
+    if category not in known:
+        raise UserError(f"--holdout {category!r}: not an attack category of this data; "
+                        f"expected one of {', '.join(known)}")
+    keep = {name: getattr(splits, name)[getattr(splits, name)["attack_cat"] != category]
+            for name in ("train", "val")}
+    return Splits(keep["train"], keep["val"], splits.test, splits.test_seen_in_train,
+                  f"{splits.source}; {category} removed from train and validation", splits.time_column)
+
+
+def build_model(cfg: Config, transform: FeatureTransform) -> torch.nn.Module:
+    """The network ``cfg.detector`` names, with the fitted PCA and input columns as buffers."""
+    return make_detector(cfg.detector, transform, cfg.hidden, cfg.classifier_hidden)
+
+
+def autoencoder_part(net: torch.nn.Module) -> Autoencoder | None:
+    return net if isinstance(net, Autoencoder) else getattr(net, "autoencoder", None)
 
 
 def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial: EpochProgress,
-                    dist: DistInfo, preempt: Preemption | None = None) -> float | None:
-    """One pass over the normal training rows from ``partial.step``; returns the mean loss per
-    row (exact), or None when pre-empted (``partial`` then says where it stopped)."""
+                    dist: DistInfo, detector: str, normal_share: float,
+                    preempt: Preemption | None = None) -> float | None:
+    """One pass over the training rows from ``partial.step``; returns the mean loss per row
+    (exact), or None when pre-empted (``partial`` then says where it stopped)."""
     model.train()
     epoch, sums = partial.epoch, partial.sums
     sums.setdefault("loss", 0.0)
     sums.setdefault("n", 0)
-    for (xb,) in progress(batches.epoch(epoch, partial.step), dist, len(batches) - partial.step,
-                          f"epoch {epoch}"):
-        loss = torch.nn.functional.mse_loss(model(xb), xb)  # mean over this rank's rows
+    for xb, yb in progress(batches.epoch(epoch, partial.step), dist, len(batches) - partial.step,
+                           f"epoch {epoch}"):
+        loss = training_loss(detector, model(xb), xb, yb, normal_share)  # mean over this rank's rows
         optimizer.zero_grad(set_to_none=True)
         batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
         optimizer.step()
@@ -160,8 +242,23 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial:
     return totals["loss"] / totals["n"]
 
 
-def score_rows(model: Autoencoder, x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
-    """Anomaly score of every row of ``x`` in original order, on every rank.
+def validation_loss(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo, detector: str,
+                    normal_share: float) -> float:
+    """The training loss on validation rows (normal ones only for the autoencoder), exact."""
+    if detector == "autoencoder":
+        x, y = x[y == 0], y[y == 0]
+    net = local_copy(model).eval()  # plain: scores each shard alone
+    sums = {"loss": 0.0, "n": 0}
+    with torch.no_grad():
+        for xb, yb in eval_batches([x, y], EVAL_BATCH, dist):
+            sums["loss"] += training_loss(detector, net(xb), xb, yb, normal_share).item() * len(xb)
+            sums["n"] += len(xb)
+    totals = reduce_sums(sums, dist)
+    return totals["loss"] / max(totals["n"], 1)
+
+
+def score_rows(model, x: torch.Tensor, dist: DistInfo, detector: str) -> torch.Tensor:
+    """Raw scores (rows, parts) of every row of ``x`` in original order, on every rank.
 
     Scored in float64 on each rank's shard and gathered, so the scores (and all metrics derived
     from them) do not depend on how many ranks share the work.
@@ -170,15 +267,14 @@ def score_rows(model: Autoencoder, x: torch.Tensor, dist: DistInfo) -> torch.Ten
     parts = []
     with torch.no_grad():
         for (xb,) in eval_batches([x], EVAL_BATCH, dist):
-            parts.append(net.score(xb.double()))
-    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            parts.append(raw_scores(detector, net, xb.double()))
+    local = torch.cat(parts) if parts else torch.zeros(0, len(PARTS[detector]), dtype=torch.float64)
     return gather_tensors(local, dist)
 
 
-def normal_feature_error(model: Autoencoder, x: torch.Tensor, y: torch.Tensor,
-                         dist: DistInfo) -> torch.Tensor:
-    """Mean squared error per feature over the normal rows of ``x`` (exact sum over ranks)."""
-    net = local_copy(model).double().eval()  # plain: scores each shard alone
+def normal_feature_error(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """The autoencoder's mean squared error per feature over the normal rows of ``x`` (exact)."""
+    net = autoencoder_part(local_copy(model)).double().eval()  # plain: scores each shard alone
     total = torch.zeros(x.shape[1], dtype=torch.float64, device=dist.device)
     count = torch.zeros(1, dtype=torch.float64, device=dist.device)
     with torch.no_grad():
@@ -191,12 +287,42 @@ def normal_feature_error(model: Autoencoder, x: torch.Tensor, y: torch.Tensor,
     return total / count.clamp(min=1)
 
 
-def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """The score threshold (attack if score >= it) with the highest F1 on these rows."""
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    best = int(np.argmax(f1[:-1]))
-    return float(thresholds[best]), float(f1[best])
+def best_f1_threshold(scores: np.ndarray, labels: np.ndarray,
+                      always: np.ndarray | None = None) -> tuple[float, float]:
+    """The threshold (attack if score >= it) with the highest F1 on these rows, and that F1.
+
+    ``always``: rows flagged whatever the threshold (the hybrid's novelty alarms); the F1 counts
+    them. Ties go to the highest threshold (fewest alarms).
+    """
+    labels = np.asarray(labels).astype(bool)
+    always = np.zeros(len(labels), dtype=bool) if always is None else np.asarray(always, dtype=bool)
+    base_tp, base_fp = int(labels[always].sum()), int((~labels[always]).sum())
+    rest, rest_labels = np.asarray(scores)[~always], labels[~always]
+    order = np.argsort(-rest, kind="stable")
+    ordered, hits = rest[order], rest_labels[order]
+    last_of_value = np.r_[ordered[1:] != ordered[:-1], True]  # flag every row >= this value
+    tp = base_tp + np.cumsum(hits)[last_of_value]
+    fp = base_fp + np.cumsum(~hits)[last_of_value]
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (labels.sum() - tp), 1)
+    best = int(np.argmax(f1))
+    return float(ordered[last_of_value][best]), float(f1[best])
+
+
+def calibrate(detector: str, raw: np.ndarray, labels: np.ndarray,
+              novelty_alarms: float) -> tuple[dict[str, float], float]:
+    """Thresholds per part, chosen on validation; and the validation F1 they give.
+
+    One part: the threshold with the best F1. Hybrid: the autoencoder's threshold lets through
+    ``novelty_alarms`` of the normal rows (its job is what the classifier was never shown, which
+    validation F1 cannot see); the classifier's threshold is then the best F1 given those alarms.
+    """
+    if detector != "hybrid":
+        threshold, f1 = best_f1_threshold(raw[:, 0], labels)
+        return {PARTS[detector][0]: threshold}, f1
+    errors = raw[:, 1]
+    novelty = float(np.quantile(errors[labels == 0], 1 - novelty_alarms, method="higher"))
+    threshold, f1 = best_f1_threshold(raw[:, 0], labels, always=errors >= novelty)
+    return {"classifier": threshold, "autoencoder": novelty}, f1
 
 
 def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:
@@ -206,7 +332,8 @@ def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1,
-            "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+            "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0}
 
 
 def evaluate(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo,
@@ -247,24 +374,33 @@ def per_category(scores: torch.Tensor, categories: np.ndarray, threshold: float,
 def main() -> None:
     cfg = parse_args()
     with distributed(cfg.device, cfg.dist_timeout) as dist:
+        run(cfg, dist)
+
+
+def run(cfg: Config, dist: DistInfo) -> dict:
+    """Train (or resume) and evaluate one detector; returns the summary (``anomaly.novel`` calls
+    this once per held-out category, in one process group)."""
+    if True:
         log = get_logger("anomaly", dist)
         seed_everything(cfg.seed)
         start = time.time()
         data = build_data(cfg)  # validates every file before anything is written
         splits = data.splits
         log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
-                 "identical row in train); %d features -> %d PCA components",
+                 "identical row in train); %d features -> %d PCA components; detector %s",
                  splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
                  len(splits.test), int(splits.test_seen_in_train.sum()),
-                 data.transform.n_features, data.transform.n_components)
+                 data.transform.n_features, data.transform.n_components, cfg.detector)
         model = wrap_model(build_model(cfg, data.transform), dist, cfg.strategy)
-        batches = TrainBatches([data.x["train_normal"]], cfg.batch_size, dist, cfg.seed)
+        batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
+        normal_share = len(data.x["train_normal"]) / len(data.x["train"])
         # foreach: see common/parallel.py (7 instead of 24 ms a step under FSDP on 2 CPUs).
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       foreach=True)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
                                                         total_steps=cfg.epochs * len(batches))
-        meta = {"program": "anomaly", "arch": f"autoencoder-{'-'.join(map(str, cfg.hidden))}"}
+        meta = {"program": "anomaly", "arch": f"{cfg.detector}-ae{'-'.join(map(str, cfg.hidden))}"
+                                              f"-clf{'-'.join(map(str, cfg.classifier_hidden))}"}
         state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
         start_epoch = state["epoch"] + 1 if state else 0
         if state and start_epoch > cfg.epochs:
@@ -276,43 +412,56 @@ def main() -> None:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-            train_loss = train_one_epoch(model, batches, optimizer, scheduler, partial, dist, preempt)
+            train_loss = train_one_epoch(model, batches, optimizer, scheduler, partial, dist,
+                                         cfg.detector, normal_share, preempt)
             if train_loss is None:
                 save_checkpoint(cfg.out_dir, training_state(
                     model, optimizer, epoch - 1, meta, scheduler,
                     transform=transform_to_plain(data.transform)), dist, partial)
                 preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
             train_time += time.time() - t0
-            val_normal = normal_feature_error(model, data.x["val"], data.y["val"], dist).mean().item()
-            recorder.log_epoch({"epoch": epoch, "train_loss": train_loss, "val_normal_loss": val_normal,
+            val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector, normal_share)
+            recorder.log_epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                 "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0})
-            log.info("epoch %d/%d  train loss %.5f  val normal loss %.5f  (%.1fs)",
-                     epoch + 1, cfg.epochs, train_loss, val_normal, time.time() - t0)
+            log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
+                     epoch + 1, cfg.epochs, train_loss, val_loss, time.time() - t0)
             save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
                                                         transform=transform_to_plain(data.transform)), dist)
 
-        # Calibrate on validation only: the per-feature weights and the threshold.
-        if cfg.score == "normalized":
+        # Calibrate on validation only: the autoencoder's per-feature weights, the thresholds.
+        autoencoder = autoencoder_part(unwrap(model))
+        if cfg.score == "normalized" and autoencoder is not None:
             error = normal_feature_error(model, data.x["val"], data.y["val"], dist)
             # A buffer: every rank holds it whole under either strategy.
-            unwrap(model).error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
-        val_scores = score_rows(model, data.x["val"], dist)
-        threshold, val_f1 = best_f1_threshold(val_scores.numpy(), data.y["val"].numpy())
-        test_scores = score_rows(model, data.x["test"], dist)
+            autoencoder.error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
+        val_raw = score_rows(model, data.x["val"], dist, cfg.detector)
+        thresholds, val_f1 = calibrate(cfg.detector, val_raw.numpy(), data.y["val"].numpy(),
+                                       cfg.novelty_alarms)
+        test_raw = score_rows(model, data.x["test"], dist, cfg.detector)
+        cut = thresholds_tensor(cfg.detector, thresholds)
+        val_scores, test_scores = combined_score(val_raw, cut), combined_score(test_raw, cut)
         unseen = torch.from_numpy(~splits.test_seen_in_train)
-        test = evaluate(test_scores, data.y["test"], threshold, dist)
-        test_unseen = evaluate(test_scores, data.y["test"], threshold, dist, unseen)
-        categories = per_category(test_scores, splits.test["attack_cat"].to_numpy(), threshold, dist)
-        log.info("threshold %.5g (best validation F1 %.4f)", threshold, val_f1)
-        log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f (%d rows)",
-                 test["precision"], test["recall"], test["f1"], test["roc_auc"], test["pr_auc"], test["n"])
-        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f (%d rows)",
-                 test_unseen["precision"], test_unseen["recall"], test_unseen["f1"], test_unseen["n"])
+        test = evaluate(test_scores, data.y["test"], 1.0, dist)
+        test_unseen = evaluate(test_scores, data.y["test"], 1.0, dist, unseen)
+        categories = per_category(test_scores, splits.test["attack_cat"].to_numpy(), 1.0, dist)
+        parts = part_metrics(cfg.detector, val_raw, test_raw, data, splits, dist)
+        log.info("thresholds %s (validation F1 %.4f)",
+                 ", ".join(f"{k} {v:.5g}" for k, v in thresholds.items()), val_f1)
+        log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
+                 "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
+                 test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
+        if cfg.split == "random":
+            log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
+                     "(%d rows)", test_unseen["precision"], test_unseen["recall"],
+                     test_unseen["f1"], test_unseen["n"])
+        if cfg.holdout is not None:
+            log.info("held-out %s: %.4f detected", cfg.holdout, categories[cfg.holdout]["detection_rate"])
 
         rows = recorder.read_metrics()
-        trained_rows = len(data.x["train_normal"]) * (cfg.epochs - start_epoch)
-        summary = {"test": test, "test_unseen": test_unseen, "per_attack_cat": categories,
-                   "threshold": threshold, "val_f1": val_f1, "score": cfg.score,
+        trained_rows = len(batches.tensors[0]) * (cfg.epochs - start_epoch)
+        summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
+                   "test": test, "test_unseen": test_unseen, "per_attack_cat": categories,
+                   "thresholds": thresholds, "val_f1": val_f1, "score": cfg.score, "parts": parts,
                    "data": {"source": splits.source, "train_rows": len(splits.train),
                             "train_normal_rows": len(data.x["train_normal"]),
                             "val_rows": len(splits.val), "test_rows": len(splits.test),
@@ -326,24 +475,48 @@ def main() -> None:
         if dist.is_main:
             from anomaly import plots  # matplotlib loads only on the rank that draws, at the end
 
-            write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, threshold)
+            write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, thresholds)
             plots.training_plots(recorder.plots_dir, rows, val_scores.numpy(), data.y["val"].numpy(),
-                                 test_scores.numpy(), splits, threshold, test, categories)
+                                 test_scores.numpy(), splits, test, categories, cfg.detector)
         recorder.write_summary(summary, cfg)
         log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
+        return summary
 
 
-def write_detector(path: Path, net: Autoencoder, cfg: Config, transform: FeatureTransform,
-                   threshold: float) -> None:
+def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data: Data,
+                 splits: Splits, dist: DistInfo) -> dict[str, dict]:
+    """The hybrid's parts each measured alone, at their own best-F1 validation threshold.
+
+    The parts train on disjoint parameters with a summed loss (AdamW updates each parameter from
+    its own gradient), so with the same epochs, batch and learning rate the classifier part is
+    the classifier trained alone, and the autoencoder part never sees an attack row: one hybrid
+    run measures all three kinds of detector (what ``anomaly.novel`` relies on).
+    """
+    if detector != "hybrid":
+        return {}
+    out = {}
+    for column, part in enumerate(PARTS[detector]):
+        threshold, val_f1 = best_f1_threshold(val_raw[:, column].numpy(), data.y["val"].numpy())
+        scores = test_raw[:, column]
+        out[part] = {"threshold": threshold, "val_f1": val_f1,
+                     "test": evaluate(scores, data.y["test"], threshold, dist),
+                     "per_attack_cat": per_category(scores, splits.test["attack_cat"].to_numpy(),
+                                                    threshold, dist)}
+    return out
+
+
+def write_detector(path: Path, net: torch.nn.Module, cfg: Config, transform: FeatureTransform,
+                   thresholds: dict[str, float]) -> None:
     """Everything ``anomaly.predict`` needs to score a new CSV, written atomically.
 
     Tensors and plain values only (the transform through ``transform_to_plain``), so
     ``anomaly.predict`` loads it without running code from the file.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": net.state_dict(), "hidden": list(cfg.hidden),
-                "transform": transform_to_plain(transform),
-                "threshold": threshold, "score": cfg.score}, tmp)
+    torch.save({"detector": cfg.detector, "model": net.state_dict(), "hidden": list(cfg.hidden),
+                "classifier_hidden": list(cfg.classifier_hidden),
+                "transform": transform_to_plain(transform), "thresholds": thresholds,
+                "score": cfg.score}, tmp)
     tmp.replace(path)
 
 

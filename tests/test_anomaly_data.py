@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly.data import TEST_FILE, TRAIN_FILE, load_frames, read_csv_file, split_data
+from anomaly.data import (TEST_FILE, TRAIN_FILE, feature_columns, load_frames, read_csv_file, seen_in,
+                          split_data)
 from anomaly.features import FeatureTransform
 from anomaly.synthetic import make_partition, make_raw, write_partition, write_raw
 from common.errors import UserError
@@ -70,12 +71,12 @@ def test_bad_csv_names_file_column_and_row(tmp_path, case):
         assert part in message, message
 
 
-def test_one_file_split_is_stratified_seeded_and_marks_duplicates(tmp_path):
+def test_random_split_is_stratified_seeded_and_marks_duplicates(tmp_path):
     frame = make_partition(2000, seed=5)
     frame = pd.concat([frame, frame.iloc[:200].assign(id=np.arange(2001, 2201))], ignore_index=True)
     write_partition(frame, tmp_path / TRAIN_FILE)
-    a = split_data(tmp_path, 0.15, 0.3, seed=7)
-    b = split_data(tmp_path, 0.15, 0.3, seed=7)
+    a = split_data(tmp_path, 0.15, 0.3, seed=7, split="random")
+    b = split_data(tmp_path, 0.15, 0.3, seed=7, split="random")
     assert a.test["id"].tolist() == b.test["id"].tolist()
     ids = [set(s["id"]) for s in (a.train, a.val, a.test)]
     assert sum(map(len, ids)) == len(frame) and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
@@ -87,6 +88,32 @@ def test_one_file_split_is_stratified_seeded_and_marks_duplicates(tmp_path):
     assert 0 < seen.sum() < len(a.test)
     copies = a.test[seen]
     assert copies["id"].isin(range(1, 201)).any() or copies["id"].ge(2001).any()
+
+
+def test_grouped_split_keeps_identical_rows_on_one_side(tmp_path):
+    """The default split: every copy of a feature row lands where the row does (#14)."""
+    frame = make_partition(2000, seed=5)
+    # 200 rows repeated once, 20 rows repeated 10 times: groups of 2 and 11 identical rows.
+    copies = [frame.iloc[:200]] + [frame.iloc[200:220]] * 10
+    frame = pd.concat([frame, *copies], ignore_index=True).assign(id=lambda f: np.arange(1, len(f) + 1))
+    write_partition(frame, tmp_path / TRAIN_FILE)
+    a = split_data(tmp_path, 0.15, 0.3, seed=7)
+    assert a.test["id"].tolist() == split_data(tmp_path, 0.15, 0.3, seed=7).test["id"].tolist()
+    ids = [set(s["id"]) for s in (a.train, a.val, a.test)]
+    assert sum(map(len, ids)) == len(frame) and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert not a.test_seen_in_train.any()
+    assert not seen_in(a.train, a.val).any() and not seen_in(a.val, a.test).any()
+    # Every repeated row sits with all its copies.
+    features = feature_columns(frame)
+    side = {}
+    for name, part in (("train", a.train), ("val", a.val), ("test", a.test)):
+        for key in pd.util.hash_pandas_object(part[features], index=False):
+            assert side.setdefault(key, name) == name
+    assert abs(len(a.test) / len(frame) - 0.3) < 0.03  # groups move whole, so only roughly 30%
+    shares = [s["attack_cat"].value_counts(normalize=True) for s in (a.train, a.test)]
+    assert (shares[0] - shares[1]).abs().max() < 0.03
+    # The random split of the same file does put copies of test rows into train.
+    assert split_data(tmp_path, 0.15, 0.3, seed=7, split="random").test_seen_in_train.sum() > 20
 
 
 def test_two_partitions_use_the_official_test_set(tmp_path):

@@ -1,17 +1,21 @@
-"""anomaly/train.py end to end: exact metrics at 1, 2, 3 processes, bad input, predict, compare."""
+"""anomaly/: the three detectors end to end: exact metrics at 1, 2, 3 processes, the hybrid's
+parts, bad input, predict, compare, the novel-attack study."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from anomaly.data import TRAIN_FILE
 from anomaly.predict import predict_csv
 from anomaly.synthetic import make_partition, write_partition
+from common.errors import UserError
 from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
 
-FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--min-frequency", "5"]
+FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
+        "--min-frequency", "5"]
 METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_auc")
 
 
@@ -25,14 +29,14 @@ SHARES_TRAINED = pytest.mark.xdist_group("anomaly-trained")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small synthetic dataset (zipped, BOM header) and a 2-process training run on it."""
+    """A small synthetic dataset (zipped, BOM header) and a 2-process hybrid run on it."""
     root = tmp_path_factory.mktemp("anomaly")
     data = root / "data"
     data.mkdir()
     write_partition(make_partition(3000, seed=3), data / TRAIN_FILE, zip_name="unsw.zip")
     run = root / "run"
-    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(run), *FAST],
-                         nproc=2, timeout=120)
+    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(run), *FAST,
+                                              "--detector", "hybrid"], nproc=2, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return data, run
 
@@ -41,35 +45,63 @@ def trained(tmp_path_factory):
 def test_two_process_training_writes_everything(trained):
     _, run = trained
     summary = _summary(run)
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["detector"] == "hybrid" and summary["split"] == "grouped"
     assert summary["test"]["f1"] > 0.9  # synthetic attacks are easy; a broken pipeline is not
     assert summary["test"]["n"] == summary["data"]["test_rows"]
-    assert summary["test_unseen"]["n"] == summary["data"]["test_rows"] - summary["data"]["test_seen_in_train"]
+    assert summary["data"]["test_seen_in_train"] == 0  # the grouped split: no copies in train
+    assert summary["test_unseen"]["n"] == summary["data"]["test_rows"]
+    assert set(summary["thresholds"]) == {"classifier", "autoencoder"}
+    assert set(summary["parts"]) == {"classifier", "autoencoder"}
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     for name in ("loss", "scores_val", "scores_test", "pr_curve", "confusion", "per_attack_cat", "timeline"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
     assert (run / "detector.pt").exists() and (run / "checkpoint.pt").exists()
 
 
-@SHARES_TRAINED
-def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path):
-    data, run = trained
+def _metrics_at_1_2_3_processes(data, run, tmp_path, *extra):
     summaries = {}
     for nproc in (1, 2, 3):
         out = tmp_path / f"eval{nproc}"
         result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out),
-                                                  "--resume", str(run), *FAST], nproc=nproc, timeout=120)
+                                                  "--resume", str(run), *FAST, *extra],
+                             nproc=nproc, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
         summaries[nproc] = _summary(out)
         assert summaries[nproc]["epochs_trained"] == 0 and summaries[nproc]["world_size"] == nproc
     for nproc in (2, 3):
-        assert summaries[nproc]["threshold"] == summaries[1]["threshold"]
+        assert summaries[nproc]["thresholds"] == summaries[1]["thresholds"]
         for part in ("test", "test_unseen"):
             for key in METRICS:
                 assert summaries[nproc][part][key] == summaries[1][part][key], (nproc, part, key)
         assert summaries[nproc]["per_attack_cat"] == summaries[1]["per_attack_cat"]
+        assert summaries[nproc]["parts"] == summaries[1]["parts"]
     # The evaluation reproduces the training run's own figures too.
     assert summaries[2]["test"]["f1"] == _summary(run)["test"]["f1"]
+    return summaries
+
+
+@SHARES_TRAINED
+def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path):
+    """The hybrid, whose summary also measures its classifier and autoencoder parts alone."""
+    data, run = trained
+    _metrics_at_1_2_3_processes(data, run, tmp_path, "--detector", "hybrid")
+
+
+@SHARES_TRAINED
+@pytest.mark.parametrize("detector", ["classifier", "autoencoder"])
+def test_each_detector_alone_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path, detector):
+    """Trained alone, each detector evaluates identically at 1, 2, 3 processes; the classifier
+    trained alone holds exactly the weights of the hybrid's classifier part."""
+    data, hybrid_run = trained
+    run = tmp_path / "run"
+    # 2 processes, like the hybrid: dropout masks are drawn per rank.
+    _train(data, run, 2, "--detector", detector)
+    _metrics_at_1_2_3_processes(data, run, tmp_path, "--detector", detector)
+    if detector == "classifier":
+        alone = torch.load(run / "detector.pt", weights_only=True)["model"]
+        hybrid = torch.load(hybrid_run / "detector.pt", weights_only=True)["model"]
+        part = {k.removeprefix("classifier."): v for k, v in hybrid.items() if k.startswith("classifier.")}
+        torch.testing.assert_close(part, alone, **SAME_WEIGHTS)
 
 
 @SHARES_TRAINED
@@ -141,18 +173,21 @@ def test_bad_csv_fails_on_every_rank_with_one_line_and_writes_nothing(tmp_path, 
 
 
 @SHARES_TRAINED
-def test_compare_table_has_every_method_and_the_autoencoder_row(trained, tmp_path):
+def test_compare_table_has_every_method_and_the_run_rows(trained, tmp_path):
     data, run = trained
     out = tmp_path / "compare"
-    result = run_program("anomaly/compare.py", ["--data-dir", str(data), "--ae-run", str(run),
-                                                "--out-dir", str(out)], timeout=120)
+    result = run_program("anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run),
+                                                "--out-dir", str(out)], timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "compare.json").read_text())
     methods = [row["method"] for row in report["rows"]]
     assert methods[0] == "all-attack baseline" and report["rows"][0]["recall"] == 1.0
-    for name in ("PCA reconstruction", "IsolationForest", "one-class SVM", "gradient boosting", "autoencoder"):
+    for name in ("PCA reconstruction", "IsolationForest", "one-class SVM", "gradient boosting, tuned",
+                 "hybrid network"):
         assert any(m.startswith(name) for m in methods), name
-    assert report["settings"]["seed"] == 0
+    assert report["settings"]["seed"] == 0 and report["settings"]["split"] == "grouped"
+    hybrid = next(row for row in report["rows"] if row["method"].startswith("hybrid"))
+    assert hybrid["f1"] == _summary(run)["test"]["f1"]
     assert "| all-attack baseline |" in (out / "compare.md").read_text()
 
 
@@ -187,5 +222,67 @@ def test_raw_files_give_features_and_a_timeline_over_stime(tmp_path):
     assert "rate" not in built.transform.input_names and np.isfinite(built.x["test"].numpy()).all()
     scores = np.linspace(0, 1, 480)
     plots.timeline(scores, built.splits.test["label"].to_numpy(),
-                   built.splits.test["stime"].to_numpy() * 1.0, "stime", 0.5, tmp_path / "t.png")
+                   built.splits.test["stime"].to_numpy() * 1.0, "stime", 0.5, tmp_path / "t.png",
+                   has_time=True)
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_novel_study_holds_each_category_out_and_reports_every_detector(trained, tmp_path):
+    """anomaly/novel.py on two categories: each held out of train and validation, kept in test."""
+    data, _ = trained
+    out = tmp_path / "novel"
+    result = run_program("anomaly/novel.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST,
+                                              "--epochs", "2", "--categories", "DoS,Exploits"],
+                         nproc=2, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "novel.json").read_text())
+    assert list(report["rows"]) == ["DoS", "Exploits"]
+    for category, row in report["rows"].items():
+        summary = _summary(out / f"holdout-{category}")
+        assert summary["holdout"] == category and summary["detector"] == "hybrid"
+        assert row["rows"] == summary["per_attack_cat"][category]["rows"] > 0
+        assert set(row["rates"]) == {"hybrid", "classifier", "autoencoder"}
+        assert row["rates"]["hybrid"]["detected"] == summary["per_attack_cat"][category]["detection_rate"]
+        assert row["rates"]["hybrid"]["false_alarms"] == summary["test"]["false_alarm_rate"]
+        assert row["rates"]["classifier"]["detected"] == \
+            summary["parts"]["classifier"]["per_attack_cat"][category]["detection_rate"]
+    assert "| DoS |" in (out / "novel.md").read_text()
+    assert (out / "plots" / "novel.png").stat().st_size > 1000
+
+
+def test_held_out_category_is_absent_from_train_and_validation(tmp_path):
+    from anomaly.train import build_data, parse_args
+
+    write_partition(make_partition(1500, seed=4), tmp_path / TRAIN_FILE)
+    cfg = parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
+                      "--holdout", "DoS"])
+    built = build_data(cfg)
+    assert "DoS" not in set(built.splits.train["attack_cat"]) | set(built.splits.val["attack_cat"])
+    assert (built.splits.test["attack_cat"] == "DoS").sum() > 10
+    assert len(built.x["train"]) == len(built.splits.train)
+    with pytest.raises(UserError, match="--holdout 'Nope': not an attack category"):
+        build_data(parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"), *FAST,
+                               "--holdout", "Nope"]))
+
+
+def test_best_f1_threshold_counts_rows_that_are_always_flagged():
+    from anomaly.train import best_f1_threshold, calibrate
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    assert best_f1_threshold(scores, labels) == (0.8, pytest.approx(0.8))  # tp 2, fn 1
+    # Row 1 (an attack) always flagged: 0.9 now finds the same two attacks, and ties go to the
+    # highest threshold.
+    always = np.array([0, 1, 0, 0, 0, 0], dtype=bool)
+    assert best_f1_threshold(scores, labels, always) == (0.9, pytest.approx(0.8))
+    # A normal row always flagged is a false alarm at every threshold.
+    always = np.array([0, 0, 0, 0, 0, 1], dtype=bool)
+    assert best_f1_threshold(scores, labels, always) == (0.8, pytest.approx(4 / 6))
+    # The hybrid: the autoencoder's threshold lets through the budget of normal rows.
+    rng = np.random.default_rng(0)
+    errors = rng.exponential(size=1000)
+    labels = (rng.random(1000) < 0.5).astype(int)
+    raw = np.stack([labels * 0.8 + 0.1, errors], axis=1)
+    thresholds, _ = calibrate("hybrid", raw, labels, novelty_alarms=0.05)
+    alarms = (errors[labels == 0] >= thresholds["autoencoder"]).mean()
+    assert 0.05 <= alarms < 0.05 + 2 / (labels == 0).sum()

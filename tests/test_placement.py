@@ -72,16 +72,19 @@ def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
     write_partition(make_partition(600, seed=1), tmp_path / TRAIN_FILE)
     cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST])
     data = a.build_data(cfg)
-    model = wrap_model(a.build_model(cfg, data.transform), META)
-    batches = TrainBatches([data.x["train_normal"]], cfg.batch_size, META, cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=len(batches))
-    with runs_on_meta(model):
-        a.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0), META)
-    with runs_on_meta():
-        a.score_rows(model, data.x["val"], META)
-    with runs_on_meta():
-        a.normal_feature_error(model, data.x["val"], data.y["val"], META)
+    for detector in ("autoencoder", "hybrid"):  # hybrid: the classifier's path too
+        cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
+                            "--detector", detector])
+        model = wrap_model(a.build_model(cfg, data.transform), META)
+        batches = TrainBatches(list(data.training_rows(detector)), cfg.batch_size, META, cfg.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=len(batches))
+        with runs_on_meta(model):
+            a.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0), META, detector, 0.5)
+        with runs_on_meta():
+            a.score_rows(model, data.x["val"], META, detector)
+        with runs_on_meta():
+            a.normal_feature_error(model, data.x["val"], data.y["val"], META)
 
 
 def test_cifar_trains_and_evaluates_on_the_model_device(tmp_path: Path):

@@ -16,6 +16,7 @@ from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_
 
 FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
         "--min-frequency", "5"]
+HYBRID = ["--detector", "hybrid"]  # the shared run: both networks, so every path is exercised
 METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_auc")
 
 
@@ -58,50 +59,50 @@ def test_two_process_training_writes_everything(trained):
     assert (run / "detector.pt").exists() and (run / "checkpoint.pt").exists()
 
 
-def _metrics_at_1_2_3_processes(data, run, tmp_path, *extra):
-    summaries = {}
-    for nproc in (1, 2, 3):
+def _same_metrics_at(nprocs, data, run, tmp_path, *extra):
+    """Evaluate ``run``'s checkpoint at each of ``nprocs`` processes; every figure must equal
+    the training run's own (which ran at 2 processes)."""
+    reference = _summary(run)
+    for nproc in nprocs:
         out = tmp_path / f"eval{nproc}"
         result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out),
                                                   "--resume", str(run), *FAST, *extra],
                              nproc=nproc, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
-        summaries[nproc] = _summary(out)
-        assert summaries[nproc]["epochs_trained"] == 0 and summaries[nproc]["world_size"] == nproc
-    for nproc in (2, 3):
-        assert summaries[nproc]["thresholds"] == summaries[1]["thresholds"]
+        summary = _summary(out)
+        assert summary["epochs_trained"] == 0 and summary["world_size"] == nproc
+        assert summary["thresholds"] == reference["thresholds"]
         for part in ("test", "test_unseen"):
             for key in METRICS:
-                assert summaries[nproc][part][key] == summaries[1][part][key], (nproc, part, key)
-        assert summaries[nproc]["per_attack_cat"] == summaries[1]["per_attack_cat"]
-        assert summaries[nproc]["parts"] == summaries[1]["parts"]
-    # The evaluation reproduces the training run's own figures too.
-    assert summaries[2]["test"]["f1"] == _summary(run)["test"]["f1"]
-    return summaries
+                assert summary[part][key] == reference[part][key], (nproc, part, key)
+        assert summary["per_attack_cat"] == reference["per_attack_cat"]
+        assert summary["parts"] == reference["parts"]
 
 
 @SHARES_TRAINED
 def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path):
-    """The hybrid, whose summary also measures its classifier and autoencoder parts alone."""
+    """The hybrid, whose summary also measures its classifier and autoencoder parts alone
+    (the same networks and scoring code as those detectors trained alone)."""
     data, run = trained
-    _metrics_at_1_2_3_processes(data, run, tmp_path, "--detector", "hybrid")
+    _same_metrics_at((1, 2, 3), data, run, tmp_path, *HYBRID)
 
 
 @SHARES_TRAINED
 @pytest.mark.parametrize("detector", ["classifier", "autoencoder"])
-def test_each_detector_alone_gives_identical_metrics_at_1_2_3_processes(trained, tmp_path, detector):
-    """Trained alone, each detector evaluates identically at 1, 2, 3 processes; the classifier
-    trained alone holds exactly the weights of the hybrid's classifier part."""
+def test_each_detector_alone_evaluates_exactly_and_the_classifier_is_the_hybrids_part(
+        trained, tmp_path, detector):
+    """Trained alone on 2 processes, each detector's checkpoint evaluates identically at 1 and 3
+    processes; the classifier holds exactly the weights of the hybrid's classifier part (both
+    ran on 2 processes: dropout masks are drawn per rank)."""
     data, hybrid_run = trained
     run = tmp_path / "run"
-    # 2 processes, like the hybrid: dropout masks are drawn per rank.
     _train(data, run, 2, "--detector", detector)
-    _metrics_at_1_2_3_processes(data, run, tmp_path, "--detector", detector)
     if detector == "classifier":
         alone = torch.load(run / "detector.pt", weights_only=True)["model"]
         hybrid = torch.load(hybrid_run / "detector.pt", weights_only=True)["model"]
         part = {k.removeprefix("classifier."): v for k, v in hybrid.items() if k.startswith("classifier.")}
         torch.testing.assert_close(part, alone, **SAME_WEIGHTS)
+    _same_metrics_at((1, 3), data, run, tmp_path, "--detector", detector)
 
 
 @SHARES_TRAINED
@@ -127,7 +128,7 @@ def _train(data, out, nproc, *extra):
 def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path):
     """--strategy fsdp: DDP's weights, detector and F1 at half the memory; checkpoints move (#8)."""
     data, ddp_run = trained
-    fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp")
+    fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp", *HYBRID)
     ddp = _summary(ddp_run)
     assert_same_weights(tmp_path / "fsdp", ddp_run)
     detectors = [torch.load(run / "detector.pt", weights_only=True)["model"]
@@ -137,13 +138,14 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path
     ratio = fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"]
     assert 0.45 < ratio < 0.55, ratio
 
-    # fsdp on 2 processes -> ddp on 1, from the epoch-2 checkpoint: ends where ddp did; and
-    # ddp -> fsdp (test_housing also crosses world sizes that way).
-    to_ddp = resume_copy(tmp_path / "fsdp", tmp_path / "fsdp-to-ddp1")
-    assert _train(data, to_ddp, 1, "--resume")["epochs_trained"] == 1
+    # fsdp -> ddp from the epoch-2 checkpoint: ends where ddp did; and ddp -> fsdp. Both on 2
+    # processes: the classifier's dropout masks are drawn per rank, so its trajectory depends on
+    # the world size (test_housing crosses world sizes with the strategies).
+    to_ddp = resume_copy(tmp_path / "fsdp", tmp_path / "fsdp-to-ddp")
+    assert _train(data, to_ddp, 2, "--resume", *HYBRID)["epochs_trained"] == 1
     assert_same_weights(to_ddp, ddp_run)
     to_fsdp = resume_copy(ddp_run, tmp_path / "ddp-to-fsdp")
-    assert _train(data, to_fsdp, 2, "--resume", "--strategy", "fsdp")["epochs_trained"] == 1
+    assert _train(data, to_fsdp, 2, "--resume", "--strategy", "fsdp", *HYBRID)["epochs_trained"] == 1
     assert_same_weights(to_fsdp, ddp_run)
 
 

@@ -14,7 +14,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -22,6 +22,7 @@ import torch.distributed as tdist
 from common.errors import UserError, write_error_line
 
 DEFAULT_TIMEOUT_S = 300.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,33 @@ def stop_if_any_rank_failed(problem: str | None, dist: DistInfo) -> None:
     write_error_line(problems[0], dist.rank)
     barrier(dist)
     raise SystemExit(2)  # run_main exits with this status and prints nothing more
+
+
+def on_local_rank_zero_first(fn: Callable[[], T], dist: DistInfo) -> T:
+    """Run ``fn`` on each node's local rank 0 while the node's other ranks wait, then on them.
+
+    For work every rank needs but one process per node should do first: downloading a file, or
+    decoding a dataset into a cache file that the other ranks then only read. So ``fn`` must be
+    cheap to call again once a first call succeeded (typically "load X, building it first if it
+    is missing"). A UserError from ``fn`` on any rank stops every rank with that one ``error:``
+    line and exit status 2 (``stop_if_any_rank_failed``); when a first call fails, the waiting
+    ranks never call ``fn``. The wait is a collective, so it is bounded by ``--dist-timeout``.
+    Call on every rank. Returns ``fn()``'s result on every rank.
+    """
+    def attempt(now: bool) -> tuple[T | None, str | None]:
+        if not now:
+            return None, None
+        try:
+            return fn(), None
+        except UserError as err:
+            return None, str(err)
+
+    first = dist.local_rank == 0
+    result, problem = attempt(first)
+    stop_if_any_rank_failed(problem, dist)  # also the wait: nobody passes until the first calls end
+    later, problem = attempt(not first)
+    stop_if_any_rank_failed(problem, dist)
+    return result if first else later
 
 
 def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:

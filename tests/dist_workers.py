@@ -178,3 +178,35 @@ def disagreeing_start(dist: DistInfo) -> dict:
     except SystemExit as stop:
         return {"exit": stop.code}
     return {"exit": None}
+
+
+def local_rank_zero_first(dist: DistInfo, scratch: str) -> dict:
+    """Three ranks as two 'nodes' (local ranks 0, 1 | 0) run three scenarios of
+    ``on_local_rank_zero_first``: all succeed; a first call (rank 0) fails; a later call (rank 1)
+    fails. Each rank records when it ran ``fn`` and how the scenario ended."""
+    import dataclasses
+    import time
+
+    from common.dist import on_local_rank_zero_first
+    from common.errors import UserError
+
+    node_view = dataclasses.replace(dist, local_rank=[0, 1, 0][dist.rank], local_world_size=2)
+    out = {}
+    for scenario, failing_rank in (("ok", None), ("first_fails", 0), ("later_fails", 1)):
+        calls = []
+
+        def fn() -> str:
+            start = time.time()
+            if node_view.local_rank == 0:
+                time.sleep(0.5)  # a waiting rank that did not wait would start inside this
+            calls.append((start, time.time()))
+            if dist.rank == failing_rank:
+                raise UserError(f"{scenario}: bad data seen by rank {dist.rank}")
+            return f"{scenario} from rank {dist.rank}"
+
+        try:
+            result, code = on_local_rank_zero_first(fn, node_view), None
+        except SystemExit as stop:
+            result, code = None, stop.code
+        out[scenario] = {"result": result, "exit": code, "calls": calls}
+    return out

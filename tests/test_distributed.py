@@ -35,6 +35,30 @@ def test_ranks_starting_from_different_states_all_stop(tmp_path, capfd):
     assert "rank 0: epoch 3" in err and "rank 1: epoch None" in err
 
 
+def test_local_rank_zero_first_waits_and_agrees_on_errors(tmp_path, capfd):
+    """on_local_rank_zero_first on 3 ranks as 2 nodes (local ranks 0, 1 | 0)."""
+    results = w.spawn(w.local_rank_zero_first, 3, free_port(), tmp_path, str(tmp_path))
+    ok = [r["ok"] for r in results]
+    assert [r["result"] for r in ok] == [f"ok from rank {i}" for i in range(3)]
+    assert [len(r["calls"]) for r in ok] == [1, 1, 1]
+    # Rank 1 (local rank 1) started only after its node's local rank 0 had finished; rank 2,
+    # local rank 0 of the other node, did not wait for rank 0.
+    assert ok[1]["calls"][0][0] >= ok[0]["calls"][0][1]
+    assert ok[2]["calls"][0][0] < ok[0]["calls"][0][1]
+    # A failing first call: every rank stops with status 2, the waiting rank never calls fn.
+    first = [r["first_fails"] for r in results]
+    assert [r["exit"] for r in first] == [2, 2, 2]
+    assert [len(r["calls"]) for r in first] == [1, 0, 1]
+    # A failing later call (rank 1's own): every rank stops too.
+    later = [r["later_fails"] for r in results]
+    assert [r["exit"] for r in later] == [2, 2, 2]
+    err = capfd.readouterr().err
+    for scenario, rank in (("first_fails", 0), ("later_fails", 1)):
+        message = f"error: {scenario}: bad data seen by rank {rank}"
+        assert sorted(line for line in err.splitlines() if line.endswith(message)) == [
+            f"[rank 1] {message}", f"[rank 2] {message}", message], err
+
+
 def test_uneven_last_batch_steps_equal_single_process_steps(tmp_path):
     """100 samples, global batch 12, 3 ranks: the last batch (16 rows) splits 6/5/5. Each rank's
     mean loss is weighted by its share, so the 8th step is one process's step too."""

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from common.errors import UserError, run_main
+from common.files import write_text_atomic
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 EXAMPLE = """example (2 processes, a short CPU budget, 2 seeds):
@@ -112,8 +113,8 @@ def write_report(args: argparse.Namespace, extra: list[str], results: dict[str, 
         wall = statistics.mean(s["run_s"] for s in runs)
         lines.append(f"| {name} | {acc:.4f} | {delta} | {wall:.0f} |")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "augment_study.md").write_text("\n".join(lines) + "\n")
-    (args.out_dir / "augment_study.json").write_text(json.dumps(
+    write_text_atomic(args.out_dir / "augment_study.md", "\n".join(lines) + "\n")
+    write_text_atomic(args.out_dir / "augment_study.json", json.dumps(
         {name: [s["test_accuracy"] for s in runs] for name, runs in results.items()}, indent=2))
     print("\n".join(lines))
 

@@ -6,18 +6,15 @@ from typing import Sequence
 
 import torch
 
+from common.figures import pyplot, save_figure
+
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:
     """Row-normalised heat map with the raw counts written in each cell (rows = true class)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = confusion.double()
     rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.65 * n))
+    fig, ax = pyplot().subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.65 * n))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
@@ -29,6 +26,4 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, 
     ax.set_ylabel("true class")
     ax.set_title(title or "test confusion matrix (row-normalised colour, counts)")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

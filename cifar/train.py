@@ -16,15 +16,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cifar.data import Augment, CifarData, augment, decode_source, find_source, cache_path, \
-    load_cache, normalize, prepare, subset, to_dataset
+from cifar.data import Augment, CifarData, augment, load, normalize, subset
 from cifar.model import AirNet, resnet18
 from cifar.plots import plot_confusion
 from common.checkpoint import config_dict, resume_from, save_checkpoint, training_state
 from common.preempt import EpochProgress, Preemption, progress_from
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
-from common.dist import (DistInfo, distributed, stop_if_any_rank_failed, stop_unless_all_ranks_agree,
+from common.dist import (DistInfo, distributed, on_local_rank_zero_first, stop_unless_all_ranks_agree,
                          tensor_digest)
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
@@ -182,29 +181,17 @@ def check_config(cfg: Config) -> None:
 
 
 def build_data(cfg: Config, dist: DistInfo) -> CifarData:
-    """Decode (or load the cache) on each node's local rank 0 while the others wait.
+    """Decode (or load the cache) on each node's local rank 0 while the others wait, then load.
 
-    A data error found there is sent to every rank, so each exits with the same message. Each
-    node decodes and caches its own copy: nodes without a shared filesystem each build one in
-    their own data dir; nodes that share one may both build it (the cache is written to a temp
-    file per process and renamed, so they cannot damage each other's) and then read the same
-    file. Either way the ranks then compare a digest of the data they will train on, so nodes
-    holding different files (another CIFAR copy, a stale cache) stop with one line instead of
-    training on different data.
+    ``on_local_rank_zero_first`` sends a data error found on any rank to every rank, so each
+    exits with the same message. Each node decodes and caches its own copy: nodes without a
+    shared filesystem each build one in their own data dir; nodes that share one may both build
+    it (the cache is written to a temp file per process and renamed, so they cannot damage each
+    other's) and then read the same file. Either way the ranks then compare a digest of the data
+    they will train on, so nodes holding different files (another CIFAR copy, a stale cache)
+    stop with one line instead of training on different data.
     """
-    problem, cache, decoded = None, None, None
-    if dist.local_rank == 0:
-        try:
-            cache, decoded = prepare(cfg.data_dir, download=cfg.download)
-        except UserError as err:
-            problem = str(err)
-    stop_if_any_rank_failed(problem, dist)
-    if decoded is None:
-        source = find_source(cfg.data_dir)
-        cache = cache_path(cfg.data_dir, source)
-        data = load_cache(cache) if cache is not None and cache.is_file() else to_dataset(decode_source(source))
-    else:
-        data = to_dataset(decoded)
+    data = on_local_rank_zero_first(lambda: load(cfg.data_dir, download=cfg.download), dist)
     data = subset(data, cfg.train_per_class, cfg.test_limit)
     stop_unless_all_ranks_agree(tensor_digest([
         ("train_images", data.train_images), ("train_labels", data.train_labels),

@@ -19,6 +19,8 @@ import torch
 from tqdm import tqdm
 
 from common.dist import DistInfo
+from common.figures import pyplot, save_figure
+from common.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -44,11 +46,8 @@ def progress(iterable: Iterable[T], dist: DistInfo, total: int | None = None,
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (``common.files``), so readers never see half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -109,7 +108,7 @@ class RunRecorder:
         if dist.is_main:
             self.plots_dir.mkdir(parents=True, exist_ok=True)
             kept = [row for row in self.read_metrics() if row.get("epoch", 0) < start_epoch]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All epoch rows written so far."""
@@ -134,10 +133,7 @@ class RunRecorder:
     def write_text(self, name: str, text: str) -> None:
         """Write a text file (e.g. a Markdown table) in the run directory (rank 0)."""
         if self.dist.is_main:
-            path = self.out_dir / name
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomic(self.out_dir / name, text)
 
     def write_summary(self, summary: dict[str, Any], config: Any) -> None:
         """``summary.json``: the final metrics plus ``run_info`` (config, versions, commit)."""
@@ -148,12 +144,7 @@ class RunRecorder:
 def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: Path,
                 title: str = "") -> None:
     """Line plots of per-epoch metrics: one panel per entry, ``{"loss": ["train_loss", ...]}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     epochs = [row["epoch"] + 1 for row in rows]
     for ax, (ylabel, keys) in zip(axes[0], panels.items()):
         for key in keys:
@@ -166,6 +157,4 @@ def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: 
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -2,34 +2,24 @@
 read what the runs left behind."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from common import launch
+from common.launch import free_port  # noqa: F401 - the tests import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child program: no torchrun variables, no progress bars."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    env.update(extra or {})
-    return env
+    """The environment for a child program: no torchrun variables, no progress bars, one
+    thread per process (the suite runs on 2 shared cores)."""
+    return launch.child_env({"OMP_NUM_THREADS": "1", **(extra or {})})
 
 
 def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
@@ -41,12 +31,7 @@ def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 1
     Returns the completed process (stdout/stderr captured); raises on timeout, which is how a
     hang shows up in a test.
     """
-    if nproc == 1 and not torchrun_args:
-        cmd = [sys.executable, str(REPO / script), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-               *(torchrun_args or []), str(REPO / script), *args]
+    cmd = launch.launch_command(REPO / script, args, nproc, torchrun_args)
     return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -70,16 +70,19 @@ def folders(tmp_path: Path) -> Path:
 
 # --------------------------------------------------------------------------- data, in process
 
-def test_folders_decode_once_then_cache(folders: Path) -> None:
-    cache, decoded = cdata.prepare(folders)
-    assert decoded is not None and cache.parent == folders and cache.is_file()
-    train, labels = decoded["train"]
+def test_folders_decode_once_then_cache(folders: Path, monkeypatch) -> None:
+    data = cdata.load(folders)
+    cache = cdata.cache_path(folders, cdata.find_source(folders))
+    assert cache.parent == folders and cache.is_file()
+    train, labels = data.train_images, data.train_labels
     assert train.shape == (36, 3, 32, 32) and train.dtype == torch.uint8
-    assert decoded["classes"] == CLASSES and labels.bincount().tolist() == [12, 12, 12]
+    assert data.classes == CLASSES and labels.bincount().tolist() == [12, 12, 12]
     # Red images are class 0: the decoded pixels and labels line up.
     assert train[labels == 0][:, 0].float().mean() > train[labels == 0][:, 1].float().mean() + 50
-    again, nothing = cdata.prepare(folders)
-    assert again == cache and nothing is None
+    # The second load reads the cache: it decodes nothing.
+    monkeypatch.setattr("cifar.cache.decode_source", lambda *a, **k: pytest.fail("decoded again"))
+    again = cdata.load(folders)
+    assert torch.equal(again.train_images, train) and torch.equal(again.test_labels, data.test_labels)
     assert torch.equal(cdata.load_cache(cache).train_images, train)
 
 
@@ -106,7 +109,7 @@ def test_truncated_archive_is_a_clear_error(tmp_path: Path) -> None:
         tf.add(src / "test", arcname="x/test")
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or corrupt archive") as info:
-        cdata.prepare(data_dir, download=False)
+        cdata.load(data_dir, download=False)
     assert str(archive) in str(info.value)
 
 
@@ -166,7 +169,7 @@ def test_bad_folders_name_file_and_expectation(folders: Path, damage: str, expec
     else:
         Image.new("RGB", (40, 32)).save(victim)
     with pytest.raises(UserError, match=expected) as info:
-        cdata.prepare(folders, download=False)
+        cdata.load(folders, download=False)
     assert "\n" not in str(info.value)
     if damage in ("truncate", "size"):
         assert str(victim) in str(info.value)

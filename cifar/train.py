@@ -1,4 +1,4 @@
-"""Train a CIFAR-10 classifier with DDP: the whole dataset on the device, augmentation on the batch.
+"""Train a CIFAR-10 classifier (DDP or FSDP): the dataset on the device, augmentation on the batch.
 
 Each epoch logs train and test loss/accuracy reduced exactly across ranks; the end writes the
 test confusion matrix (all-reduced), per-class accuracy and images/second to summary.json, and
@@ -96,6 +96,7 @@ class Config:
     device: str
     strategy: str  # "ddp" or "fsdp" (common.parallel)
     dist_timeout: float  # seconds
+    tensorboard: bool  # also write the epoch rows as TensorBoard scalars (rank 0)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -406,7 +407,7 @@ def main() -> None:
         if cfg.eval_only:
             return eval_from_checkpoint(cfg, state, model, data.test_images, data.test_labels, data, dist, bf16, log)
         start_epoch = state["epoch"] + 1 if state else 0
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch)
+        recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
         log.info("%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
                  meta["arch"], dist.world_size, dist.device, bf16, steps_per_epoch, cfg.batch_size)
 
@@ -446,7 +447,8 @@ def main() -> None:
             if cfg.target_accuracy and time_to_target is None and test["test_accuracy"] >= cfg.target_accuracy:
                 time_to_target = elapsed
             row.update(test_loss=test["test_loss"], test_accuracy=test["test_accuracy"],
-                       train_images_per_s=row["train_images"] / epoch_train_s, elapsed_s=elapsed,
+                       train_images_per_s=row["train_images"] / epoch_train_s,
+                       samples_per_s=row["train_images"] / epoch_train_s, elapsed_s=elapsed,
                        lr=scheduler.get_last_lr()[0])
             recorder.log_epoch(row)
             log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | "

@@ -8,6 +8,7 @@ from pathlib import Path
 from common.dist import DEFAULT_TIMEOUT_S
 from common.errors import UserError
 from common.parallel import STRATEGIES
+from common.report import tensorboard_available
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -42,6 +43,10 @@ def make_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                              "optimizer state across processes (FSDP2)")
     shared.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help="how long a collective waits for the other ranks before failing")
+    shared.add_argument("--tensorboard", action="store_true",
+                        help="also log each epoch's metrics, learning rate and samples/s as "
+                             "TensorBoard scalars in OUT_DIR/tensorboard (rank 0; needs the "
+                             "tensorboard package: pip install -e '.[tensorboard]')")
     return parser
 
 
@@ -55,6 +60,9 @@ def check_shared_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.dist_timeout <= 0:
         raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    if getattr(args, "tensorboard", False) and not tensorboard_available():
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -e '.[tensorboard]')")
     _check_writable(args.out_dir)
 
 

@@ -4,6 +4,7 @@ Only rank 0 writes; every function here is safe to call on all ranks.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from common.dist import DistInfo
+from common.errors import UserError
 from common.figures import pyplot, save_figure
 from common.files import write_text_atomic
 
@@ -98,17 +100,26 @@ class RunRecorder:
 
     On resume from epoch ``start_epoch``, lines of later epochs (written after the checkpoint,
     before a crash) are dropped, so the file always matches the model state.
+
+    With ``tensorboard=True`` (``--tensorboard``) rank 0 also writes every number of each
+    epoch's row (the same keys as metrics.jsonl, e.g. losses, accuracies, ``lr``,
+    ``samples_per_s``; nested dicts as ``outer/inner``) as TensorBoard scalars at step
+    ``epoch``, in ``out_dir/tensorboard/``: ``tensorboard --logdir OUT_DIR``.
     """
 
-    def __init__(self, out_dir: Path, dist: DistInfo, start_epoch: int = 0) -> None:
+    def __init__(self, out_dir: Path, dist: DistInfo, start_epoch: int = 0,
+                 tensorboard: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.plots_dir = self.out_dir / "plots"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.dist = dist
+        self._tensorboard = None
         if dist.is_main:
             self.plots_dir.mkdir(parents=True, exist_ok=True)
             kept = [row for row in self.read_metrics() if row.get("epoch", 0) < start_epoch]
             write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            if tensorboard:
+                self._tensorboard = tensorboard_writer(self.out_dir / TENSORBOARD_DIR, start_epoch)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All epoch rows written so far."""
@@ -124,6 +135,10 @@ class RunRecorder:
             f.write(json.dumps(row, default=_json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self._tensorboard is not None:
+            for tag, value in scalars(row):
+                self._tensorboard.add_scalar(tag, value, global_step=row["epoch"])
+            self._tensorboard.flush()  # visible in TensorBoard while the run goes on
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write ``obj`` as ``name`` in the run directory (rank 0, atomically)."""
@@ -139,6 +154,48 @@ class RunRecorder:
         """``summary.json``: the final metrics plus ``run_info`` (config, versions, commit)."""
         if self.dist.is_main:
             write_json_atomic(self.out_dir / "summary.json", {**summary, **run_info(self.dist, config)})
+        self.close()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any (``write_summary`` does it)."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_available() -> bool:
+    """True when the ``tensorboard`` package (needed by ``--tensorboard``) is installed."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def tensorboard_writer(log_dir: Path, start_epoch: int = 0):
+    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``, imported only here, so that
+    nothing else needs the optional package. On resume, events at steps >= ``start_epoch``
+    (written after the checkpoint, before a crash) are hidden, as in metrics.jsonl."""
+    if not tensorboard_available():
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or pip install -e '.[tensorboard]')")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_epoch if start_epoch > 0 else None)
+
+
+def scalars(row: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """The numbers of a metrics row as ``(tag, value)``, nested dicts as ``outer/inner``;
+    ``epoch`` (the step) and non-numbers (strings, None, lists, booleans) are left out."""
+    out = []
+    for key, value in row.items():
+        tag = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += scalars(value, f"{tag}/")
+        elif tag != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((tag, float(value)))
+        elif tag != "epoch" and isinstance(value, torch.Tensor) and value.numel() == 1:
+            out.append((tag, float(value.item())))
+    return out
 
 
 def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: Path,

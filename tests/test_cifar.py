@@ -23,6 +23,7 @@ from PIL import Image
 from cifar import data as cdata
 from cifar.model import AirNet, resnet18
 from common.errors import UserError
+from common.report import tensorboard_available
 from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
 
 CLASSES = ("cat", "dog", "ship")
@@ -264,10 +265,11 @@ def _train(data: Path, out: Path, nproc: int, *extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(data, run dir) of one 2-process DDP training, shared by the tests of its xdist group."""
+    """(data, run dir) of one 2-process DDP training, shared by the tests of its xdist group
+    (with --tensorboard when the package is installed: it only adds files)."""
     root = tmp_path_factory.mktemp("cifar-ddp")
     data = make_folders(root / "data")
-    _train(data, root / "straight", 2)
+    _train(data, root / "straight", 2, *(["--tensorboard"] if tensorboard_available() else []))
     return data, root / "straight"
 
 
@@ -285,6 +287,30 @@ def test_two_processes_train_and_resume_exactly(two_process_run, tmp_path: Path)
     assert set(a["per_class_accuracy"]) == set(CLASSES) and a["images_per_s"] > 0
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all("test_accuracy" in r for r in rows)
+
+
+@pytest.mark.xdist_group("cifar-two-process-run")
+def test_tensorboard_event_file_matches_metrics_jsonl(two_process_run) -> None:
+    """--tensorboard on 2 processes: one event file (rank 0's) holding every number of
+    metrics.jsonl, learning rate and samples/s included, at step = epoch."""
+    pytest.importorskip("tensorboard")
+    from tests.test_common import _event_scalars
+
+    _, run = two_process_run
+    files = list(run.rglob("events.out.tfevents.*"))
+    assert [f.parent for f in files] == [run / "tensorboard"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected: dict[str, list] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                expected.setdefault(key, []).append((row["epoch"], value))
+    assert {"train_loss", "test_accuracy", "lr", "samples_per_s"} <= expected.keys()
+    got = _event_scalars(run / "tensorboard")
+    assert got.keys() == expected.keys()
+    for tag, points in expected.items():
+        assert [step for step, _ in got[tag]] == [0, 1]
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
 
 
 @pytest.mark.xdist_group("cifar-two-process-run")

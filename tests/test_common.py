@@ -145,6 +145,45 @@ def test_recorder_drops_epochs_after_the_resumed_checkpoint(tmp_path):
     assert summary["world_size"] == 1 and summary["config"] == {"x": 1} and "torch_version" in summary
 
 
+def _event_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``log_dir``, as tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
+    pytest.importorskip("tensorboard")
+    for rank in (1, 0):  # rank 1 of 2 writes nothing at all
+        recorder = RunRecorder(tmp_path / f"rank{rank}", rank_info(rank, 2), tensorboard=True)
+        for epoch in range(3):
+            recorder.log_epoch({"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "lr": 0.1 * epoch,
+                                "val": {"rmse": 10.0 + epoch}, "note": "text", "flag": True})
+        recorder.close()
+    assert not (tmp_path / "rank1").exists()
+    expected = {"train_loss": [(0, 1.0), (1, 0.5), (2, 1 / 3)], "lr": [(0, 0.0), (1, 0.1), (2, 0.2)],
+                "val/rmse": [(0, 10.0), (1, 11.0), (2, 12.0)]}
+    got = _event_scalars(tmp_path / "rank0" / "tensorboard")
+    assert got.keys() == expected.keys()
+    for tag, points in expected.items():
+        assert [step for step, _ in got[tag]] == [step for step, _ in points]
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6)
+    # Resumed from epoch 1: the old epoch-1 and epoch-2 points are hidden, the new ones shown.
+    resumed = RunRecorder(tmp_path / "rank0", rank_info(0, 1), start_epoch=1, tensorboard=True)
+    resumed.log_epoch({"epoch": 1, "train_loss": 7.0})
+    resumed.close()
+    assert _event_scalars(tmp_path / "rank0" / "tensorboard")["train_loss"] == [(0, 1.0), (1, 7.0)]
+
+
+def test_tensorboard_flag_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("common.cli.tensorboard_available", lambda: False)
+    check_shared_args(_args("--out-dir", str(tmp_path)))  # not asked for: fine
+    with pytest.raises(UserError, match="--tensorboard needs the tensorboard package: pip install"):
+        check_shared_args(_args("--tensorboard", "--out-dir", str(tmp_path)))
+
+
 def test_bad_argument_exits_with_one_line(tmp_path):
     result = run_program("tests/toy_train.py", ["--out-dir", str(tmp_path), "--batch-size", "0"])
     assert result.returncode == 2

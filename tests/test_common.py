@@ -199,3 +199,31 @@ def test_every_rank_gets_the_same_number_of_eval_batches(n, batch):
     assert len({len(batches) for batches in per_rank}) == 1  # FSDP needs equal forward counts
     assert all(len(b) <= batch for batches in per_rank for b in batches)
     assert torch.cat([b for batches in per_rank for b in batches]).tolist() == list(range(n))
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    from common.files import write_atomic, write_text_atomic
+
+    target = write_text_atomic(tmp_path / "table.md", "old\n")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(target, half_then_fail)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+    write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+def test_save_figure_writes_the_file_and_closes_the_figure(tmp_path):
+    from common.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure(fig, tmp_path / "line.png")
+    assert (tmp_path / "line.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig.number not in plt.get_fignums()
+    assert [p.name for p in tmp_path.iterdir()] == ["line.png"]

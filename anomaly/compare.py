@@ -36,6 +36,7 @@ from anomaly.data import split_data
 from anomaly.model import classifier_inputs
 from anomaly.train import best_f1_threshold, hold_out, make_features
 from common.errors import UserError, run_main
+from common.files import write_text_atomic
 from common.report import write_json_atomic
 
 SPLIT_KEYS = ("seed", "split", "val_fraction", "test_fraction", "pca_variance", "min_frequency",
@@ -220,9 +221,7 @@ def main() -> None:
               "rows": rows}
     write_json_atomic(args.out_dir / "compare.json", report)
     table = markdown(report)
-    tmp = args.out_dir / ".compare.md.tmp"
-    tmp.write_text(table)
-    tmp.replace(args.out_dir / "compare.md")
+    write_text_atomic(args.out_dir / "compare.md", table)
     print(table)
 
 

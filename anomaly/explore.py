@@ -11,15 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY, feature_columns, load_frames
+from common.errors import run_main
+from common.figures import pyplot, save_figure
+from common.files import write_text_atomic
 
-from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY, feature_columns, load_frames  # noqa: E402
-from common.errors import run_main  # noqa: E402
+plt = pyplot()  # this module only draws: Agg backend, loaded when it is imported
 
 
 def _table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
@@ -33,11 +33,6 @@ def _table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
         lines.append("| " + " | ".join([str(idx), *cells]) + " |")
     return "\n".join(lines)
 
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
@@ -59,7 +54,7 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("rows (log scale)")
     ax.set_title("class balance per attack_cat")
-    _save(fig, plots / "class_balance.png")
+    save_figure(fig, plots / "class_balance.png")
     attack_share = float((frame["label"] == 1).mean())
     md += ["## Class balance\n", f"Attacks are {attack_share:.1%} of the rows, so flagging everything "
            f"already scores F1 = {2 * attack_share / (1 + attack_share):.3f}: any detector must beat that.\n",
@@ -108,7 +103,7 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
         ax.set_title(f"log1p({col}), skew {summary.loc[col, 'skew']:.0f}", fontsize=9)
         ax.set_yscale("log")
     axes.flat[0].legend()
-    _save(fig, plots / "skewed_features.png")
+    save_figure(fig, plots / "skewed_features.png")
     heavy = int((summary["skew"] > 2).sum())
     md += ["## Most skewed features\n",
            f"{heavy} of {len(numeric)} numeric features have skew above 2 (a few huge flows dominate "
@@ -130,7 +125,7 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     ax.set_yticks(range(len(corr)), corr.columns, fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title("correlation of log1p(numeric features)")
-    _save(fig, plots / "correlations.png")
+    save_figure(fig, plots / "correlations.png")
     label_corr = np.log1p(data.clip(lower=0)).corrwith(frame["label"]).abs().sort_values(ascending=False)
     md += ["## Correlations\n", "Pearson correlation of `log1p` values. Strongly correlated pairs carry "
            "the same information twice (bytes vs packets vs load), which the autoencoder's bottleneck "
@@ -167,9 +162,7 @@ def main() -> None:
     frame = pd.concat(list(frames.values()), ignore_index=True)
     source = f"{args.data_dir} ({', '.join(frames)})"
     report = explore(frame, source, args.out_dir)
-    tmp = args.out_dir / ".report.md.tmp"
-    tmp.write_text(report)
-    tmp.replace(args.out_dir / "report.md")
+    write_text_atomic(args.out_dir / "report.md", report)
     print(f"wrote {args.out_dir / 'report.md'} and {len(list((args.out_dir / 'plots').glob('*.png')))} pictures")
 
 

@@ -27,6 +27,8 @@ import numpy as np
 from anomaly import train
 from common.dist import distributed
 from common.errors import UserError, run_main
+from common.figures import pyplot, save_figure
+from common.files import write_text_atomic
 from common.report import get_logger, write_json_atomic
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/novel.py --data-dir ../shared/data"
@@ -85,11 +87,7 @@ def markdown(rows: dict[str, dict], novelty_alarms: float) -> str:
 
 def bar_chart(rows: dict[str, dict], path: Path) -> None:
     """Detection rate of each held-out category, one bar per detector."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(rows)
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(DETECTORS)
@@ -104,11 +102,7 @@ def bar_chart(rows: dict[str, dict], path: Path) -> None:
     ax.set_title("attacks of a kind never seen in training: share detected on test")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -135,9 +129,7 @@ def main() -> None:
             table = markdown(rows, cfg.novelty_alarms)
             write_json_atomic(cfg.out_dir / "novel.json",
                               {"config": dataclasses.asdict(cfg), "rows": rows})
-            tmp = cfg.out_dir / ".novel.md.tmp"
-            tmp.write_text(table)
-            tmp.replace(cfg.out_dir / "novel.md")
+            write_text_atomic(cfg.out_dir / "novel.md", table)
             (cfg.out_dir / "plots").mkdir(parents=True, exist_ok=True)
             bar_chart(rows, cfg.out_dir / "plots" / "novel.png")
             print(table)

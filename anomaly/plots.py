@@ -4,21 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import precision_recall_curve  # noqa: E402
+from common.figures import pyplot, save_figure
+from common.report import plot_curves
 
-from common.report import plot_curves  # noqa: E402
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+plt = pyplot()  # this module only draws: Agg backend, loaded when it is imported
 
 
 def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float, path: Path,
@@ -36,7 +29,7 @@ def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float, pa
     ax.set_ylabel("rows")
     ax.set_title(title)
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def pr_curve(scores: np.ndarray, labels: np.ndarray, test: dict[str, Any], path: Path,
@@ -52,7 +45,7 @@ def pr_curve(scores: np.ndarray, labels: np.ndarray, test: dict[str, Any], path:
     ax.set_title("test precision-recall")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def confusion(test: dict[str, Any], path: Path) -> None:
@@ -68,7 +61,7 @@ def confusion(test: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("test confusion matrix")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def per_category(categories: dict[str, dict[str, float]], path: Path) -> None:
@@ -82,7 +75,7 @@ def per_category(categories: dict[str, dict[str, float]], path: Path) -> None:
     ax.set_xlim(0, 1.25)
     ax.set_xlabel("share flagged as attack (for Normal: false-positive rate)")
     ax.set_title("test detection rate per attack_cat")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def timeline(scores: np.ndarray, labels: np.ndarray, times: np.ndarray, time_label: str,
@@ -116,7 +109,7 @@ def timeline(scores: np.ndarray, labels: np.ndarray, times: np.ndarray, time_lab
         f"in {time_label}\n(these files hold no timestamps: record order is not time)")
     ax.set_title(f"test rows {what}: {int((flagged & (y == 1)).sum()):,} of {int(y.sum()):,} "
                  f"attacks detected, {int((flagged & (y == 0)).sum()):,} false alarms")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def training_plots(plots_dir: Path, rows: list[dict[str, Any]], val_scores: np.ndarray,

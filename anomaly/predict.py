@@ -21,6 +21,7 @@ from anomaly.features import transform_from_plain
 from anomaly.model import combined_score, make_detector, raw_scores, thresholds_tensor
 from common.checkpoint import load_tensors_file
 from common.errors import UserError, run_main
+from common.files import write_atomic
 
 
 def load_detector(path: Path) -> dict:
@@ -92,9 +93,7 @@ def main() -> None:
         attacks = scored["label"] == 1
         print(f"  of the {int(attacks.sum())} labelled attacks, {int((scored['is_attack'] & attacks).sum())} flagged")
     if args.out is not None:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        scored.to_csv(tmp, index=False)
-        tmp.replace(args.out)
+        write_atomic(args.out, lambda tmp: scored.to_csv(tmp, index=False))
         print(f"wrote {args.out}")
 
 

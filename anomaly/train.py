@@ -36,8 +36,9 @@ from anomaly.model import (PARTS, Autoencoder, combined_score, make_detector, ra
 from common.checkpoint import resume_from, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches, eval_shard
-from common.dist import DistInfo, distributed
+from common.dist import DistInfo, agreed, distributed
 from common.errors import UserError, ensure_finite, run_main
+from common.files import torch_save_atomic
 from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
@@ -77,6 +78,7 @@ class Config:
     min_frequency: int  # rows; rarer categorical levels are folded into one
     score: str  # "mse" or "normalized" (per-feature error / normal-validation error)
     max_rows: int | None  # stratified subset of each file, for quick runs
+    tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars for TensorBoard
 
 
 def _widths(flag: str, text: str) -> tuple[int, ...]:
@@ -150,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   args.dist_timeout, args.detector, args.split, _widths("--hidden", args.hidden),
                   _widths("--classifier-hidden", args.classifier_hidden), args.novelty_alarms,
                   args.holdout, args.val_fraction, args.test_fraction, args.pca_variance,
-                  args.min_frequency, args.score, args.max_rows)
+                  args.min_frequency, args.score, args.max_rows, args.tensorboard)
 
 
 @dataclass
@@ -384,7 +386,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         log = get_logger("anomaly", dist)
         seed_everything(cfg.seed)
         start = time.time()
-        data = build_data(cfg)  # validates every file before anything is written
+        # Every file is validated before anything is written, and all ranks agree on it.
+        data = agreed(lambda: build_data(cfg), dist)
         splits = data.splits
         log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
                  "identical row in train); %d features -> %d PCA components; detector %s",
@@ -406,7 +409,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         if state and start_epoch > cfg.epochs:
             raise UserError(f"--resume: the checkpoint finished epoch {start_epoch}, more than "
                             f"--epochs {cfg.epochs}; pass --epochs {start_epoch} or more")
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch)
+        recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
         resumed, preempt = progress_from(state, dist), Preemption(dist)
         train_time = 0.0
         for epoch in range(start_epoch, cfg.epochs):
@@ -422,7 +425,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
             train_time += time.time() - t0
             val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector, normal_share)
             recorder.log_epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                                "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0})
+                                "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0,
+                                "samples_per_s": len(batches.tensors[0]) / (time.time() - t0)})
             log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
                      epoch + 1, cfg.epochs, train_loss, val_loss, time.time() - t0)
             save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
@@ -512,12 +516,10 @@ def write_detector(path: Path, net: torch.nn.Module, cfg: Config, transform: Fea
     Tensors and plain values only (the transform through ``transform_to_plain``), so
     ``anomaly.predict`` loads it without running code from the file.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"detector": cfg.detector, "model": net.state_dict(), "hidden": list(cfg.hidden),
-                "classifier_hidden": list(cfg.classifier_hidden),
-                "transform": transform_to_plain(transform), "thresholds": thresholds,
-                "score": cfg.score}, tmp)
-    tmp.replace(path)
+    torch_save_atomic(path, {"detector": cfg.detector, "model": net.state_dict(),
+                             "hidden": list(cfg.hidden), "classifier_hidden": list(cfg.classifier_hidden),
+                             "transform": transform_to_plain(transform), "thresholds": thresholds,
+                             "score": cfg.score})
 
 
 if __name__ == "__main__":

@@ -248,6 +248,19 @@ def stop_if_any_rank_failed(problem: str | None, dist: DistInfo) -> None:
     raise SystemExit(2)  # run_main exits with this status and prints nothing more
 
 
+def agreed(fn: Callable[[], T], dist: DistInfo) -> T:
+    """Run ``fn`` on every rank; a UserError on any rank stops every rank with that one
+    ``error:`` line and exit status 2 (``stop_if_any_rank_failed``), even where ``fn`` worked
+    (a node whose copy of the data differs). Call on every rank; returns ``fn()``'s result."""
+    result, problem = None, None
+    try:
+        result = fn()
+    except UserError as err:
+        problem = str(err)
+    stop_if_any_rank_failed(problem, dist)
+    return result
+
+
 def on_local_rank_zero_first(fn: Callable[[], T], dist: DistInfo) -> T:
     """Run ``fn`` on each node's local rank 0 while the node's other ranks wait, then on them.
 

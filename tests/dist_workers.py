@@ -210,3 +210,22 @@ def local_rank_zero_first(dist: DistInfo, scratch: str) -> dict:
             result, code = None, stop.code
         out[scenario] = {"result": result, "exit": code, "calls": calls}
     return out
+
+
+def agreed_data(dist: DistInfo) -> dict:
+    """``agreed``: every rank loads; only rank 1's copy is bad, yet every rank stops."""
+    from common.dist import agreed
+    from common.errors import UserError
+
+    def load() -> str:
+        if dist.rank == 1:
+            raise UserError(f"rank {dist.rank}'s copy of the data is bad")
+        return "data"
+
+    good = agreed(lambda: f"fine on rank {dist.rank}", dist)
+    try:
+        agreed(load, dist)
+        code = None
+    except SystemExit as stop:
+        code = stop.code
+    return {"good": good, "exit": code}

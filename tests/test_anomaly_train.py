@@ -12,6 +12,7 @@ from anomaly.data import TRAIN_FILE
 from anomaly.predict import predict_csv
 from anomaly.synthetic import make_partition, write_partition
 from common.errors import UserError
+from common.report import tensorboard_available
 from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
 
 FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
@@ -36,8 +37,9 @@ def trained(tmp_path_factory):
     data.mkdir()
     write_partition(make_partition(3000, seed=3), data / TRAIN_FILE, zip_name="unsw.zip")
     run = root / "run"
+    tensorboard = ["--tensorboard"] if tensorboard_available() else []  # it only adds files
     result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(run), *FAST,
-                                              "--detector", "hybrid"], nproc=2, timeout=120)
+                                              *HYBRID, *tensorboard], nproc=2, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return data, run
 
@@ -57,6 +59,20 @@ def test_two_process_training_writes_everything(trained):
     for name in ("loss", "scores_val", "scores_test", "pr_curve", "confusion", "per_attack_cat", "timeline"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
     assert (run / "detector.pt").exists() and (run / "checkpoint.pt").exists()
+
+
+@SHARES_TRAINED
+def test_tensorboard_has_rank_zeros_scalars_of_metrics_jsonl(trained):
+    pytest.importorskip("tensorboard")
+    from tests.test_common import _event_scalars
+
+    _, run = trained
+    assert [f.parent for f in run.rglob("events.out.tfevents.*")] == [run / "tensorboard"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    got = _event_scalars(run / "tensorboard")
+    for tag in ("train_loss", "val_loss", "lr", "samples_per_s"):
+        assert [step for step, _ in got[tag]] == [row["epoch"] for row in rows]
+        assert [v for _, v in got[tag]] == pytest.approx([row[tag] for row in rows], rel=1e-6), tag
 
 
 def _same_metrics_at(nprocs, data, run, tmp_path, *extra):

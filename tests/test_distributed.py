@@ -59,6 +59,16 @@ def test_local_rank_zero_first_waits_and_agrees_on_errors(tmp_path, capfd):
             f"[rank 1] {message}", f"[rank 2] {message}", message], err
 
 
+def test_agreed_stops_every_rank_when_one_rank_fails(tmp_path, capfd):
+    """A data problem seen by one rank only (say its node's copy differs) stops all three."""
+    results = w.spawn(w.agreed_data, 3, free_port(), tmp_path)
+    assert [r["good"] for r in results] == [f"fine on rank {i}" for i in range(3)]
+    assert [r["exit"] for r in results] == [2, 2, 2]
+    message = "error: rank 1's copy of the data is bad"
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.endswith(message)]
+    assert sorted(lines) == [f"[rank 1] {message}", f"[rank 2] {message}", message]
+
+
 def test_uneven_last_batch_steps_equal_single_process_steps(tmp_path):
     """100 samples, global batch 12, 3 ranks: the last batch (16 rows) splits 6/5/5. Each rank's
     mean loss is weighted by its share, so the 8th step is one process's step too."""

@@ -35,7 +35,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY
 from common.errors import UserError
-from common.safe_state import from_plain, to_plain
+from common.safe_state import rebuild, to_plain
 
 # Numeric codes with a few distinct values that behave like categories.
 CODES = ("sttl", "dttl", "swin", "dwin", "ct_state_ttl")
@@ -214,12 +214,5 @@ def transform_to_plain(transform: FeatureTransform) -> dict:
 
 def transform_from_plain(tree: dict, where: str) -> FeatureTransform:
     """Inverse of ``transform_to_plain``; UserError naming ``where`` if it is not one."""
-    try:
-        transform = from_plain(tree, TRUSTED)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise UserError(f"{where}: its stored feature transform cannot be rebuilt ({err}); "
-                        "re-run anomaly/train.py to write a new detector") from None
-    if not isinstance(transform, FeatureTransform):
-        raise UserError(f"{where}: its stored feature transform is a {type(transform).__name__}, "
-                        "not a fitted FeatureTransform")
-    return transform
+    return rebuild(tree, TRUSTED, FeatureTransform, where, "feature transform",
+                   "re-run anomaly/train.py to write a new detector")

@@ -162,17 +162,27 @@ class Data:
     x: dict[str, torch.Tensor]  # "train", "train_normal", "val", "test": scaled features, float32
     y: dict[str, torch.Tensor]  # same keys: 1 = attack
 
+    @property
+    def normal_share(self) -> float:
+        """Share of normal rows among the training rows (scales the hybrid's autoencoder loss)."""
+        return len(self.x["train_normal"]) / len(self.x["train"])
+
     def training_rows(self, detector: str) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``detector`` learns from: normal rows for the autoencoder, all rows otherwise."""
         key = "train_normal" if detector == "autoencoder" else "train"
         return self.x[key], self.y[key]
 
 
-def build_data(cfg: Config) -> Data:
+def build_data(cfg: Config, dist: DistInfo) -> Data:
     """Read, validate and split the files; fit the features on normal training rows only.
 
-    Every rank does this identically (all steps are deterministic), so nothing is broadcast.
+    Every rank does this identically (all steps are deterministic), so nothing is broadcast; a
+    problem with the files on any rank stops every rank with one line (``agreed``).
     """
+    return agreed(lambda: _build_data(cfg), dist)
+
+
+def _build_data(cfg: Config) -> Data:
     splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
                         cfg.split)
     if cfg.holdout is not None:
@@ -214,15 +224,25 @@ def build_model(cfg: Config, transform: FeatureTransform) -> torch.nn.Module:
     return make_detector(cfg.detector, transform, cfg.hidden, cfg.classifier_hidden)
 
 
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
+    """AdamW with a one-cycle schedule stepped per batch."""
+    # foreach: see common/parallel.py (7 instead of 24 ms a step under FSDP on 2 CPUs).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  foreach=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps)
+    return optimizer, scheduler
+
+
 def autoencoder_part(net: torch.nn.Module) -> Autoencoder | None:
     return net if isinstance(net, Autoencoder) else getattr(net, "autoencoder", None)
 
 
 def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial: EpochProgress,
                     dist: DistInfo, detector: str, normal_share: float,
-                    preempt: Preemption | None = None) -> float | None:
-    """One pass over the training rows from ``partial.step``; returns the mean loss per row
-    (exact), or None when pre-empted (``partial`` then says where it stopped)."""
+                    preempt: Preemption | None = None) -> dict[str, float] | None:
+    """One pass over the training rows from ``partial.step``; returns ``{"train_loss"}``, the
+    exact mean loss per row over all ranks, or None when pre-empted (``partial`` then says where
+    it stopped)."""
     model.train()
     epoch, sums = partial.epoch, partial.sums
     sums.setdefault("loss", 0.0)
@@ -241,7 +261,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial:
         if preempt is not None and preempt.stop_requested():  # every rank, after the same step
             return None
     totals = reduce_sums(sums, dist)
-    return totals["loss"] / totals["n"]
+    return {"train_loss": totals["loss"] / totals["n"]}
 
 
 def validation_loss(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo, detector: str,
@@ -338,8 +358,8 @@ def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:
             "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0}
 
 
-def evaluate(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo,
-             mask: torch.Tensor | None = None) -> dict[str, float]:
+def metrics_at(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo,
+               mask: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics of ``score >= threshold`` on the rows (optionally those in ``mask``).
 
     Counts come from each rank's shard, summed over ranks (exact); the AUCs use the gathered
@@ -382,109 +402,113 @@ def main() -> None:
 def run(cfg: Config, dist: DistInfo) -> dict:
     """Train (or resume) and evaluate one detector; returns the summary (``anomaly.novel`` calls
     this once per held-out category, in one process group)."""
-    if True:
-        log = get_logger("anomaly", dist)
-        seed_everything(cfg.seed)
-        start = time.time()
-        # Every file is validated before anything is written, and all ranks agree on it.
-        data = agreed(lambda: build_data(cfg), dist)
-        splits = data.splits
-        log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
-                 "identical row in train); %d features -> %d PCA components; detector %s",
-                 splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
-                 len(splits.test), int(splits.test_seen_in_train.sum()),
-                 data.transform.n_features, data.transform.n_components, cfg.detector)
-        model = wrap_model(build_model(cfg, data.transform), dist, cfg.strategy)
-        batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
-        normal_share = len(data.x["train_normal"]) / len(data.x["train"])
-        # foreach: see common/parallel.py (7 instead of 24 ms a step under FSDP on 2 CPUs).
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      foreach=True)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr,
-                                                        total_steps=cfg.epochs * len(batches))
-        meta = {"program": "anomaly", "arch": f"{cfg.detector}-ae{'-'.join(map(str, cfg.hidden))}"
-                                              f"-clf{'-'.join(map(str, cfg.classifier_hidden))}"}
-        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
-        start_epoch = state["epoch"] + 1 if state else 0
-        if state and start_epoch > cfg.epochs:
-            raise UserError(f"--resume: the checkpoint finished epoch {start_epoch}, more than "
-                            f"--epochs {cfg.epochs}; pass --epochs {start_epoch} or more")
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
-        resumed, preempt = progress_from(state, dist), Preemption(dist)
-        train_time = 0.0
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.time()
-            partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-            train_loss = train_one_epoch(model, batches, optimizer, scheduler, partial, dist,
-                                         cfg.detector, normal_share, preempt)
-            if train_loss is None:
-                save_checkpoint(cfg.out_dir, training_state(
-                    model, optimizer, epoch - 1, meta, scheduler,
-                    transform=transform_to_plain(data.transform)), dist, partial)
-                preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
-            train_time += time.time() - t0
-            val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector, normal_share)
-            recorder.log_epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                                "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0,
-                                "samples_per_s": len(batches.tensors[0]) / (time.time() - t0)})
-            log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
-                     epoch + 1, cfg.epochs, train_loss, val_loss, time.time() - t0)
-            save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
-                                                        transform=transform_to_plain(data.transform)), dist)
+    log = get_logger("anomaly", dist)
+    seed_everything(cfg.seed)
+    start = time.time()
+    data = build_data(cfg, dist)  # every file validated before anything is written
+    splits = data.splits
+    log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
+             "identical row in train); %d features -> %d PCA components; detector %s",
+             splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
+             len(splits.test), int(splits.test_seen_in_train.sum()),
+             data.transform.n_features, data.transform.n_components, cfg.detector)
+    model = wrap_model(build_model(cfg, data.transform), dist, cfg.strategy)
+    batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
+    optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
+    meta = {"program": "anomaly", "arch": f"{cfg.detector}-ae{'-'.join(map(str, cfg.hidden))}"
+                                          f"-clf{'-'.join(map(str, cfg.classifier_hidden))}"}
+    state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
+    start_epoch = state["epoch"] + 1 if state else 0
+    if state and start_epoch > cfg.epochs:
+        raise UserError(f"--resume: the checkpoint finished epoch {start_epoch}, more than "
+                        f"--epochs {cfg.epochs}; pass --epochs {start_epoch} or more")
+    recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
+    resumed, preempt = progress_from(state, dist), Preemption(dist)
+    train_time = 0.0
+    for epoch in range(start_epoch, cfg.epochs):  # a finished run resumed: evaluation only
+        t0 = time.time()
+        partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
+        train = train_one_epoch(model, batches, optimizer, scheduler, partial, dist,
+                                cfg.detector, data.normal_share, preempt)
+        if train is None:
+            save_checkpoint(cfg.out_dir, training_state(
+                model, optimizer, epoch - 1, meta, scheduler,
+                transform=transform_to_plain(data.transform)), dist, partial)
+            preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
+        train_time += time.time() - t0
+        val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector,
+                                   data.normal_share)
+        recorder.log_epoch({"epoch": epoch, **train, "val_loss": val_loss,
+                            "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0,
+                            "samples_per_s": len(batches.tensors[0]) / (time.time() - t0)})
+        log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
+                 epoch + 1, cfg.epochs, train["train_loss"], val_loss, time.time() - t0)
+        save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
+                                                    transform=transform_to_plain(data.transform)), dist)
 
-        # Calibrate on validation only: the autoencoder's per-feature weights, the thresholds.
-        autoencoder = autoencoder_part(unwrap(model))
-        if cfg.score == "normalized" and autoencoder is not None:
-            error = normal_feature_error(model, data.x["val"], data.y["val"], dist)
-            # A buffer: every rank holds it whole under either strategy.
-            autoencoder.error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
-        val_raw = score_rows(model, data.x["val"], dist, cfg.detector)
-        thresholds, val_f1 = calibrate(cfg.detector, val_raw.numpy(), data.y["val"].numpy(),
-                                       cfg.novelty_alarms)
-        test_raw = score_rows(model, data.x["test"], dist, cfg.detector)
-        cut = thresholds_tensor(cfg.detector, thresholds)
-        val_scores, test_scores = combined_score(val_raw, cut), combined_score(test_raw, cut)
-        unseen = torch.from_numpy(~splits.test_seen_in_train)
-        test = evaluate(test_scores, data.y["test"], 1.0, dist)
-        test_unseen = evaluate(test_scores, data.y["test"], 1.0, dist, unseen)
-        categories = per_category(test_scores, splits.test["attack_cat"].to_numpy(), 1.0, dist)
-        parts = part_metrics(cfg.detector, val_raw, test_raw, data, splits, dist)
-        log.info("thresholds %s (validation F1 %.4f)",
-                 ", ".join(f"{k} {v:.5g}" for k, v in thresholds.items()), val_f1)
-        log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
-                 "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
-                 test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
-        if cfg.split == "random":
-            log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
-                     "(%d rows)", test_unseen["precision"], test_unseen["recall"],
-                     test_unseen["f1"], test_unseen["n"])
-        if cfg.holdout is not None:
-            log.info("held-out %s: %.4f detected", cfg.holdout, categories[cfg.holdout]["detection_rate"])
+    result = evaluate(model, data, cfg, dist)
+    test, test_unseen, categories = result["test"], result["test_unseen"], result["per_attack_cat"]
+    log.info("thresholds %s (validation F1 %.4f)",
+             ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()), result["val_f1"])
+    log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
+             "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
+             test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
+    if cfg.split == "random":
+        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
+                 "(%d rows)", test_unseen["precision"], test_unseen["recall"],
+                 test_unseen["f1"], test_unseen["n"])
+    if cfg.holdout is not None:
+        log.info("held-out %s: %.4f detected", cfg.holdout, categories[cfg.holdout]["detection_rate"])
 
-        rows = recorder.read_metrics()
-        trained_rows = len(batches.tensors[0]) * (cfg.epochs - start_epoch)
-        summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
-                   "test": test, "test_unseen": test_unseen, "per_attack_cat": categories,
-                   "thresholds": thresholds, "val_f1": val_f1, "score": cfg.score, "parts": parts,
-                   "data": {"source": splits.source, "train_rows": len(splits.train),
-                            "train_normal_rows": len(data.x["train_normal"]),
-                            "val_rows": len(splits.val), "test_rows": len(splits.test),
-                            "test_seen_in_train": int(splits.test_seen_in_train.sum())},
-                   "features": data.transform.describe(),
-                   "epochs_trained": cfg.epochs - start_epoch, "train_time_s": train_time,
-                   "samples_per_s": trained_rows / train_time if train_time else None,
-                   "memory_per_rank": memory_per_rank(model, optimizer),
-                   "wall_time_s": time.time() - start}
-        net = local_copy(model)  # every rank: a collective under FSDP
-        if dist.is_main:
-            from anomaly import plots  # matplotlib loads only on the rank that draws, at the end
+    rows = recorder.read_metrics()
+    trained_rows = len(batches.tensors[0]) * (cfg.epochs - start_epoch)
+    summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
+               **{k: v for k, v in result.items() if not k.endswith("_scores")}, "score": cfg.score,
+               "data": {"source": splits.source, "train_rows": len(splits.train),
+                        "train_normal_rows": len(data.x["train_normal"]),
+                        "val_rows": len(splits.val), "test_rows": len(splits.test),
+                        "test_seen_in_train": int(splits.test_seen_in_train.sum())},
+               "features": data.transform.describe(),
+               "epochs_trained": cfg.epochs - start_epoch, "train_time_s": train_time,
+               "samples_per_s": trained_rows / train_time if train_time else None,
+               "memory_per_rank": memory_per_rank(model, optimizer),
+               "wall_time_s": time.time() - start}
+    net = local_copy(model)  # every rank: a collective under FSDP
+    if dist.is_main:
+        from anomaly import plots  # matplotlib loads only on the rank that draws, at the end
 
-            write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, thresholds)
-            plots.training_plots(recorder.plots_dir, rows, val_scores.numpy(), data.y["val"].numpy(),
-                                 test_scores.numpy(), splits, test, categories, cfg.detector)
-        recorder.write_summary(summary, cfg)
-        log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
-        return summary
+        write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, result["thresholds"])
+        plots.training_plots(recorder.plots_dir, rows, result["val_scores"].numpy(),
+                             data.y["val"].numpy(), result["test_scores"].numpy(), splits, test,
+                             categories, cfg.detector)
+    recorder.write_summary(summary, cfg)
+    log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
+    return summary
+
+
+def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
+    """Calibrate on validation (the autoencoder's feature weights, the thresholds), then measure
+    on test: metrics, per-category detection, the hybrid's parts alone, and the scores (score /
+    threshold, every row, on every rank) for the plots. Exact at any world size."""
+    autoencoder = autoencoder_part(unwrap(model))
+    if cfg.score == "normalized" and autoencoder is not None:
+        error = normal_feature_error(model, data.x["val"], data.y["val"], dist)
+        # A buffer: every rank holds it whole under either strategy.
+        autoencoder.error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
+    val_raw = score_rows(model, data.x["val"], dist, cfg.detector)
+    thresholds, val_f1 = calibrate(cfg.detector, val_raw.numpy(), data.y["val"].numpy(),
+                                   cfg.novelty_alarms)
+    test_raw = score_rows(model, data.x["test"], dist, cfg.detector)
+    cut = thresholds_tensor(cfg.detector, thresholds)
+    val_scores, test_scores = combined_score(val_raw, cut), combined_score(test_raw, cut)
+    unseen = torch.from_numpy(~data.splits.test_seen_in_train)
+    return {"thresholds": thresholds, "val_f1": val_f1,
+            "test": metrics_at(test_scores, data.y["test"], 1.0, dist),
+            "test_unseen": metrics_at(test_scores, data.y["test"], 1.0, dist, unseen),
+            "per_attack_cat": per_category(test_scores, data.splits.test["attack_cat"].to_numpy(),
+                                           1.0, dist),
+            "parts": part_metrics(cfg.detector, val_raw, test_raw, data, data.splits, dist),
+            "val_scores": val_scores, "test_scores": test_scores}
 
 
 def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data: Data,
@@ -503,7 +527,7 @@ def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, d
         threshold, val_f1 = best_f1_threshold(val_raw[:, column].numpy(), data.y["val"].numpy())
         scores = test_raw[:, column]
         out[part] = {"threshold": threshold, "val_f1": val_f1,
-                     "test": evaluate(scores, data.y["test"], threshold, dist),
+                     "test": metrics_at(scores, data.y["test"], threshold, dist),
                      "per_attack_cat": per_category(scores, splits.test["attack_cat"].to_numpy(),
                                                     threshold, dist)}
     return out

@@ -89,9 +89,8 @@ def _anomaly(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     cfg = a.parse_args(["--data-dir", str(args.data_dir), "--device", args.device,
                         "--out-dir", str(scratch)])
-    data = a.build_data(cfg)
+    data = a.build_data(cfg, dist)
     x, y = data.training_rows(cfg.detector)
-    normal_share = len(data.x["train_normal"]) / len(data.x["train"])
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
@@ -99,10 +98,10 @@ def _anomaly(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     return Workload(
         "anomaly", [x.to(dist.device), y.to(dist.device)], cfg.batch_size, build_model,
-        lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    foreach=True),  # as train.py does
+        lambda m: a.build_optimizer(cfg, m, 10_000)[0],
         lambda batch, g: (batch[0], batch),
-        lambda out, batch: a.training_loss(cfg.detector, out, batch[0], batch[1], normal_share), False,
+        lambda out, batch: a.training_loss(cfg.detector, out, batch[0], batch[1], data.normal_share),
+        False,
         f"{cfg.detector} (autoencoder {'-'.join(map(str, cfg.hidden))}, classifier "
         f"{'-'.join(map(str, cfg.classifier_hidden))}) on {x.shape[1]} features, "
         f"{len(x)} training rows, AdamW")

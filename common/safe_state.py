@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from common.errors import UserError
+
 KIND = "__plain__"  # the key that marks an encoded non-JSON value
 
 
@@ -86,6 +88,20 @@ def from_plain(tree: Any, trusted: Iterable[Any]) -> Any:
     Raises ValueError naming what was refused or malformed.
     """
     return _decode(tree, _registry(trusted))
+
+
+def rebuild(tree: Any, trusted: Iterable[Any], expected: type, where: str, what: str,
+            remedy: str) -> Any:
+    """``from_plain`` for a file the user gave: any failure, or an object that is not an
+    ``expected``, is one UserError naming ``where`` (the file), ``what`` it holds and ``remedy``."""
+    try:
+        obj = from_plain(tree, trusted)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(f"{where}: its stored {what} cannot be rebuilt ({err}); {remedy}") from None
+    if not isinstance(obj, expected):
+        raise UserError(f"{where}: its stored {what} is a {type(obj).__name__}, "
+                        f"not a fitted {expected.__name__}")
+    return obj
 
 
 def _decode(tree: Any, registry: dict[str, Any]) -> Any:

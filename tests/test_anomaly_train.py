@@ -11,13 +11,15 @@ import torch
 from anomaly.data import TRAIN_FILE
 from anomaly.predict import predict_csv
 from anomaly.synthetic import make_partition, write_partition
+from common.dist import DistInfo
 from common.errors import UserError
 from common.report import tensorboard_available
 from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
 
 FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
         "--min-frequency", "5"]
-HYBRID = ["--detector", "hybrid"]  # the shared run: both networks, so every path is exercised
+HYBRID = ["--detector", "hybrid"]
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))  # the shared run: both networks, so every path is exercised
 METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_auc")
 
 
@@ -235,7 +237,7 @@ def test_raw_files_give_features_and_a_timeline_over_stime(tmp_path):
     for i in (1, 2):
         write_raw(make_raw(800, seed=i, start_time=1421927377 + 4000 * i), data / f"UNSW-NB15_{i}.csv")
     cfg = parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *FAST])
-    built = build_data(cfg)
+    built = build_data(cfg, SINGLE)
     assert built.splits.time_column == "stime" and len(built.splits.test) == 480
     assert "rate" not in built.transform.input_names and np.isfinite(built.x["test"].numpy()).all()
     scores = np.linspace(0, 1, 480)
@@ -274,13 +276,13 @@ def test_held_out_category_is_absent_from_train_and_validation(tmp_path):
     write_partition(make_partition(1500, seed=4), tmp_path / TRAIN_FILE)
     cfg = parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
                       "--holdout", "DoS"])
-    built = build_data(cfg)
+    built = build_data(cfg, SINGLE)
     assert "DoS" not in set(built.splits.train["attack_cat"]) | set(built.splits.val["attack_cat"])
     assert (built.splits.test["attack_cat"] == "DoS").sum() > 10
     assert len(built.x["train"]) == len(built.splits.train)
     with pytest.raises(UserError, match="--holdout 'Nope': not an attack category"):
         build_data(parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"), *FAST,
-                               "--holdout", "Nope"]))
+                               "--holdout", "Nope"]), SINGLE)
 
 
 def test_best_f1_threshold_counts_rows_that_are_always_flagged():

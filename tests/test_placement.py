@@ -71,7 +71,7 @@ def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
 
     write_partition(make_partition(600, seed=1), tmp_path / TRAIN_FILE)
     cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST])
-    data = a.build_data(cfg)
+    data = a.build_data(cfg, META)
     for detector in ("autoencoder", "hybrid"):  # hybrid: the classifier's path too
         cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
                             "--detector", detector])

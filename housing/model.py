@@ -201,15 +201,33 @@ class MLP(nn.Module):
             x = self.quantile(x)
         if self.embed is not None:
             x = self.embed(x).flatten(1)
-        x = x.unsqueeze(1)  # [batch, 1, size]: one row of members, broadcast below
-        if self.adapter is not None:
-            x = x * self.adapter  # [batch, k, size]
-        elif self.packed:
-            x = x.expand(-1, self.ensemble, -1)
-        h = self.net(x)
+        if self.adapter is not None and len(self.net) > 0:
+            h = self.net[1:](self._first_layer_mini(x))
+        else:
+            x = x.unsqueeze(1)  # [batch, 1, size]: one row of members, broadcast below
+            if self.adapter is not None:
+                x = x * self.adapter  # [batch, k, size]
+            elif self.packed:
+                x = x.expand(-1, self.ensemble, -1)
+            h = self.net(x)
         # Multiply-and-sum rather than einsum: einsum's gradient for a [1, width] weight has
         # strides DDP's gradient buckets do not expect (a UserWarning on every step).
         return (h * self.head_weight).sum(-1) + self.head_bias
+
+
+    def _first_layer_mini(self, x: torch.Tensor) -> torch.Tensor:
+        """TabM-mini's first layer, member i computing ``(x * r_i) @ W.T + b``: [batch, size] -> [batch, k, width].
+
+        The same products as multiplying the input by each adapter and then applying the shared
+        layer, with the adapters folded into k copies of the (small) weight instead of k copies
+        of the (large) batch of inputs: one matrix product [batch, size] x [size, k * width],
+        about a third faster to train on a CPU.
+        """
+        first = self.net[0]
+        weight = self.adapter.unsqueeze(-1) * first.weight.t()  # [k, size, width]
+        k, size, width = weight.shape
+        h = x @ weight.transpose(0, 1).reshape(size, k * width)
+        return h.view(-1, k, width) + first.bias
 
 
 def describe(width: int, depth: int, activation: str, dropout: float, norm: str,

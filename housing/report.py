@@ -79,7 +79,9 @@ def plot_all(rows: list[dict[str, Any]], split: hdata.Split, predictions: torch.
     import matplotlib.pyplot as plt
 
     plots_dir = Path(plots_dir)
-    plot_curves(rows, {"MSE on standardised log price": ["train_loss", "val_loss"],
+    # The training loss is the training criterion (log-price MSE of every member, plus the
+    # --dollar-loss term); the validation loss is the log-price MSE of the ensemble's mean.
+    plot_curves(rows, {"loss (train: criterion; val: log-price MSE)": ["train_loss", "val_loss"],
                        "validation RMSE ($)": ["val_rmse"]},
                 plots_dir / "loss_curves.png", "housing MLP")
     pred = predictions.numpy() / 1000

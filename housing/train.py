@@ -1,13 +1,15 @@
 """Train a distributed MLP on California house prices; report test RMSE in dollars.
 
 Reads top to bottom: parse_args -> build_data -> build_model -> train_one_epoch / evaluate ->
-main. The net regresses the standardised log price (MSE), so the loss weighs a $20k error on a
-$100k house like a $100k error on a $500k one; predictions are turned back into dollars (and
-clipped to the file's range, see housing/data.py) before RMSE, MAE and R^2 are computed.
+main. The net regresses the standardised log price; its loss is the MSE of the log price plus
+(``--dollar-loss``, on by default) the squared error in dollars, the unit of the test metric.
+Predictions are turned back into dollars (and clipped to the file's range, see
+housing/data.py) before RMSE, MAE and R^2 are computed.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,6 +75,7 @@ class Config:
     embed_dim: int = 8  # embedding size per feature
     ensemble: int = 1  # k members in one model (TabM); predictions averaged
     ensemble_mode: str = "mini"  # mini: shared MLP, one adapter per member; packed: k MLPs
+    dollar_loss: float = 0.0  # weight of the squared error in dollars added to the log-space MSE
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 0:
@@ -81,6 +84,8 @@ class Config:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0 or self.patience < 1 or self.n_clusters < 1:
             raise UserError("--weight-decay must be >= 0, --patience and --n-clusters >= 1")
+        if not 0 <= self.dollar_loss < math.inf:
+            raise UserError(f"--dollar-loss must be a finite number >= 0, got {self.dollar_loss}")
         unknown = set(self.features) - set(hdata.FEATURE_GROUPS)
         if unknown or not self.features:
             raise UserError(f"--features: unknown or empty ({', '.join(sorted(unknown))}); "
@@ -98,8 +103,8 @@ class Config:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Model and optimiser flags, shared with housing/tune.py and housing/features.py."""
     group = parser.add_argument_group("model and optimiser")
-    group.add_argument("--width", type=int, default=256, help="hidden units per layer")
-    group.add_argument("--depth", type=int, default=3, help="hidden layers")
+    group.add_argument("--width", type=int, default=128, help="hidden units per layer")
+    group.add_argument("--depth", type=int, default=2, help="hidden layers")
     group.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS))
     group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
     group.add_argument("--norm", default="none", choices=sorted(NORMS), help="per-layer normalisation")
@@ -110,10 +115,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--embed-bins", type=int, default=48,
                        help="PLE bins (quantiles of the training split) / periodic frequencies")
     group.add_argument("--embed-dim", type=int, default=8, help="embedding size per feature")
-    group.add_argument("--ensemble", type=int, default=1,
+    group.add_argument("--ensemble", type=int, default=8,
                        help="k ensemble members in one model, TabM-style (1 = a single MLP)")
     group.add_argument("--ensemble-mode", default="mini", choices=ENSEMBLE_MODES,
                        help="mini: shared MLP, per-member input adapter and head; packed: k MLPs")
+    group.add_argument("--dollar-loss", type=float, default=1.0,
+                       help="weight of the squared error in $100k added to the MSE of the log price "
+                            "(0 = log-space MSE only)")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     group.add_argument("--patience", type=int, default=12,
                        help="stop after this many epochs without a better validation RMSE")
@@ -171,13 +179,31 @@ def build_model(cfg: Config, n_features: int, train_x: torch.Tensor | None = Non
                train_x=train_x)
 
 
-def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+DOLLAR_UNIT = 1e5  # the dollar term measures errors in $100k: the same order as the log-space MSE
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor, dollar_weight: float = 0.0,
+            target_stats: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Mean squared error of every ensemble member's prediction ([batch, k]) against y ([batch]).
 
     Each member is trained on its own error, not the ensemble mean's, as in TabM: the members
     stay diverse, which is what averaging them gains from.
+
+    ``dollar_weight`` > 0 adds that many times the squared error in dollars (in units of
+    $100k, predictions clipped to the file's range as ``decode_target`` does). The log-space
+    MSE alone aims at the conditional median of the price, and weighs a $20k miss on a $100k
+    house like a $100k miss on a $500k one; the test metric is RMSE in dollars, whose best
+    prediction is the conditional mean. The log term keeps cheap houses' errors in view and the
+    early steps well conditioned. ``target_stats`` = (mean, std) of the log price.
     """
-    return torch.nn.functional.mse_loss(out, y.unsqueeze(-1).expand_as(out))
+    target = y.unsqueeze(-1).expand_as(out)
+    loss = torch.nn.functional.mse_loss(out, target)
+    if dollar_weight > 0:
+        mean, std = target_stats
+        low, high = math.log(hdata.PRICE_MIN), math.log(hdata.PRICE_CAP)
+        pred = torch.exp((out * std + mean).clamp(low, high)) / DOLLAR_UNIT
+        loss = loss + dollar_weight * torch.nn.functional.mse_loss(pred, torch.exp(target * std + mean) / DOLLAR_UNIT)
+    return loss
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
@@ -193,15 +219,17 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
 
 def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, scheduler,
                     progress: EpochProgress, dist: DistInfo,
-                    preempt: Preemption | None = None) -> float | None:
+                    preempt: Preemption | None = None,
+                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn) -> float | None:
     """One pass over the training split from ``progress.step``; returns the exact mean loss over
-    all ranks' samples, or None when pre-empted (``progress`` then says where it stopped)."""
+    all ranks' samples, or None when pre-empted (``progress`` then says where it stopped).
+    ``criterion(out, y)`` is the loss (``loss_fn`` with the run's settings)."""
     model.train()
     sums = progress.sums
     sums.setdefault("loss", 0.0)
     sums.setdefault("n", 0)
     for x, y in batches.epoch(progress.epoch, progress.step):
-        loss = loss_fn(model(x), y)  # mean over this rank's share
+        loss = criterion(model(x), y)  # mean over this rank's share
         optimizer.zero_grad(set_to_none=True)
         batches.global_mean(loss, progress.step).backward()  # DDP averages gradients across ranks
         optimizer.step()
@@ -296,13 +324,16 @@ def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, opti
     epochs trained by this call.
     """
     done = stopper.bad_epochs >= stopper.patience  # a resumed run that had already stopped
+    criterion = functools.partial(loss_fn, dollar_weight=cfg.dollar_loss,
+                                  target_stats=(data.target_mean, data.target_std))
     trained = 0
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
         started = time.time()
         progress = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-        train_loss = train_one_epoch(model, batches, optimizer, scheduler, progress, dist, preempt)
+        train_loss = train_one_epoch(model, batches, optimizer, scheduler, progress, dist, preempt,
+                                     criterion)
         if train_loss is None:
             on_preempt(progress)
         val = evaluate(model, data.val, data, dist)

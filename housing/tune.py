@@ -42,7 +42,8 @@ def _flag(text: str) -> bool:
 _flag.__name__ = "0 or 1"
 TUNABLE = {"width": int, "depth": int, "lr": float, "weight_decay": float, "dropout": float,
            "batch_size": int, "activation": str, "norm": str, "quantile": _flag, "embedding": str,
-           "embed_bins": int, "embed_dim": int, "ensemble": int, "ensemble_mode": str}
+           "embed_bins": int, "embed_dim": int, "ensemble": int, "ensemble_mode": str,
+           "dollar_loss": float}
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:

@@ -381,6 +381,25 @@ def test_every_ingredient_predicts_each_row_on_its_own(options):
     assert torch.equal(again(x.double()), whole)
 
 
+def test_dollar_loss_adds_the_squared_error_in_dollars_of_each_member():
+    """--dollar-loss w: log-space MSE + w * MSE of the clipped dollar predictions in $100k (#16)."""
+    from housing.train import loss_fn
+
+    mean, std = 12.0, 0.5
+    price = torch.tensor([100_000.0, 300_000.0])
+    y = ((price.log() - mean) / std).float()
+    # member 0 predicts each price 10% high, member 1 exactly, member 2 $1M for the second row
+    # (clipped to $500,001 before its error counts, as decode_target does)
+    pred = torch.tensor([[110_000.0, 100_000.0, 100_000.0], [330_000.0, 300_000.0, 1_000_000.0]])
+    out = ((pred.log() - mean) / std).float()
+    log_mse = float(((out - y.unsqueeze(-1)) ** 2).mean())
+    dollars = torch.tensor([[0.1, 0.0, 0.0], [0.3, 0.0, 2.00001]])  # errors in $100k
+    dollar_mse = float((dollars ** 2).mean())
+    assert float(loss_fn(out, y)) == pytest.approx(log_mse, rel=1e-6)
+    assert float(loss_fn(out, y, 0.0, (mean, std))) == pytest.approx(log_mse, rel=1e-6)
+    assert float(loss_fn(out, y, 2.0, (mean, std))) == pytest.approx(log_mse + 2 * dollar_mse, rel=1e-5)
+
+
 def test_gradient_boosting_baseline_sees_the_nets_features_and_target(data_dir):
     """The HGB row of every results table: fitted on data.train.x / data.train.y (#16)."""
     from sklearn.ensemble import HistGradientBoostingRegressor

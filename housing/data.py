@@ -21,10 +21,6 @@ clusters another), which is the unit feature selection keeps or drops.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +38,8 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 from sklearn.metrics.pairwise import rbf_kernel
 
 from common.errors import UserError
-from common.safe_state import from_plain, to_plain
+from common.files import verified_download
+from common.safe_state import rebuild, to_plain
 
 FILENAME = "housing.csv"
 # The raw CSV of "Hands-On Machine Learning" (2nd ed.); the same bytes as the Kaggle copy.
@@ -71,37 +68,9 @@ CITIES = [("san_francisco", -122.42, 37.77), ("los_angeles", -118.24, 34.05),
 
 
 def download(dest: Path, url: str = DOWNLOAD_URL, sha256: str = SHA256, timeout_s: float = 60) -> Path:
-    """Fetch ``url`` to ``dest``: a temporary file beside it, checksum verified, then renamed.
-
-    Safe when several ranks call it at once: each writes its own temporary file and the rename
-    is atomic, so readers only ever see a complete, verified file. On any failure the temporary
-    file is removed and a UserError says where to get the file by hand.
-    """
-    dest = Path(dest)
-    hint = f"download {url} (SHA-256 {sha256}) into {dest.parent} or pass --data-dir"
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as err:
-        raise UserError(f"{dest}: not found, and {dest.parent} is not writable for a download "
-                        f"({err.strerror}); {hint}") from None
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
-            while chunk := response.read(1 << 16):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise UserError(f"{url}: checksum mismatch (got SHA-256 {digest.hexdigest()}); {hint}")
-        os.replace(tmp, dest)
-    except UserError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except (OSError, ValueError) as err:  # URLError/HTTPError are OSErrors
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{dest}: not found and the download failed ({err}); {hint}") from None
-    return dest
+    """Fetch ``url`` to ``dest`` with its checksum verified (``common.files.verified_download``)."""
+    hint = f"download {url} (SHA-256 {sha256}) into {Path(dest).parent} or pass --data-dir"
+    return verified_download(url, dest, sha256, hint=hint, timeout_s=timeout_s)
 
 
 def locate_csv(data_dir: Path, url: str = DOWNLOAD_URL) -> Path:
@@ -317,15 +286,8 @@ def preprocessor_to_plain(preprocessor: ColumnTransformer) -> dict:
 
 def preprocessor_from_plain(tree: dict, where: str) -> ColumnTransformer:
     """Inverse of ``preprocessor_to_plain``; UserError naming ``where`` if it is not one."""
-    try:
-        preprocessor = from_plain(tree, TRUSTED)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise UserError(f"{where}: its stored preprocessor cannot be rebuilt ({err}); "
-                        "re-run housing/train.py to write a new checkpoint") from None
-    if not isinstance(preprocessor, ColumnTransformer):
-        raise UserError(f"{where}: its stored preprocessor is a {type(preprocessor).__name__}, "
-                        "not a fitted ColumnTransformer")
-    return preprocessor
+    return rebuild(tree, TRUSTED, ColumnTransformer, where, "preprocessor",
+                   "re-run housing/train.py to write a new checkpoint")
 
 
 def group_columns(preprocessor: ColumnTransformer, groups: Sequence[str]) -> list[int]:

@@ -22,6 +22,7 @@ import torch
 from common.cli import make_parser
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
+from common.figures import pyplot, save_figure
 from common.metrics import gather_tensors
 from common.parallel import local_copy
 from common.report import RunRecorder, get_logger
@@ -112,10 +113,7 @@ def try_subsets(cfg: Config, ranking: list[str], sizes: list[int], dist: DistInf
 
 
 def plot_importance(names: list[str], scores: dict[str, np.ndarray], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 0.35 * len(names) + 1.5), sharey=True)
     order = np.argsort(scores["permutation_rmse_rise"])
@@ -124,9 +122,7 @@ def plot_importance(names: list[str], scores: dict[str, np.ndarray], path) -> No
         ax.set_xlabel(label.replace("_", " ") + (" ($)" if "rmse" in label else ""))
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("housing feature groups (sorted by permutation importance)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.figures import pyplot, save_figure
 from common.report import plot_curves
 from housing import data as hdata
 
@@ -73,10 +74,7 @@ def results_table(test: dict[str, Any], baselines: dict[str, dict[str, Any]] | N
 def plot_all(rows: list[dict[str, Any]], split: hdata.Split, predictions: torch.Tensor,
              plots_dir: Path) -> None:
     """loss_curves.png, predicted_vs_actual.png, residuals.png, error_map.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     plots_dir = Path(plots_dir)
     # The training loss is the training criterion (log-price MSE of every member, plus the
@@ -94,18 +92,14 @@ def plot_all(rows: list[dict[str, Any]], split: hdata.Split, predictions: torch.
     ax.axvline(hdata.PRICE_CAP / 1000, color="r", ls="--", lw=1, label="$500,001 cap")
     ax.set(xlabel="actual price ($k)", ylabel="predicted price ($k)", title="test: predicted vs actual")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(plots_dir / "predicted_vs_actual.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, plots_dir / "predicted_vs_actual.png")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter(pred, resid, s=3, alpha=0.3)
     ax.axhline(0, color="k", lw=1)
     ax.set(xlabel="predicted price ($k)", ylabel="predicted - actual ($k)",
            title="test: residuals vs predicted")
-    fig.tight_layout()
-    fig.savefig(plots_dir / "residuals.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, plots_dir / "residuals.png")
 
     fig, ax = plt.subplots(figsize=(6.5, 6))
     limit = np.percentile(np.abs(resid), 98)
@@ -115,6 +109,4 @@ def plot_all(rows: list[dict[str, Any]], split: hdata.Split, predictions: torch.
     fig.colorbar(points, label="predicted - actual ($k); red = overestimate")
     ax.set(xlabel="longitude", ylabel="latitude", title="test: error by location")
     ax.set_aspect(1 / np.cos(np.radians(36)))
-    fig.tight_layout()
-    fig.savefig(plots_dir / "error_map.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, plots_dir / "error_map.png")

@@ -22,7 +22,7 @@ from common.checkpoint import (agreed_checkpoint, check_ranks_agree, config_dict
                                require_keys, resume_from, save_checkpoint, training_state)
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, broadcast_object, distributed, stop_if_any_rank_failed
+from common.dist import DistInfo, agreed, broadcast_object, distributed
 from common.errors import UserError, ensure_finite, run_main
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
@@ -76,6 +76,7 @@ class Config:
     ensemble: int = 1  # k members in one model (TabM); predictions averaged
     ensemble_mode: str = "mini"  # mini: shared MLP, one adapter per member; packed: k MLPs
     dollar_loss: float = 0.0  # weight of the squared error in dollars added to the log-space MSE
+    tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars for TensorBoard
 
     def __post_init__(self) -> None:
         if self.width < 1 or self.depth < 0:
@@ -160,15 +161,9 @@ def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None
     missing on one node) stops every rank together with the same one-line message, instead of
     one rank failing while torchrun tears down the others mid-sentence.
     """
-    data, problem = None, None
-    try:
-        data = hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
-                                  url=cfg.download_url, preprocessor=preprocessor,
-                                  target_stats=target_stats)
-    except UserError as err:
-        problem = str(err)
-    stop_if_any_rank_failed(problem, dist)
-    return data
+    return agreed(lambda: hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
+                                             url=cfg.download_url, preprocessor=preprocessor,
+                                             target_stats=target_stats), dist)
 
 
 def build_model(cfg: Config, n_features: int, train_x: torch.Tensor | None = None) -> MLP:
@@ -341,7 +336,8 @@ def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, opti
         trained += 1
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                "val_rmse": val["rmse"], "val_mae": val["mae"], "val_r2": val["r2"],
-               "lr": scheduler.get_last_lr()[0], "epoch_s": time.time() - started}
+               "lr": scheduler.get_last_lr()[0], "epoch_s": time.time() - started,
+               "samples_per_s": len(data.train.y) / (time.time() - started)}
         if log is not None:
             log.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  "
                      f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
@@ -424,7 +420,8 @@ def main() -> None:
         if state:
             require_keys(state, ("early_stopping",), "housing")
         stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch=state["epoch"] + 1 if state else 0)
+        recorder = RunRecorder(cfg.out_dir, dist, start_epoch=state["epoch"] + 1 if state else 0,
+                               tensorboard=cfg.tensorboard)
         preempt = Preemption(dist)
 
         def on_epoch(row, model, optimizer, scheduler, stopper):

@@ -25,7 +25,7 @@ from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import (DistInfo, distributed, on_local_rank_zero_first, stop_unless_all_ranks_agree,
                          tensor_digest)
-from common.errors import UserError, ensure_finite, run_main
+from common.errors import FiniteLossWatch, UserError, run_main
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
 from common.report import RunRecorder, get_logger, plot_curves, progress, write_json_atomic
@@ -298,6 +298,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
     loss_sum = sums.get("loss", torch.zeros((), dtype=torch.float64)).to(dist.device)
     correct = sums.get("correct", torch.zeros((), dtype=torch.int64)).to(dist.device)
     seen = sums.get("n", 0)
+    finite = FiniteLossWatch(dist.device)  # per step; on a GPU without a host sync per step
     for images, labels in progress(batches.epoch(epoch, partial.step), dist, total=len(batches) - partial.step,
                                    desc=f"epoch {epoch + 1}"):
         x = augment(normalize(images), aug, generator)
@@ -306,6 +307,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
         with bf16_autocast(dist.device, bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        finite.update(loss, epoch * len(batches) + partial.step)
         optimizer.zero_grad(set_to_none=True)
         batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
         optimizer.step()
@@ -317,12 +319,13 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
         seen += len(labels)
         partial.step += 1
         if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+            finite.check()
             partial.sums = {"loss": loss_sum, "correct": correct, "n": seen}
             if generator is not None:
                 partial.sums["_augment_rng"] = generator.get_state()
             return None
+    finite.check()
     totals = reduce_sums({"loss": loss_sum, "correct": correct, "n": seen}, dist)
-    ensure_finite(totals["loss"], epoch)
     return {"train_loss": totals["loss"] / totals["n"], "train_accuracy": totals["correct"] / totals["n"],
             "train_images": int(totals["n"])}
 

@@ -13,7 +13,7 @@ from common.checkpoint import (CHECKPOINT, PREVIOUS, load_checkpoint, resume_fro
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_shard
 from common.dist import DistInfo
-from common.errors import NonFiniteLossError, UserError, ensure_finite
+from common.errors import FiniteLossWatch, NonFiniteLossError, UserError, ensure_finite
 from common.metrics import confusion_matrix, reduce_sums
 from common.report import RunRecorder
 from tests.launch import run_program
@@ -132,6 +132,24 @@ def test_non_finite_loss_names_the_step():
     ensure_finite(1.0, step=3)
     with pytest.raises(NonFiniteLossError, match="at step 7"):
         ensure_finite(float("nan"), step=7)
+
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_finite_loss_watch_names_the_first_bad_step(defer):
+    """At once on the CPU; deferred (as on a GPU, no host sync per step) it still names the
+    first non-finite step, not the epoch or the last step."""
+    watch = FiniteLossWatch(torch.device("cpu"), defer=defer)
+    watch.update(torch.tensor(0.5), 10)
+    if not defer:
+        with pytest.raises(NonFiniteLossError, match="loss became nan at step 11"):
+            watch.update(torch.tensor(float("nan")), 11)
+        return
+    watch.update(torch.tensor(float("nan")), 11)
+    watch.update(torch.tensor(float("inf")), 12)
+    watch.update(torch.tensor(0.25), 13)
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 11"):
+        watch.check()
 
 
 def test_recorder_drops_epochs_after_the_resumed_checkpoint(tmp_path):

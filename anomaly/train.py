@@ -507,12 +507,12 @@ def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
             "test_unseen": metrics_at(test_scores, data.y["test"], 1.0, dist, unseen),
             "per_attack_cat": per_category(test_scores, data.splits.test["attack_cat"].to_numpy(),
                                            1.0, dist),
-            "parts": part_metrics(cfg.detector, val_raw, test_raw, data, data.splits, dist),
+            "parts": part_metrics(cfg.detector, val_raw, test_raw, data, dist),
             "val_scores": val_scores, "test_scores": test_scores}
 
 
 def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data: Data,
-                 splits: Splits, dist: DistInfo) -> dict[str, dict]:
+                 dist: DistInfo) -> dict[str, dict]:
     """The hybrid's parts each measured alone, at their own best-F1 validation threshold.
 
     The parts train on disjoint parameters with a summed loss (AdamW updates each parameter from
@@ -528,7 +528,7 @@ def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, d
         scores = test_raw[:, column]
         out[part] = {"threshold": threshold, "val_f1": val_f1,
                      "test": metrics_at(scores, data.y["test"], threshold, dist),
-                     "per_attack_cat": per_category(scores, splits.test["attack_cat"].to_numpy(),
+                     "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(),
                                                     threshold, dist)}
     return out
 

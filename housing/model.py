@@ -108,7 +108,7 @@ class PiecewiseLinear(nn.Module):
         lower = torch.zeros(n, dtype=x.dtype, device=x.device)
         upper = torch.ones(n, dtype=x.dtype, device=x.device)
         lower[0], upper[-1] = -math.inf, math.inf
-        return torch.maximum(torch.minimum(fill, upper), lower)
+        return fill.clamp_(lower, upper)  # in place: one pass instead of minimum then maximum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.linear(self.encode(x)))

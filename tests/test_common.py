@@ -196,7 +196,7 @@ def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
 
 
 def test_tensorboard_flag_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("common.cli.tensorboard_available", lambda: False)
+    monkeypatch.setattr("common.config.tensorboard_available", lambda: False)
     check_shared_args(_args("--out-dir", str(tmp_path)))  # not asked for: fine
     with pytest.raises(UserError, match="--tensorboard needs the tensorboard package: pip install"):
         check_shared_args(_args("--tensorboard", "--out-dir", str(tmp_path)))

@@ -42,7 +42,7 @@ def _housing(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        return h.build_model(cfg, n_features, data.train.x)
+        return h.build_model(cfg, data)
 
     return Workload(
         "housing", [data.train.x.to(dist.device), data.train.y.to(dist.device)], cfg.batch_size,

@@ -62,8 +62,7 @@ def _cifar(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workload:
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        model = c.build_model(cfg, data)
-        return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+        return c.build_model(cfg, data)  # channels-last when the program's is
 
     def inputs(batch: tuple, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = augment(normalize(batch[0]), aug, generator)

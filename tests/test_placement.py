@@ -106,7 +106,7 @@ def test_cifar_trains_and_evaluates_on_the_model_device(tmp_path: Path):
     with runs_on_meta(model):
         c.train_one_epoch(model, batches, optimizer, scheduler, cfg, EpochProgress(0), META, False, None)
     with runs_on_meta():
-        c.evaluate(model, data.test_images, data.test_labels, cfg, META, False, data.num_classes, tta=True)
+        c.evaluate(model, data, cfg, META, False, tta=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

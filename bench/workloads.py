@@ -93,7 +93,7 @@ def _anomaly(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        return a.build_model(cfg, data.transform)
+        return a.build_model(cfg, data)
 
     return Workload(
         "anomaly", [x.to(dist.device), y.to(dist.device)], cfg.batch_size, build_model,

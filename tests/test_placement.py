@@ -75,7 +75,7 @@ def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
     for detector in ("autoencoder", "hybrid"):  # hybrid: the classifier's path too
         cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
                             "--detector", detector])
-        model = wrap_model(a.build_model(cfg, data.transform), META)
+        model = wrap_model(a.build_model(cfg, data), META)
         batches = TrainBatches(list(data.training_rows(detector)), cfg.batch_size, META, cfg.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=len(batches))

@@ -32,9 +32,10 @@ from sklearn.metrics import (average_precision_score, f1_score, precision_score,
                              roc_auc_score)
 from sklearn.svm import OneClassSVM
 
-from anomaly.data import split_data
+from anomaly.data import hold_out, split_data
+from anomaly.features import make_features
+from anomaly.metrics import best_f1_threshold
 from anomaly.model import classifier_inputs
-from anomaly.train import best_f1_threshold, hold_out, make_features
 from common.errors import UserError, run_main
 from common.files import write_text_atomic
 from common.report import write_json_atomic

@@ -316,3 +316,15 @@ def split_data(data_dir: Path, val_fraction: float, test_fraction: float, seed: 
                             f"{'normal' if (part['label'] == 0).sum() == 0 else 'attack'} rows; "
                             "expected both classes (use more data or other split fractions)")
     return Splits(train, val, test, seen_in(train, test), source, time_column)
+
+
+def hold_out(splits: Splits, category: str) -> Splits:
+    """``splits`` without ``category`` in train and validation; test keeps every row."""
+    known = sorted(set(splits.test["attack_cat"]) - {"Normal"})
+    if category not in known:
+        raise UserError(f"--holdout {category!r}: not an attack category of this data; "
+                        f"expected one of {', '.join(known)}")
+    keep = {name: getattr(splits, name)[getattr(splits, name)["attack_cat"] != category]
+            for name in ("train", "val")}
+    return Splits(keep["train"], keep["val"], splits.test, splits.test_seen_in_train,
+                  f"{splits.source}; {category} removed from train and validation", splits.time_column)

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY
+from anomaly.data import CATEGORICAL, NUMERIC, PARTITION_ONLY, Splits
 from common.errors import UserError
 from common.safe_state import rebuild, to_plain
 
@@ -216,3 +217,19 @@ def transform_from_plain(tree: dict, where: str) -> FeatureTransform:
     """Inverse of ``transform_to_plain``; UserError naming ``where`` if it is not one."""
     return rebuild(tree, TRUSTED, FeatureTransform, where, "feature transform",
                    "re-run anomaly/train.py to write a new detector")
+
+
+def make_features(splits: Splits, min_frequency: int, pca_variance: float
+                  ) -> tuple[FeatureTransform, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fit the transform on the normal training rows; features and labels of every split."""
+    normal = (splits.train["label"] == 0).to_numpy()
+    transform = FeatureTransform(min_frequency, pca_variance=pca_variance)
+    x_normal = transform.fit_transform(splits.train[normal])  # frequencies leave-one-out
+    x_train = transform.transform(splits.train)
+    x_train[normal] = x_normal  # every training row's frequencies count the *other* rows only
+    x = {"train": torch.from_numpy(x_train), "train_normal": torch.from_numpy(x_normal),
+         "val": torch.from_numpy(transform.transform(splits.val)),
+         "test": torch.from_numpy(transform.transform(splits.test))}
+    y = {name: torch.tensor(getattr(splits, name)["label"].to_numpy()) for name in ("train", "val", "test")}
+    y["train_normal"] = torch.zeros(len(x_normal), dtype=y["train"].dtype)
+    return transform, x, y

@@ -17,11 +17,24 @@ import pandas as pd
 import torch
 
 from anomaly.data import read_csv_file
-from anomaly.features import transform_from_plain
+from anomaly.features import FeatureTransform, transform_from_plain, transform_to_plain
 from anomaly.model import combined_score, make_detector, raw_scores, thresholds_tensor
 from common.checkpoint import load_tensors_file
 from common.errors import UserError, run_main
-from common.files import write_atomic
+from common.files import torch_save_atomic, write_atomic
+
+
+def write_detector(path: Path, net: torch.nn.Module, cfg, transform: FeatureTransform,
+                   thresholds: dict[str, float]) -> None:
+    """Everything ``anomaly.predict`` needs to score a new CSV, written atomically.
+
+    Tensors and plain values only (the transform through ``transform_to_plain``), so
+    ``anomaly.predict`` loads it without running code from the file.
+    """
+    torch_save_atomic(path, {"detector": cfg.detector, "model": net.state_dict(),
+                             "hidden": list(cfg.hidden), "classifier_hidden": list(cfg.classifier_hidden),
+                             "transform": transform_to_plain(transform), "thresholds": thresholds,
+                             "score": cfg.score})
 
 
 def load_detector(path: Path) -> dict:

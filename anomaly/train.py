@@ -12,9 +12,9 @@ group of identical feature rows on one side (``--split grouped``), so no test ro
 train; ``--split random`` gives the usual random split for comparison with published figures.
 Test precision, recall, F1 come from a confusion matrix summed over ranks; ROC-AUC and PR-AUC
 from the per-sample scores gathered in original order, so every figure is the same at any world
-size. Resuming a finished run's checkpoint (``--resume RUN_DIR`` with the same ``--epochs``)
-trains nothing and only evaluates: that is how 1, 2 and 3 processes are compared on the same
-weights.
+size. ``--eval-only --resume RUN_DIR`` evaluates a saved run again (eval.json), with its own
+``--novelty-alarms`` and ``--score`` if given: that is how 1, 2 and 3 processes are compared on
+the same weights (resuming a finished run, the same ``--epochs``, also trains nothing).
 
 Outputs in --out-dir: metrics.jsonl, summary.json, checkpoint.pt, detector.pt (network + fitted
 feature transform + thresholds, for ``anomaly.predict``), plots/.
@@ -23,49 +23,46 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anomaly.data import SPLITS, Splits, split_data
-from anomaly.features import FeatureTransform, transform_to_plain
-from anomaly.model import (PARTS, Autoencoder, combined_score, make_detector, raw_scores,
-                           thresholds_tensor, training_loss)
-from common.checkpoint import resume_from, save_checkpoint, training_state
-from common.cli import check_shared_args, make_parser
-from common.data import TrainBatches, eval_batches, eval_shard
+from anomaly.data import SPLITS, Splits, hold_out, split_data
+from anomaly.features import FeatureTransform, make_features, transform_to_plain
+from anomaly.metrics import best_f1_threshold, calibrate, metrics_at, per_category
+from anomaly.model import PARTS, combined_score, make_detector, thresholds_tensor, training_loss
+from anomaly.predict import write_detector
+from anomaly.scoring import autoencoder_part, normal_feature_error, score_rows, validation_loss
+from common.checkpoint import check_ranks_agree, config_dict, resume_from, save_checkpoint, training_state
+from common.cli import make_parser
+from common.config import RunConfig
+from common.data import TrainBatches
 from common.dist import DistInfo, agreed, distributed
 from common.errors import UserError, ensure_finite, run_main
-from common.files import torch_save_atomic
-from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
+from common.evaluation import run_eval_only
+from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger, progress
 from common.rng import seed_everything
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"
-EVAL_BATCH = 4096  # rows per rank per scoring batch
 DETECTORS = tuple(PARTS)
 # Per detector: (epochs, global batch, peak lr); --epochs, --batch-size, --lr override them.
 # The autoencoder's epochs pass over the normal training rows only (about 45% of them).
 DEFAULTS = {"autoencoder": (100, 240, 3e-3), "classifier": (30, 512, 3e-3), "hybrid": (30, 512, 3e-3)}
 
 
-@dataclass(frozen=True)
-class Config:
-    data_dir: Path
-    out_dir: Path
-    epochs: int
-    batch_size: int  # global rows per optimizer step (normal rows only for the autoencoder)
-    lr: float  # peak of the one-cycle schedule
+@dataclass(frozen=True, kw_only=True)
+class Config(RunConfig):
+    """The shared fields (common/config.py; ``batch_size`` counts normal rows only for the
+    autoencoder) and anomaly's: detector, split, features, scoring."""
+
+    PROGRAM: ClassVar[str] = "anomaly"
+    # --eval-only takes these from its command line (how to score), the rest from the checkpoint.
+    EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ("novelty_alarms", "score")
+
     weight_decay: float
-    seed: int
-    resume: str | None
-    device: str
-    strategy: str  # "ddp" or "fsdp" (common.parallel); these small models need no sharding
-    dist_timeout: float  # seconds
     detector: str  # "autoencoder", "classifier" or "hybrid" (anomaly/model.py)
     split: str  # "grouped" (identical rows on one side) or "random"
     hidden: tuple[int, ...]  # autoencoder encoder widths; the last is the code size
@@ -78,7 +75,25 @@ class Config:
     min_frequency: int  # rows; rarer categorical levels are folded into one
     score: str  # "mse" or "normalized" (per-feature error / normal-validation error)
     max_rows: int | None  # stratified subset of each file, for quick runs
-    tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars for TensorBoard
+
+    def check(self) -> None:
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
+        if not 0 < self.pca_variance < 1:
+            raise UserError(f"--pca-variance must be in (0, 1), got {self.pca_variance}")
+        if not 0 < self.novelty_alarms < 1:
+            raise UserError(f"--novelty-alarms must be in (0, 1), got {self.novelty_alarms}")
+        if self.min_frequency < 1:
+            raise UserError(f"--min-frequency must be at least 1, got {self.min_frequency}")
+        if self.max_rows is not None and self.max_rows < 100:
+            raise UserError(f"--max-rows must be at least 100, got {self.max_rows}")
+        if self.weight_decay < 0:
+            raise UserError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+
+    @property
+    def arch(self) -> str:
+        return f"{self.detector}-ae{'-'.join(map(str, self.hidden))}-clf{'-'.join(map(str, self.classifier_hidden))}"
 
 
 def _widths(flag: str, text: str) -> tuple[int, ...]:
@@ -98,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick\n\n"
         "--epochs, --batch-size and --lr default per detector: "
         + "; ".join(f"{d} {e} / {b} / {lr:g}" for d, (e, b, lr) in DEFAULTS.items()),
-        epochs=0, batch_size=0, lr=0.0, data_dir="data", out_dir="runs/anomaly")
+        epochs=0, batch_size=0, lr=0.0, data_dir="data", out_dir="runs/anomaly",
+        eval_only="evaluate the checkpoint given by --resume (its thresholds chosen again on "
+                  "validation with this --novelty-alarms and --score), no training")
     parser.set_defaults(epochs=None, batch_size=None, lr=None)
     group = parser.add_argument_group("anomaly")
     group.add_argument("--detector", choices=DETECTORS, default="classifier",
@@ -130,29 +147,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
                        help="use a stratified subset of this many rows per file (quick runs)")
     args = parser.parse_args(argv)
     epochs, batch_size, lr = DEFAULTS[args.detector]
-    args.epochs = epochs if args.epochs is None else args.epochs
-    args.batch_size = batch_size if args.batch_size is None else args.batch_size
-    args.lr = lr if args.lr is None else args.lr
-    check_shared_args(args)
-    if not (0 < args.val_fraction < 1 and 0 < args.test_fraction < 1
-            and args.val_fraction + args.test_fraction < 1):
-        raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
-    if not 0 < args.pca_variance < 1:
-        raise UserError(f"--pca-variance must be in (0, 1), got {args.pca_variance}")
-    if not 0 < args.novelty_alarms < 1:
-        raise UserError(f"--novelty-alarms must be in (0, 1), got {args.novelty_alarms}")
-    if args.min_frequency < 1:
-        raise UserError(f"--min-frequency must be at least 1, got {args.min_frequency}")
-    if args.max_rows is not None and args.max_rows < 100:
-        raise UserError(f"--max-rows must be at least 100, got {args.max_rows}")
-    if args.weight_decay < 0:
-        raise UserError(f"--weight-decay must be non-negative, got {args.weight_decay}")
-    return Config(args.data_dir, args.out_dir, args.epochs, args.batch_size, args.lr,
-                  args.weight_decay, args.seed, args.resume, args.device, args.strategy,
-                  args.dist_timeout, args.detector, args.split, _widths("--hidden", args.hidden),
-                  _widths("--classifier-hidden", args.classifier_hidden), args.novelty_alarms,
-                  args.holdout, args.val_fraction, args.test_fraction, args.pca_variance,
-                  args.min_frequency, args.score, args.max_rows, args.tensorboard)
+    return Config.from_args(args, epochs=epochs if args.epochs is None else args.epochs,
+                            batch_size=batch_size if args.batch_size is None else args.batch_size,
+                            lr=lr if args.lr is None else args.lr, hidden=_widths("--hidden", args.hidden),
+                            classifier_hidden=_widths("--classifier-hidden", args.classifier_hidden))
 
 
 @dataclass
@@ -179,49 +177,19 @@ def build_data(cfg: Config, dist: DistInfo) -> Data:
     Every rank does this identically (all steps are deterministic), so nothing is broadcast; a
     problem with the files on any rank stops every rank with one line (``agreed``).
     """
-    return agreed(lambda: _build_data(cfg), dist)
+    def read() -> Data:
+        splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
+                            cfg.split)
+        if cfg.holdout is not None:
+            splits = hold_out(splits, cfg.holdout)
+        return Data(splits, *make_features(splits, cfg.min_frequency, cfg.pca_variance))
+
+    return agreed(read, dist)
 
 
-def _build_data(cfg: Config) -> Data:
-    splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
-                        cfg.split)
-    if cfg.holdout is not None:
-        splits = hold_out(splits, cfg.holdout)
-    transform, x, y = make_features(splits, cfg.min_frequency, cfg.pca_variance)
-    return Data(splits, transform, x, y)
-
-
-def make_features(splits: Splits, min_frequency: int, pca_variance: float
-                  ) -> tuple[FeatureTransform, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fit the transform on the normal training rows; features and labels of every split."""
-    normal = (splits.train["label"] == 0).to_numpy()
-    transform = FeatureTransform(min_frequency, pca_variance=pca_variance)
-    x_normal = transform.fit_transform(splits.train[normal])  # frequencies leave-one-out
-    x_train = transform.transform(splits.train)
-    x_train[normal] = x_normal  # every training row's frequencies count the *other* rows only
-    x = {"train": torch.from_numpy(x_train), "train_normal": torch.from_numpy(x_normal),
-         "val": torch.from_numpy(transform.transform(splits.val)),
-         "test": torch.from_numpy(transform.transform(splits.test))}
-    y = {name: torch.tensor(getattr(splits, name)["label"].to_numpy()) for name in ("train", "val", "test")}
-    y["train_normal"] = torch.zeros(len(x_normal), dtype=y["train"].dtype)
-    return transform, x, y
-
-
-def hold_out(splits: Splits, category: str) -> Splits:
-    """``splits`` without ``category`` in train and validation; test keeps every row."""
-    known = sorted(set(splits.test["attack_cat"]) - {"Normal"})
-    if category not in known:
-        raise UserError(f"--holdout {category!r}: not an attack category of this data; "
-                        f"expected one of {', '.join(known)}")
-    keep = {name: getattr(splits, name)[getattr(splits, name)["attack_cat"] != category]
-            for name in ("train", "val")}
-    return Splits(keep["train"], keep["val"], splits.test, splits.test_seen_in_train,
-                  f"{splits.source}; {category} removed from train and validation", splits.time_column)
-
-
-def build_model(cfg: Config, transform: FeatureTransform) -> torch.nn.Module:
+def build_model(cfg: Config, data: Data) -> torch.nn.Module:
     """The network ``cfg.detector`` names, with the fitted PCA and input columns as buffers."""
-    return make_detector(cfg.detector, transform, cfg.hidden, cfg.classifier_hidden)
+    return make_detector(cfg.detector, data.transform, cfg.hidden, cfg.classifier_hidden)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
@@ -231,10 +199,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
                                   foreach=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps)
     return optimizer, scheduler
-
-
-def autoencoder_part(net: torch.nn.Module) -> Autoencoder | None:
-    return net if isinstance(net, Autoencoder) else getattr(net, "autoencoder", None)
 
 
 def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial: EpochProgress,
@@ -264,139 +228,13 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial:
     return {"train_loss": totals["loss"] / totals["n"]}
 
 
-def validation_loss(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo, detector: str,
-                    normal_share: float) -> float:
-    """The training loss on validation rows (normal ones only for the autoencoder), exact."""
-    if detector == "autoencoder":
-        x, y = x[y == 0], y[y == 0]
-    net = local_copy(model).eval()  # plain: scores each shard alone
-    sums = {"loss": 0.0, "n": 0}
-    with torch.no_grad():
-        for xb, yb in eval_batches([x, y], EVAL_BATCH, dist):
-            sums["loss"] += training_loss(detector, net(xb), xb, yb, normal_share).item() * len(xb)
-            sums["n"] += len(xb)
-    totals = reduce_sums(sums, dist)
-    return totals["loss"] / max(totals["n"], 1)
-
-
-def score_rows(model, x: torch.Tensor, dist: DistInfo, detector: str) -> torch.Tensor:
-    """Raw scores (rows, parts) of every row of ``x`` in original order, on every rank.
-
-    Scored in float64 on each rank's shard and gathered, so the scores (and all metrics derived
-    from them) do not depend on how many ranks share the work.
-    """
-    net = local_copy(model).double().eval()  # plain: scores each shard alone
-    parts = []
-    with torch.no_grad():
-        for (xb,) in eval_batches([x], EVAL_BATCH, dist):
-            parts.append(raw_scores(detector, net, xb.double()))
-    local = torch.cat(parts) if parts else torch.zeros(0, len(PARTS[detector]), dtype=torch.float64)
-    return gather_tensors(local, dist)
-
-
-def normal_feature_error(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo) -> torch.Tensor:
-    """The autoencoder's mean squared error per feature over the normal rows of ``x`` (exact)."""
-    net = autoencoder_part(local_copy(model)).double().eval()  # plain: scores each shard alone
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=dist.device)
-    count = torch.zeros(1, dtype=torch.float64, device=dist.device)
-    with torch.no_grad():
-        for xb, yb in eval_batches([x, y], EVAL_BATCH, dist):
-            normal = xb[yb == 0].double()
-            total += net.feature_errors(normal).sum(dim=0)
-            count += len(normal)
-    total = all_reduce_tensor(total, dist)
-    count = all_reduce_tensor(count, dist)
-    return total / count.clamp(min=1)
-
-
-def best_f1_threshold(scores: np.ndarray, labels: np.ndarray,
-                      always: np.ndarray | None = None) -> tuple[float, float]:
-    """The threshold (attack if score >= it) with the highest F1 on these rows, and that F1.
-
-    ``always``: rows flagged whatever the threshold (the hybrid's novelty alarms); the F1 counts
-    them. Ties go to the highest threshold (fewest alarms).
-    """
-    labels = np.asarray(labels).astype(bool)
-    always = np.zeros(len(labels), dtype=bool) if always is None else np.asarray(always, dtype=bool)
-    base_tp, base_fp = int(labels[always].sum()), int((~labels[always]).sum())
-    rest, rest_labels = np.asarray(scores)[~always], labels[~always]
-    order = np.argsort(-rest, kind="stable")
-    ordered, hits = rest[order], rest_labels[order]
-    last_of_value = np.r_[ordered[1:] != ordered[:-1], True]  # flag every row >= this value
-    tp = base_tp + np.cumsum(hits)[last_of_value]
-    fp = base_fp + np.cumsum(~hits)[last_of_value]
-    f1 = 2 * tp / np.maximum(2 * tp + fp + (labels.sum() - tp), 1)
-    best = int(np.argmax(f1))
-    return float(ordered[last_of_value][best]), float(f1[best])
-
-
-def calibrate(detector: str, raw: np.ndarray, labels: np.ndarray,
-              novelty_alarms: float) -> tuple[dict[str, float], float]:
-    """Thresholds per part, chosen on validation; and the validation F1 they give.
-
-    One part: the threshold with the best F1. Hybrid: the autoencoder's threshold lets through
-    ``novelty_alarms`` of the normal rows (its job is what the classifier was never shown, which
-    validation F1 cannot see); the classifier's threshold is then the best F1 given those alarms.
-    """
-    if detector != "hybrid":
-        threshold, f1 = best_f1_threshold(raw[:, 0], labels)
-        return {PARTS[detector][0]: threshold}, f1
-    errors = raw[:, 1]
-    novelty = float(np.quantile(errors[labels == 0], 1 - novelty_alarms, method="higher"))
-    threshold, f1 = best_f1_threshold(raw[:, 0], labels, always=errors >= novelty)
-    return {"classifier": threshold, "autoencoder": novelty}, f1
-
-
-def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:
-    """Precision, recall, F1, accuracy from a 2x2 confusion matrix [true, predicted]."""
-    tn, fp, fn, tp = (int(v) for v in cm.flatten())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-            "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0}
-
-
-def metrics_at(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo,
-               mask: torch.Tensor | None = None) -> dict[str, float]:
-    """Metrics of ``score >= threshold`` on the rows (optionally those in ``mask``).
-
-    Counts come from each rank's shard, summed over ranks (exact); the AUCs use the gathered
-    scores, which every rank holds.
-    """
-    shard = eval_shard(len(y), dist)
-    keep = torch.ones(len(y), dtype=torch.bool) if mask is None else mask
-    local_pred = (scores[shard] >= threshold)[keep[shard]]
-    cm = all_reduce_tensor(confusion_matrix(local_pred, y[shard][keep[shard]], 2), dist)
-    out = counts_to_metrics(cm)
-    labels, chosen = y[keep].numpy(), scores[keep].numpy()
-    both = 0 < labels.sum() < len(labels)
-    out["roc_auc"] = float(roc_auc_score(labels, chosen)) if both else float("nan")
-    out["pr_auc"] = float(average_precision_score(labels, chosen)) if both else float("nan")
-    out["n"] = int(keep.sum())
-    return out
-
-
-def per_category(scores: torch.Tensor, categories: np.ndarray, threshold: float,
-                 dist: DistInfo) -> dict[str, dict[str, float]]:
-    """Detection rate (share flagged) per attack_cat, from counts summed over ranks."""
-    names = sorted(set(categories))
-    shard = eval_shard(len(scores), dist)
-    codes = torch.from_numpy(np.searchsorted(names, categories[shard]))
-    flagged = (scores[shard] >= threshold).long()
-    counts = torch.stack([torch.bincount(codes, minlength=len(names)),
-                          torch.bincount(codes, weights=flagged.double(), minlength=len(names)).long()])
-    counts = all_reduce_tensor(counts, dist)
-    return {name: {"rows": int(counts[0, i]), "flagged": int(counts[1, i]),
-                   "detection_rate": float(counts[1, i] / max(int(counts[0, i]), 1))}
-            for i, name in enumerate(names)}
-
-
 def main() -> None:
     cfg = parse_args()
     with distributed(cfg.device, cfg.dist_timeout) as dist:
-        run(cfg, dist)
+        if cfg.eval_only:
+            run_eval_only(cfg, dist, evaluate_checkpoint)
+        else:
+            run(cfg, dist)
 
 
 def run(cfg: Config, dist: DistInfo) -> dict:
@@ -412,11 +250,10 @@ def run(cfg: Config, dist: DistInfo) -> dict:
              splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
              len(splits.test), int(splits.test_seen_in_train.sum()),
              data.transform.n_features, data.transform.n_components, cfg.detector)
-    model = wrap_model(build_model(cfg, data.transform), dist, cfg.strategy)
+    model = wrap_model(build_model(cfg, data), dist, cfg.strategy)
     batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
     optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
-    meta = {"program": "anomaly", "arch": f"{cfg.detector}-ae{'-'.join(map(str, cfg.hidden))}"
-                                          f"-clf{'-'.join(map(str, cfg.classifier_hidden))}"}
+    meta = {"program": "anomaly", "arch": cfg.arch}
     state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
     start_epoch = state["epoch"] + 1 if state else 0
     if state and start_epoch > cfg.epochs:
@@ -424,6 +261,12 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                         f"--epochs {cfg.epochs}; pass --epochs {start_epoch} or more")
     recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
     resumed, preempt = progress_from(state, dist), Preemption(dist)
+
+    def checkpoint(epoch: int, partial: EpochProgress | None = None) -> None:
+        """``epoch`` is the last completed one; ``partial`` the one stopped inside."""
+        save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler, config=config_dict(cfg),
+                                                    transform=transform_to_plain(data.transform)), dist, partial)
+
     train_time = 0.0
     for epoch in range(start_epoch, cfg.epochs):  # a finished run resumed: evaluation only
         t0 = time.time()
@@ -431,9 +274,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         train = train_one_epoch(model, batches, optimizer, scheduler, partial, dist,
                                 cfg.detector, data.normal_share, preempt)
         if train is None:
-            save_checkpoint(cfg.out_dir, training_state(
-                model, optimizer, epoch - 1, meta, scheduler,
-                transform=transform_to_plain(data.transform)), dist, partial)
+            checkpoint(epoch - 1, partial)
             preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
         train_time += time.time() - t0
         val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector,
@@ -443,27 +284,14 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                             "samples_per_s": len(batches.tensors[0]) / (time.time() - t0)})
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
                  epoch + 1, cfg.epochs, train["train_loss"], val_loss, time.time() - t0)
-        save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
-                                                    transform=transform_to_plain(data.transform)), dist)
+        checkpoint(epoch)
 
     result = evaluate(model, data, cfg, dist)
-    test, test_unseen, categories = result["test"], result["test_unseen"], result["per_attack_cat"]
-    log.info("thresholds %s (validation F1 %.4f)",
-             ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()), result["val_f1"])
-    log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
-             "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
-             test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
-    if cfg.split == "random":
-        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
-                 "(%d rows)", test_unseen["precision"], test_unseen["recall"],
-                 test_unseen["f1"], test_unseen["n"])
-    if cfg.holdout is not None:
-        log.info("held-out %s: %.4f detected", cfg.holdout, categories[cfg.holdout]["detection_rate"])
-
+    log_result(result, cfg, log)
     rows = recorder.read_metrics()
     trained_rows = len(batches.tensors[0]) * (cfg.epochs - start_epoch)
     summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
-               **{k: v for k, v in result.items() if not k.endswith("_scores")}, "score": cfg.score,
+               **figures(result), "score": cfg.score,
                "data": {"source": splits.source, "train_rows": len(splits.train),
                         "train_normal_rows": len(data.x["train_normal"]),
                         "val_rows": len(splits.val), "test_rows": len(splits.test),
@@ -479,8 +307,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
 
         write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, result["thresholds"])
         plots.training_plots(recorder.plots_dir, rows, result["val_scores"].numpy(),
-                             data.y["val"].numpy(), result["test_scores"].numpy(), splits, test,
-                             categories, cfg.detector)
+                             data.y["val"].numpy(), result["test_scores"].numpy(), splits, result["test"],
+                             result["per_attack_cat"], cfg.detector)
     recorder.write_summary(summary, cfg)
     log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
     return summary
@@ -511,6 +339,41 @@ def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
             "val_scores": val_scores, "test_scores": test_scores}
 
 
+def figures(result: dict) -> dict:
+    """``evaluate``'s result without the per-row scores: what summary.json and eval.json hold."""
+    return {k: v for k, v in result.items() if not k.endswith("_scores")}
+
+
+def log_result(result: dict, cfg: Config, log) -> None:
+    """The thresholds and test figures, one line each (rank 0)."""
+    test, unseen = result["test"], result["test_unseen"]
+    log.info("thresholds %s (validation F1 %.4f)",
+             ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()), result["val_f1"])
+    log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
+             "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
+             test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
+    if cfg.split == "random":
+        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
+                 "(%d rows)", unseen["precision"], unseen["recall"], unseen["f1"], unseen["n"])
+    if cfg.holdout is not None:
+        log.info("held-out %s: %.4f detected", cfg.holdout,
+                 result["per_attack_cat"][cfg.holdout]["detection_rate"])
+
+
+def evaluate_checkpoint(cfg: Config, state: dict, dist: DistInfo) -> dict:
+    """--eval-only (common/evaluation.py): the saved weights, thresholds chosen again on
+    validation. ``cfg`` is the saved run's Config with this command line's ``EVAL_OPTIONS``."""
+    seed_everything(cfg.seed)
+    data = build_data(cfg, dist)
+    model = build_model(cfg, data).to(dist.device)
+    model.load_state_dict(state["model"])
+    check_ranks_agree(state, model, dist)
+    result = evaluate(model, data, cfg, dist)
+    log_result(result, cfg, get_logger("anomaly", dist))
+    return {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout, "score": cfg.score,
+            "novelty_alarms": cfg.novelty_alarms, **figures(result)}
+
+
 def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data: Data,
                  dist: DistInfo) -> dict[str, dict]:
     """The hybrid's parts each measured alone, at their own best-F1 validation threshold.
@@ -531,19 +394,6 @@ def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, d
                      "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(),
                                                     threshold, dist)}
     return out
-
-
-def write_detector(path: Path, net: torch.nn.Module, cfg: Config, transform: FeatureTransform,
-                   thresholds: dict[str, float]) -> None:
-    """Everything ``anomaly.predict`` needs to score a new CSV, written atomically.
-
-    Tensors and plain values only (the transform through ``transform_to_plain``), so
-    ``anomaly.predict`` loads it without running code from the file.
-    """
-    torch_save_atomic(path, {"detector": cfg.detector, "model": net.state_dict(),
-                             "hidden": list(cfg.hidden), "classifier_hidden": list(cfg.classifier_hidden),
-                             "transform": transform_to_plain(transform), "thresholds": thresholds,
-                             "score": cfg.score})
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _housing(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        return h.build_model(cfg, n_features, data.train.x)
+        return h.build_model(cfg, data)
 
     return Workload(
         "housing", [data.train.x.to(dist.device), data.train.y.to(dist.device)], cfg.batch_size,
@@ -62,8 +62,7 @@ def _cifar(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workload:
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        model = c.build_model(cfg, data)
-        return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+        return c.build_model(cfg, data)  # channels-last when the program's is
 
     def inputs(batch: tuple, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = augment(normalize(batch[0]), aug, generator)
@@ -94,7 +93,7 @@ def _anomaly(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
 
     def build_model() -> torch.nn.Module:
         seed_everything(cfg.seed)
-        return a.build_model(cfg, data.transform)
+        return a.build_model(cfg, data)
 
     return Workload(
         "anomaly", [x.to(dist.device), y.to(dist.device)], cfg.batch_size, build_model,

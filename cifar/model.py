@@ -9,6 +9,7 @@ the identity, which lets very high learning rates work from the first step.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -136,3 +137,22 @@ def resnet18(num_classes: int, weights: str | None) -> nn.Module:
             ) from None
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
+
+
+def use_bf16(cfg, device: torch.device) -> bool:
+    """Whether the forward runs under bf16 autocast: ``cfg.amp``, the device, and ``cfg.compile``."""
+    if cfg.compile and device.type == "cpu":
+        # torch 2.14's inductor on CPU gives non-finite AirNet gradients under bf16 autocast
+        # (found on this project's machine; eager bf16 and compiled fp32 are fine).
+        return False
+    if cfg.amp != "auto":
+        return cfg.amp == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_autocast(device: torch.device, enabled: bool):
+    """The forward's precision, chosen here under DDP and FSDP alike: bf16 matmuls and convs
+    with fp32 weights, BatchNorm statistics and loss (``torch.autocast``), or plain fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

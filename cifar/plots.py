@@ -1,12 +1,13 @@
-"""The confusion-matrix picture (the loss/accuracy curves come from common.report.plot_curves)."""
+"""cifar/train.py's pictures: loss/accuracy curves (common.report.plot_curves), the confusion matrix."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from common.figures import pyplot, save_figure
+from common.report import plot_curves
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:
@@ -27,3 +28,13 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, 
     ax.set_title(title or "test confusion matrix (row-normalised colour, counts)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     save_figure(fig, path)
+
+
+def plot_run(rows: list[dict[str, Any]], final: dict[str, Any], classes: Sequence[str], plots_dir: Path,
+             arch: str) -> None:
+    """``curves.png`` from the epoch rows (if any) and ``confusion_matrix.png`` of the final test."""
+    if rows:
+        plot_curves(rows, {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
+                    plots_dir / "curves.png", title=f"CIFAR-10 {arch}")
+    plot_confusion(final["confusion"], classes, plots_dir / "confusion_matrix.png",
+                   title=f"test accuracy {final['test_accuracy']:.4f}")

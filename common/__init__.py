@@ -11,6 +11,8 @@ Modules, one job each:
     preempt     SIGTERM/SIGUSR1: finish the step, agree, checkpoint, exit 75
     rng         seeding, RNG capture and restore
     cli         the arguments every program shares
+    config      RunConfig: the fields every program's Config shares, validated once
+    evaluation  --eval-only: the agreed checkpoint, its saved config, eval.json
     report      rank-0 logging, progress bars, metrics.jsonl / summary.json, TensorBoard, plots
     errors      one-line user errors and the exit path that never hangs
     files       atomic writes (temp file, fsync, rename) and checksum-verified downloads

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from common.dist import DEFAULT_TIMEOUT_S
-from common.errors import UserError
+from common.config import RunConfig
 from common.parallel import STRATEGIES
-from common.report import tensorboard_available
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -16,8 +14,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def make_parser(description: str, *, epochs: int, batch_size: int, lr: float,
-                data_dir: str, out_dir: str) -> argparse.ArgumentParser:
+                data_dir: str, out_dir: str, eval_only: str | None = None) -> argparse.ArgumentParser:
     """A parser with the shared arguments; programs add their own after it.
+
+    ``eval_only``: the help of ``--eval-only`` (common/evaluation.py), for a program that has it.
 
     ``--batch-size`` is the *global* batch: with N processes each takes batch_size / N, so the
     optimisation (and the result) does not depend on how many processes run it.
@@ -47,28 +47,12 @@ def make_parser(description: str, *, epochs: int, batch_size: int, lr: float,
                         help="also log each epoch's metrics, learning rate and samples/s as "
                              "TensorBoard scalars in OUT_DIR/tensorboard (rank 0; needs the "
                              "tensorboard package: pip install -e '.[tensorboard]')")
+    if eval_only is not None:
+        shared.add_argument("--eval-only", action="store_true", help=eval_only)
     return parser
 
 
 def check_shared_args(args: argparse.Namespace) -> None:
-    """Reject impossible shared arguments with a message that says what to change."""
-    for name in ("epochs", "batch_size"):
-        value = getattr(args, name)
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.dist_timeout <= 0:
-        raise UserError(f"--dist-timeout must be positive, got {args.dist_timeout}")
-    if getattr(args, "tensorboard", False) and not tensorboard_available():
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                        "(or pip install -e '.[tensorboard]')")
-    _check_writable(args.out_dir)
-
-
-def _check_writable(out_dir: Path) -> None:
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out-dir {out_dir} is not writable ({existing} is not a writable folder)")
+    """Reject impossible shared arguments with a message that says what to change
+    (``common.config.RunConfig`` holds the checks; for programs without a Config of their own)."""
+    RunConfig.from_args(args)

@@ -9,27 +9,28 @@ housing/data.py) before RMSE, MAE and R^2 are computed.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from common.checkpoint import (agreed_checkpoint, check_ranks_agree, config_dict, load_model_state,
-                               require_keys, resume_from, save_checkpoint, training_state)
-from common.cli import check_shared_args, make_parser
+from common.checkpoint import (check_ranks_agree, config_dict, load_model_state, require_keys, resume_from,
+                               save_checkpoint, training_state)
+from common.cli import make_parser
+from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, agreed, broadcast_object, distributed
 from common.errors import UserError, ensure_finite, run_main
+from common.evaluation import run_eval_only
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
-from common.report import RunRecorder, get_logger, write_json_atomic
+from common.report import RunRecorder, get_logger
 from common.rng import seed_everything
 from housing import data as hdata
+from housing.loss import criterion_for, loss_fn
 from housing.model import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, MLP, NORMS, describe
 
 EXAMPLE = """example:
@@ -43,15 +44,13 @@ EVAL_BATCH = 1024  # samples per rank per evaluation forward pass
 GLOBAL_BATCH = 480
 
 
-@dataclass(frozen=True)
-class Config:
-    data_dir: Path
-    out_dir: Path
-    epochs: int  # upper bound; early stopping may end sooner
-    batch_size: int  # global samples per optimizer step, split across ranks
-    lr: float  # peak learning rate of the one-cycle schedule
+@dataclass(frozen=True, kw_only=True)
+class Config(RunConfig):
+    """The shared fields (common/config.py) and housing's: data, model, optimiser, baselines."""
+
+    PROGRAM: ClassVar[str] = "housing"
+
     weight_decay: float  # AdamW decoupled weight decay
-    seed: int
     width: int  # hidden units per layer
     depth: int  # hidden layers
     activation: str
@@ -60,13 +59,8 @@ class Config:
     patience: int  # epochs without a better validation RMSE before stopping
     features: tuple[str, ...]  # feature groups fed to the net (housing/data.py FEATURE_GROUPS)
     n_clusters: int  # k-means centres for the location-cluster features
-    baselines: bool  # also fit LinearRegression and HistGradientBoosting on the same split
-    eval_only: bool  # evaluate the checkpoint named by --resume; no training
-    resume: str | None
-    device: str
-    strategy: str  # "ddp" or "fsdp" (common.parallel); a ~300k-parameter net needs no sharding
-    dist_timeout: float  # seconds
-    download_url: str
+    baselines: bool = False  # also fit LinearRegression and HistGradientBoosting on the same split
+    download_url: str = hdata.DOWNLOAD_URL
     # The tabular-DL ingredients (housing/model.py); defaults here (not the CLI's) are the plain
     # MLP, so a saved config from before they existed still parses.
     quantile: bool = False  # inputs through their training quantiles to a normal
@@ -76,9 +70,8 @@ class Config:
     ensemble: int = 1  # k members in one model (TabM); predictions averaged
     ensemble_mode: str = "mini"  # mini: shared MLP, one adapter per member; packed: k MLPs
     dollar_loss: float = 0.0  # weight of the squared error in dollars added to the log-space MSE
-    tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars for TensorBoard
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.width < 1 or self.depth < 0:
             raise UserError(f"--width must be >= 1 and --depth >= 0, got {self.width}, {self.depth}")
         if not 0 <= self.dropout < 1:
@@ -91,8 +84,6 @@ class Config:
         if unknown or not self.features:
             raise UserError(f"--features: unknown or empty ({', '.join(sorted(unknown))}); "
                             f"choose from {', '.join(hdata.FEATURE_GROUPS)}")
-        if self.eval_only and self.resume is None:
-            raise UserError("--eval-only needs --resume (a run directory or checkpoint file)")
 
     @property
     def arch(self) -> str:
@@ -134,23 +125,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
-    check_shared_args(args)
-    fields = {name: getattr(args, name, None) for name in Config.__dataclass_fields__}
-    fields["strategy"] = getattr(args, "strategy", "ddp")
-    fields["features"] = tuple(f.strip() for f in args.features.split(",") if f.strip())
-    fields.update(baselines=getattr(args, "baselines", False), eval_only=getattr(args, "eval_only", False))
-    fields.update(overrides)
-    return Config(**fields)
+    """The Config of a parser built with ``add_model_args`` (also housing/tune.py, features.py)."""
+    features = tuple(f.strip() for f in args.features.split(",") if f.strip())
+    return Config.from_args(args, **{"features": features, **overrides})
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=60, batch_size=GLOBAL_BATCH,
-                         lr=4e-3, data_dir="data", out_dir="runs/housing")
+                         lr=4e-3, data_dir="data", out_dir="runs/housing",
+                         eval_only="evaluate the checkpoint given by --resume on validation and test")
     add_model_args(parser)
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="skip the LinearRegression / HistGradientBoosting comparison")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="evaluate the checkpoint given by --resume on validation and test")
     return config_from_args(parser.parse_args(argv))
 
 
@@ -166,39 +152,13 @@ def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None
                                              target_stats=target_stats), dist)
 
 
-def build_model(cfg: Config, n_features: int, train_x: torch.Tensor | None = None) -> MLP:
-    """The model; ``train_x`` fits its quantile / PLE buffers (None: they come from a checkpoint)."""
-    return MLP(n_features, cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
+def build_model(cfg: Config, data: hdata.HousingData) -> MLP:
+    """The model; the training split's features fit its quantile / PLE buffers (a checkpoint's
+    weights then replace them in --eval-only)."""
+    return MLP(data.train.x.shape[1], cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
                quantile=cfg.quantile, embedding=cfg.embedding, embed_bins=cfg.embed_bins,
                embed_dim=cfg.embed_dim, ensemble=cfg.ensemble, ensemble_mode=cfg.ensemble_mode,
-               train_x=train_x)
-
-
-DOLLAR_UNIT = 1e5  # the dollar term measures errors in $100k: the same order as the log-space MSE
-
-
-def loss_fn(out: torch.Tensor, y: torch.Tensor, dollar_weight: float = 0.0,
-            target_stats: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
-    """Mean squared error of every ensemble member's prediction ([batch, k]) against y ([batch]).
-
-    Each member is trained on its own error, not the ensemble mean's, as in TabM: the members
-    stay diverse, which is what averaging them gains from.
-
-    ``dollar_weight`` > 0 adds that many times the squared error in dollars (in units of
-    $100k, predictions clipped to the file's range as ``decode_target`` does). The log-space
-    MSE alone aims at the conditional median of the price, and weighs a $20k miss on a $100k
-    house like a $100k miss on a $500k one; the test metric is RMSE in dollars, whose best
-    prediction is the conditional mean. The log term keeps cheap houses' errors in view and the
-    early steps well conditioned. ``target_stats`` = (mean, std) of the log price.
-    """
-    target = y.unsqueeze(-1).expand_as(out)
-    loss = torch.nn.functional.mse_loss(out, target)
-    if dollar_weight > 0:
-        mean, std = target_stats
-        low, high = math.log(hdata.PRICE_MIN), math.log(hdata.PRICE_CAP)
-        pred = torch.exp((out * std + mean).clamp(low, high)) / DOLLAR_UNIT
-        loss = loss + dollar_weight * torch.nn.functional.mse_loss(pred, torch.exp(target * std + mean) / DOLLAR_UNIT)
-    return loss
+               train_x=data.train.x)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
@@ -215,9 +175,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
 def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, scheduler,
                     progress: EpochProgress, dist: DistInfo,
                     preempt: Preemption | None = None,
-                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn) -> float | None:
-    """One pass over the training split from ``progress.step``; returns the exact mean loss over
-    all ranks' samples, or None when pre-empted (``progress`` then says where it stopped).
+                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn
+                    ) -> dict[str, float] | None:
+    """One pass over the training split from ``progress.step``; returns ``{"train_loss"}``, the
+    exact mean loss over all ranks' samples, or None when pre-empted (``progress`` then says
+    where it stopped).
     ``criterion(out, y)`` is the loss (``loss_fn`` with the run's settings)."""
     model.train()
     sums = progress.sums
@@ -237,7 +199,7 @@ def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, sc
         if preempt is not None and preempt.stop_requested():  # every rank, after the same step
             return None
     totals = reduce_sums(sums, dist)
-    return totals["loss"] / totals["n"]
+    return {"train_loss": totals["loss"] / totals["n"]}
 
 
 def evaluate(model: torch.nn.Module, split: hdata.Split, data: hdata.HousingData, dist: DistInfo,
@@ -286,6 +248,11 @@ class EarlyStopping:
     bad_epochs: int = 0
     best_model: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def stopped(self) -> bool:
+        """True once ``patience`` epochs in a row brought no better validation RMSE."""
+        return self.bad_epochs >= self.patience
+
     def update(self, rmse: float, epoch: int, model: torch.nn.Module) -> bool:
         """Record this epoch; returns True when training should stop."""
         if rmse < self.best_rmse:
@@ -294,58 +261,21 @@ class EarlyStopping:
             self.best_model = local_copy(model).state_dict()
         else:
             self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
+        return self.stopped
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        """Load the best weights seen into ``model`` (every rank; a no-op before any epoch)."""
+        if self.best_model:
+            load_model_state(model, self.best_model)
 
 
 def prepare(cfg: Config, data: hdata.HousingData, dist: DistInfo):
     """Seeded model (wrapped for DDP), optimizer, schedule and the training batches."""
     seed_everything(cfg.seed)
     batches = TrainBatches([data.train.x, data.train.y], cfg.batch_size, dist, seed=cfg.seed)
-    model = wrap_model(build_model(cfg, data.train.x.shape[1], data.train.x), dist, cfg.strategy)
+    model = wrap_model(build_model(cfg, data), dist, cfg.strategy)
     optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
     return model, optimizer, scheduler, batches
-
-
-def train_loop(cfg: Config, data: hdata.HousingData, dist: DistInfo, model, optimizer, scheduler,
-               batches: TrainBatches, stopper: EarlyStopping, start_epoch: int = 0,
-               on_epoch: Callable[..., None] | None = None, log=None,
-               resumed: EpochProgress | None = None, preempt: Preemption | None = None,
-               on_preempt: Callable[[EpochProgress], None] | None = None) -> int:
-    """Train until ``cfg.epochs`` or early stopping, then load the best weights into ``model``.
-
-    ``on_epoch(row, model, optimizer, scheduler, stopper)`` runs after each epoch (logging,
-    checkpoints). ``resumed`` continues a partial epoch; when ``preempt`` stops training
-    mid-epoch, ``on_preempt(progress)`` runs (it checkpoints and exits). Returns the number of
-    epochs trained by this call.
-    """
-    done = stopper.bad_epochs >= stopper.patience  # a resumed run that had already stopped
-    criterion = functools.partial(loss_fn, dollar_weight=cfg.dollar_loss,
-                                  target_stats=(data.target_mean, data.target_std))
-    trained = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if done:
-            break
-        started = time.time()
-        progress = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-        train_loss = train_one_epoch(model, batches, optimizer, scheduler, progress, dist, preempt,
-                                     criterion)
-        if train_loss is None:
-            on_preempt(progress)
-        val = evaluate(model, data.val, data, dist)
-        done = stopper.update(val["rmse"], epoch, model)
-        trained += 1
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-               "val_rmse": val["rmse"], "val_mae": val["mae"], "val_r2": val["r2"],
-               "lr": scheduler.get_last_lr()[0], "epoch_s": time.time() - started,
-               "samples_per_s": len(data.train.y) / (time.time() - started)}
-        if log is not None:
-            log.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train_loss:.4f}  "
-                     f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
-        if on_epoch is not None:
-            on_epoch(row, model, optimizer, scheduler, stopper)
-    if stopper.best_model:
-        load_model_state(model, stopper.best_model)
-    return trained
 
 
 def this_process_only(dist: DistInfo) -> DistInfo:
@@ -355,10 +285,15 @@ def this_process_only(dist: DistInfo) -> DistInfo:
 
 
 def fit(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> tuple[torch.nn.Module, EarlyStopping]:
-    """Train from scratch without checkpoints (housing/tune.py, housing/features.py)."""
+    """Train from scratch, no checkpoints or logs, the best weights restored (housing/tune.py,
+    housing/features.py): ``main``'s epoch loop without its bookkeeping."""
     model, optimizer, scheduler, batches = prepare(cfg, data, dist)
-    stopper = EarlyStopping(cfg.patience)
-    train_loop(cfg, data, dist, model, optimizer, scheduler, batches, stopper)
+    stopper, criterion = EarlyStopping(cfg.patience), criterion_for(cfg.dollar_loss, data)
+    for epoch in range(cfg.epochs):
+        train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(epoch), dist, criterion=criterion)
+        if stopper.update(evaluate(model, data.val, data, dist)["rmse"], epoch, model):
+            break
+    stopper.restore_best(model)
     return model, stopper
 
 
@@ -369,38 +304,20 @@ def checkpoint_extra(cfg: Config, data: hdata.HousingData, stopper: EarlyStoppin
             "target_stats": (data.target_mean, data.target_std)}
 
 
-def meta_for(cfg: Config) -> dict[str, Any]:
-    return {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
-
-
-def eval_from_checkpoint(cfg: Config, dist: DistInfo, log) -> None:
-    """--eval-only: the best weights and fitted preprocessor of a saved run, on val and test."""
-    # One checkpoint for every rank, sent to nodes that cannot read it (common/checkpoint.py).
-    state = agreed_checkpoint(cfg.resume, cfg.out_dir, dist, {"program": "housing"})
-    if state is None:  # --resume auto and no rank has a checkpoint in its --out-dir
-        raise UserError(f"--eval-only --resume: no checkpoint in {cfg.out_dir} on any node")
-    require_keys(state, ("model", "config", "early_stopping", "preprocessor", "target_stats"), "housing")
-    try:
-        saved = Config(**{**state["config"], "data_dir": cfg.data_dir, "out_dir": cfg.out_dir,
-                          "resume": cfg.resume, "eval_only": True, "device": cfg.device,
-                          "features": tuple(state["config"]["features"])})
-    except (TypeError, KeyError) as err:
-        raise UserError(f"{state['loaded_from']}: its config does not fit this version of "
-                        f"housing/train.py ({err}); train again") from None
+def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """--eval-only (common/evaluation.py): the saved run's best weights and fitted
+    preprocessor, on validation and test. ``cfg`` is the run's saved Config."""
     preprocessor = hdata.preprocessor_from_plain(state["preprocessor"], state["loaded_from"])
-    data = build_data(saved, dist, preprocessor, state["target_stats"])
-    model = build_model(saved, data.test.x.shape[1]).to(dist.device)
+    data = build_data(cfg, dist, preprocessor, state["target_stats"])
+    model = build_model(cfg, data).to(dist.device)
     model.load_state_dict(state["early_stopping"]["best_model"] or state["model"])
     check_ranks_agree(state, model, dist)
     results = {name: evaluate(model, split, data, dist) for name, split in
                (("val", data.val), ("test", data.test))}
-    log.info(f"{state['loaded_from']}: test RMSE ${results['test']['rmse']:,.2f}  "
-             f"MAE ${results['test']['mae']:,.2f}  R2 {results['test']['r2']:.5f}  "
-             f"({dist.world_size} process(es))")
-    if dist.is_main:
-        cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.out_dir / "eval.json", {**results, "checkpoint": state["loaded_from"],
-                                                      "world_size": dist.world_size})
+    get_logger("housing", dist).info(
+        f"{state['loaded_from']}: test RMSE ${results['test']['rmse']:,.2f}  "
+        f"MAE ${results['test']['mae']:,.2f}  R2 {results['test']['r2']:.5f}  ({dist.world_size} process(es))")
+    return results
 
 
 def main() -> None:
@@ -409,37 +326,48 @@ def main() -> None:
     with distributed(cfg.device, cfg.dist_timeout) as dist:
         log = get_logger("housing", dist)
         if cfg.eval_only:
-            return eval_from_checkpoint(cfg, dist, log)
+            run_eval_only(cfg, dist, evaluate_checkpoint, ("early_stopping", "preprocessor", "target_stats"))
+            return
         data = build_data(cfg, dist)  # validated before any output exists
         log.info(f"{data.csv_path}: {len(data.train.y)} train / {len(data.val.y)} val / "
                  f"{len(data.test.y)} test rows, {data.train.x.shape[1]} features; "
                  f"{dist.world_size} process(es), global batch {cfg.batch_size}")
         model, optimizer, scheduler, batches = prepare(cfg, data, dist)
-        meta = meta_for(cfg)
+        meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
         state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
         if state:
             require_keys(state, ("early_stopping",), "housing")
         stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch=state["epoch"] + 1 if state else 0,
-                               tensorboard=cfg.tensorboard)
-        preempt = Preemption(dist)
+        start_epoch = state["epoch"] + 1 if state else 0
+        recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
+        resumed, preempt, criterion = progress_from(state, dist), Preemption(dist), criterion_for(cfg.dollar_loss, data)
 
-        def on_epoch(row, model, optimizer, scheduler, stopper):
+        def checkpoint(epoch: int, partial: EpochProgress | None = None) -> None:
+            """``epoch`` is the last completed one; ``partial`` the one stopped inside."""
+            save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
+                                                        **checkpoint_extra(cfg, data, stopper)), dist, partial)
+
+        train_started, epochs_run = time.time(), 0
+        for epoch in range(start_epoch, cfg.epochs):
+            if stopper.stopped:  # early stopping, or a resumed run that had already stopped
+                break
+            t0 = time.time()
+            progress = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
+            train = train_one_epoch(model, batches, optimizer, scheduler, progress, dist, preempt, criterion)
+            if train is None:  # pre-empted: checkpoint the step reached, exit 75
+                checkpoint(epoch - 1, progress)
+                preempt.leave(cfg.out_dir / "checkpoint.pt", progress, log.info)
+            val = evaluate(model, data.val, data, dist)
+            stopper.update(val["rmse"], epoch, model)
+            epochs_run += 1
+            row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_rmse": val["rmse"],
+                   "val_mae": val["mae"], "val_r2": val["r2"], "lr": scheduler.get_last_lr()[0],
+                   "epoch_s": time.time() - t0, "samples_per_s": len(data.train.y) / (time.time() - t0)}
+            log.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
+                     f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
             recorder.log_epoch(row)
-            save_checkpoint(cfg.out_dir, training_state(
-                model, optimizer, row["epoch"], meta, scheduler,
-                **checkpoint_extra(cfg, data, stopper)), dist)
-
-        def on_preempt(progress: EpochProgress) -> None:
-            save_checkpoint(cfg.out_dir, training_state(
-                model, optimizer, progress.epoch - 1, meta, scheduler,
-                **checkpoint_extra(cfg, data, stopper)), dist, progress)
-            preempt.leave(cfg.out_dir / "checkpoint.pt", progress, log.info)
-
-        train_started = time.time()
-        epochs_run = train_loop(cfg, data, dist, model, optimizer, scheduler, batches, stopper,
-                                state["epoch"] + 1 if state else 0, on_epoch, log,
-                                progress_from(state, dist), preempt, on_preempt)
+            checkpoint(epoch)
+        stopper.restore_best(model)
         train_s = time.time() - train_started
         test = evaluate(model, data.test, data, dist, keep_predictions=True)
         predictions = test.pop("predictions")

@@ -77,18 +77,26 @@ def test_tensorboard_has_rank_zeros_scalars_of_metrics_jsonl(trained):
         assert [v for _, v in got[tag]] == pytest.approx([row[tag] for row in rows], rel=1e-6), tag
 
 
-def _same_metrics_at(nprocs, data, run, tmp_path, *extra):
-    """Evaluate ``run``'s checkpoint at each of ``nprocs`` processes; every figure must equal
-    the training run's own (which ran at 2 processes)."""
+def _same_metrics_at(nprocs, data, run, tmp_path, *extra, finished_resume_at=None):
+    """Evaluate ``run``'s checkpoint at each of ``nprocs`` processes with ``--eval-only`` (at
+    ``finished_resume_at`` processes by resuming the finished run instead); every figure must
+    equal the training run's own (which ran at 2 processes)."""
     reference = _summary(run)
     for nproc in nprocs:
         out = tmp_path / f"eval{nproc}"
+        resume_only = nproc == finished_resume_at
         result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out),
+                                                  *([] if resume_only else ["--eval-only"]),
                                                   "--resume", str(run), *FAST, *extra],
                              nproc=nproc, timeout=120)
         assert result.returncode == 0, result.stderr[-3000:]
-        summary = _summary(out)
-        assert summary["epochs_trained"] == 0 and summary["world_size"] == nproc
+        if resume_only:
+            summary = _summary(out)
+            assert summary["epochs_trained"] == 0
+        else:
+            summary = json.loads((out / "eval.json").read_text())
+            assert summary["checkpoint"] == str(run / "checkpoint.pt") and not (out / "summary.json").exists()
+        assert summary["world_size"] == nproc
         assert summary["thresholds"] == reference["thresholds"]
         for part in ("test", "test_unseen"):
             for key in METRICS:
@@ -102,7 +110,7 @@ def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp
     """The hybrid, whose summary also measures its classifier and autoencoder parts alone
     (the same networks and scoring code as those detectors trained alone)."""
     data, run = trained
-    _same_metrics_at((1, 2, 3), data, run, tmp_path, *HYBRID)
+    _same_metrics_at((1, 2, 3), data, run, tmp_path, *HYBRID, finished_resume_at=2)
 
 
 @SHARES_TRAINED

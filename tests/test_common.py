@@ -196,7 +196,7 @@ def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
 
 
 def test_tensorboard_flag_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("common.cli.tensorboard_available", lambda: False)
+    monkeypatch.setattr("common.config.tensorboard_available", lambda: False)
     check_shared_args(_args("--out-dir", str(tmp_path)))  # not asked for: fine
     with pytest.raises(UserError, match="--tensorboard needs the tensorboard package: pip install"):
         check_shared_args(_args("--tensorboard", "--out-dir", str(tmp_path)))
@@ -245,3 +245,37 @@ def test_save_figure_writes_the_file_and_closes_the_figure(tmp_path):
     assert (tmp_path / "line.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert fig.number not in plt.get_fignums()
     assert [p.name for p in tmp_path.iterdir()] == ["line.png"]
+
+
+def test_eval_only_config_comes_from_the_checkpoint_but_run_options_from_the_command_line(tmp_path):
+    """RunConfig.for_evaluation (--eval-only): the saved run's fields, this launch's run options
+    and EVAL_OPTIONS; a saved config this version cannot take is one clear error."""
+    import dataclasses
+
+    from common.config import RunConfig
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config(RunConfig):
+        PROGRAM = "toy"
+        EVAL_OPTIONS = ("threshold",)
+        width: int
+        threshold: float = 0.5
+
+        def check(self) -> None:
+            if self.width < 1:
+                raise UserError(f"--width must be >= 1, got {self.width}")
+
+    saved = {"data_dir": "old", "out_dir": "old", "epochs": 7, "batch_size": 32, "lr": 0.1, "seed": 3,
+             "resume": None, "device": "cuda", "strategy": "fsdp", "dist_timeout": 9.0,
+             "tensorboard": False, "eval_only": False, "width": 16, "threshold": 0.5}
+    now = Config(data_dir=tmp_path, out_dir=tmp_path / "e", epochs=1, batch_size=8, lr=0.2, width=4,
+                 threshold=0.9, device="cpu", resume="run", eval_only=True)
+    cfg = now.for_evaluation(saved, "run/checkpoint.pt")
+    assert (cfg.width, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed) == (16, 7, 32, 0.1, 3)  # the run's
+    assert (cfg.data_dir, cfg.out_dir, cfg.device, cfg.strategy, cfg.resume) == (
+        tmp_path, tmp_path / "e", "cpu", "ddp", "run")  # this launch's
+    assert cfg.threshold == 0.9 and cfg.eval_only
+    with pytest.raises(UserError, match=r"run/checkpoint.pt: its config does not fit this version of toy/train.py"):
+        now.for_evaluation({**saved, "depth": 2}, "run/checkpoint.pt")
+    with pytest.raises(UserError, match="--width must be >= 1, got 0"):  # the program's check runs too
+        now.for_evaluation({**saved, "width": 0}, "run/checkpoint.pt")

@@ -75,7 +75,7 @@ def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
     for detector in ("autoencoder", "hybrid"):  # hybrid: the classifier's path too
         cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
                             "--detector", detector])
-        model = wrap_model(a.build_model(cfg, data.transform), META)
+        model = wrap_model(a.build_model(cfg, data), META)
         batches = TrainBatches(list(data.training_rows(detector)), cfg.batch_size, META, cfg.seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=len(batches))
@@ -106,7 +106,7 @@ def test_cifar_trains_and_evaluates_on_the_model_device(tmp_path: Path):
     with runs_on_meta(model):
         c.train_one_epoch(model, batches, optimizer, scheduler, cfg, EpochProgress(0), META, False, None)
     with runs_on_meta():
-        c.evaluate(model, data.test_images, data.test_labels, cfg, META, False, data.num_classes, tta=True)
+        c.evaluate(model, data, cfg, META, False, tta=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

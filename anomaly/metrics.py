@@ -1,0 +1,99 @@
+"""Thresholds chosen on validation, and detection metrics exact at any world size.
+
+Counts (confusion matrices, detections per attack category) come from each rank's shard of the
+gathered scores, summed over ranks; the AUCs from the gathered scores every rank holds.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from anomaly.model import PARTS
+from common.data import eval_shard
+from common.dist import DistInfo
+from common.metrics import all_reduce_tensor, confusion_matrix
+
+
+def best_f1_threshold(scores: np.ndarray, labels: np.ndarray,
+                      always: np.ndarray | None = None) -> tuple[float, float]:
+    """The threshold (attack if score >= it) with the highest F1 on these rows, and that F1.
+
+    ``always``: rows flagged whatever the threshold (the hybrid's novelty alarms); the F1 counts
+    them. Ties go to the highest threshold (fewest alarms).
+    """
+    labels = np.asarray(labels).astype(bool)
+    always = np.zeros(len(labels), dtype=bool) if always is None else np.asarray(always, dtype=bool)
+    base_tp, base_fp = int(labels[always].sum()), int((~labels[always]).sum())
+    rest, rest_labels = np.asarray(scores)[~always], labels[~always]
+    order = np.argsort(-rest, kind="stable")
+    ordered, hits = rest[order], rest_labels[order]
+    last_of_value = np.r_[ordered[1:] != ordered[:-1], True]  # flag every row >= this value
+    tp = base_tp + np.cumsum(hits)[last_of_value]
+    fp = base_fp + np.cumsum(~hits)[last_of_value]
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (labels.sum() - tp), 1)
+    best = int(np.argmax(f1))
+    return float(ordered[last_of_value][best]), float(f1[best])
+
+
+def calibrate(detector: str, raw: np.ndarray, labels: np.ndarray,
+              novelty_alarms: float) -> tuple[dict[str, float], float]:
+    """Thresholds per part, chosen on validation; and the validation F1 they give.
+
+    One part: the threshold with the best F1. Hybrid: the autoencoder's threshold lets through
+    ``novelty_alarms`` of the normal rows (its job is what the classifier was never shown, which
+    validation F1 cannot see); the classifier's threshold is then the best F1 given those alarms.
+    """
+    if detector != "hybrid":
+        threshold, f1 = best_f1_threshold(raw[:, 0], labels)
+        return {PARTS[detector][0]: threshold}, f1
+    errors = raw[:, 1]
+    novelty = float(np.quantile(errors[labels == 0], 1 - novelty_alarms, method="higher"))
+    threshold, f1 = best_f1_threshold(raw[:, 0], labels, always=errors >= novelty)
+    return {"classifier": threshold, "autoencoder": novelty}, f1
+
+
+def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:
+    """Precision, recall, F1, accuracy from a 2x2 confusion matrix [true, predicted]."""
+    tn, fp, fn, tp = (int(v) for v in cm.flatten())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+            "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0}
+
+
+def metrics_at(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo,
+               mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Metrics of ``score >= threshold`` on the rows (optionally those in ``mask``).
+
+    Counts come from each rank's shard, summed over ranks (exact); the AUCs use the gathered
+    scores, which every rank holds.
+    """
+    shard = eval_shard(len(y), dist)
+    keep = torch.ones(len(y), dtype=torch.bool) if mask is None else mask
+    local_pred = (scores[shard] >= threshold)[keep[shard]]
+    cm = all_reduce_tensor(confusion_matrix(local_pred, y[shard][keep[shard]], 2), dist)
+    out = counts_to_metrics(cm)
+    labels, chosen = y[keep].numpy(), scores[keep].numpy()
+    both = 0 < labels.sum() < len(labels)
+    out["roc_auc"] = float(roc_auc_score(labels, chosen)) if both else float("nan")
+    out["pr_auc"] = float(average_precision_score(labels, chosen)) if both else float("nan")
+    out["n"] = int(keep.sum())
+    return out
+
+
+def per_category(scores: torch.Tensor, categories: np.ndarray, threshold: float,
+                 dist: DistInfo) -> dict[str, dict[str, float]]:
+    """Detection rate (share flagged) per attack_cat, from counts summed over ranks."""
+    names = sorted(set(categories))
+    shard = eval_shard(len(scores), dist)
+    codes = torch.from_numpy(np.searchsorted(names, categories[shard]))
+    flagged = (scores[shard] >= threshold).long()
+    counts = torch.stack([torch.bincount(codes, minlength=len(names)),
+                          torch.bincount(codes, weights=flagged.double(), minlength=len(names)).long()])
+    counts = all_reduce_tensor(counts, dist)
+    return {name: {"rows": int(counts[0, i]), "flagged": int(counts[1, i]),
+                   "detection_rate": float(counts[1, i] / max(int(counts[0, i]), 1))}
+            for i, name in enumerate(names)}

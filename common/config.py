@@ -1,0 +1,94 @@
+"""RunConfig: the settings every program shares, declared and validated once.
+
+Each program's ``Config`` is a frozen dataclass that subclasses ``RunConfig`` and adds what its
+problem needs; ``kw_only`` lets the subclass add fields without defaults after the base's. A
+Config checks itself when it is made (``__post_init__``): the shared fields here, then the
+program's own ``check``. Every problem is a UserError that names the flag and says what to
+change, so a bad command line stops before any process group, file or download exists.
+
+``--eval-only`` rebuilds the evaluated run's Config from the one saved in its checkpoint
+(``for_evaluation``): the data and model come from there, so nothing has to be repeated on the
+command line; only the run options (where and how this launch runs) and the program's
+``EVAL_OPTIONS`` come from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from common.dist import DEFAULT_TIMEOUT_S
+from common.errors import UserError
+from common.report import tensorboard_available
+
+# Where and how this launch runs, not what it trains: an --eval-only run keeps its own.
+RUN_OPTIONS = ("data_dir", "out_dir", "resume", "device", "strategy", "dist_timeout", "tensorboard")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The fields of common/cli.py's shared arguments (the same names as the flags)."""
+
+    PROGRAM: ClassVar[str] = "program"  # names the program in checkpoints and messages
+    EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ()  # fields --eval-only takes from its command line
+
+    data_dir: Path
+    out_dir: Path
+    epochs: int  # housing: an upper bound, early stopping may end sooner
+    batch_size: int  # global samples per optimizer step, split across ranks
+    lr: float  # peak learning rate
+    seed: int = 0  # weights, splits, data order
+    resume: str | None = None  # "auto", a checkpoint file or a run directory
+    device: str = "auto"
+    strategy: str = "ddp"  # "ddp" or "fsdp" (common.parallel)
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective waits for the other ranks
+    tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars for TensorBoard
+    eval_only: bool = False  # evaluate the checkpoint named by --resume; no training
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.dist_timeout <= 0:
+            raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout}")
+        if self.tensorboard and not tensorboard_available():
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                            "(or pip install -e '.[tensorboard]')")
+        if self.eval_only and self.resume is None:
+            raise UserError("--eval-only needs --resume (a run directory or checkpoint file)")
+        _check_writable(Path(self.out_dir))
+        self.check()
+
+    def check(self) -> None:
+        """The program's own constraints (override): raise UserError saying what to change."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Self:
+        """The Config of a parsed command line: every field named like a flag, then ``overrides``."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
+
+    def for_evaluation(self, saved: dict[str, Any], source: str) -> Self:
+        """The Config saved in checkpoint ``source`` (``config_dict``), with this launch's run
+        options and ``EVAL_OPTIONS``; what --eval-only rebuilds the data and model from."""
+        own = {name: getattr(self, name) for name in (*RUN_OPTIONS, *self.EVAL_OPTIONS)}
+        plain = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        try:
+            return type(self)(**{**plain, **own, "eval_only": True})
+        except TypeError as err:  # a field this version no longer has, or lacks a new one
+            raise UserError(f"{source}: its config does not fit this version of {self.PROGRAM}/train.py "
+                            f"({err}); train again") from None
+
+
+def _check_writable(out_dir: Path) -> None:
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable ({existing} is not a writable folder)")

@@ -16,9 +16,8 @@ size. ``--eval-only --resume RUN_DIR`` evaluates a saved run again (eval.json), 
 ``--novelty-alarms`` and ``--score`` if given: that is how 1, 2 and 3 processes are compared on
 the same weights (resuming a finished run, the same ``--epochs``, also trains nothing).
 
-Outputs in --out-dir: metrics.jsonl, summary.json, checkpoint.pt, detector.pt (network + fitted
-feature transform + thresholds, for ``anomaly.predict``), plots/.
-"""
+Writes metrics.jsonl, summary.json, checkpoint.pt, plots/ and detector.pt (network, feature
+transform and thresholds, for ``anomaly.predict``) in --out-dir."""
 from __future__ import annotations
 
 import time
@@ -33,7 +32,7 @@ from anomaly.metrics import best_f1_threshold, calibrate, metrics_at, per_catego
 from anomaly.model import PARTS, combined_score, make_detector, thresholds_tensor, training_loss
 from anomaly.predict import write_detector
 from anomaly.scoring import autoencoder_part, normal_feature_error, score_rows, validation_loss
-from common.checkpoint import check_ranks_agree, config_dict, resume_from, save_checkpoint, training_state
+from common.checkpoint import config_dict, save_checkpoint, training_state
 from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches
@@ -44,6 +43,7 @@ from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger, progress
+from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"

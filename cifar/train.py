@@ -19,18 +19,18 @@ from cifar.model import AirNet, bf16_autocast, resnet18, use_bf16
 from cifar.optim import Lookahead, triangular
 from cifar.plots import plot_run
 from cifar.presets import PRESETS, resolve_preset
-from common.checkpoint import check_ranks_agree, config_dict, resume_from, save_checkpoint, training_state
+from common.checkpoint import config_dict, save_checkpoint, training_state
 from common.preempt import EpochProgress, Preemption, progress_from
 from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
-from common.dist import (DistInfo, distributed, on_local_rank_zero_first, stop_unless_all_ranks_agree,
-                         tensor_digest)
+from common.dist import DistInfo, distributed, on_local_rank_zero_first, stop_unless_all_ranks_agree, tensor_digest
 from common.errors import FiniteLossWatch, UserError, run_main
 from common.evaluation import run_eval_only
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
 from common.report import RunRecorder, get_logger, progress
+from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 
 EXAMPLES = """examples:

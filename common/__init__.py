@@ -7,6 +7,7 @@ Modules, one job each:
     metrics     all-reduce of sums/counts, confusion matrices, gather of per-sample tensors
     parallel    wrap_model (DDP or FSDP2), local_copy, full_tensors/shard_like, memory per rank
     checkpoint  atomic save on rank 0, load the newest good checkpoint, RNG capture
+    resume      --resume: the one checkpoint every rank resumes from, loaded and checked
     safe_state  fitted scikit-learn objects as plain data, rebuilt from trusted types only
     preempt     SIGTERM/SIGUSR1: finish the step, agree, checkpoint, exit 75
     rng         seeding, RNG capture and restore

@@ -1,7 +1,7 @@
 """--eval-only, the same in every program: evaluate a saved run's weights, write eval.json.
 
 ``--eval-only --resume PATH`` loads the one checkpoint every rank agrees on
-(``common.checkpoint.agreed_checkpoint``: the file is sent to ranks that cannot read it),
+(``common.resume.agreed_checkpoint``: the file is sent to ranks that cannot read it),
 rebuilds the evaluated run's Config from the one saved in it (``RunConfig.for_evaluation``),
 hands both to the program's ``evaluate_checkpoint``, which builds the data and model from that
 Config, loads the weights and runs the program's ``evaluate``, and writes what it returns to
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from common.checkpoint import agreed_checkpoint, require_keys
+from common.checkpoint import require_keys
+from common.resume import agreed_checkpoint
 from common.config import RunConfig
 from common.dist import DistInfo
 from common.errors import UserError

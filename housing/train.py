@@ -16,8 +16,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from common.checkpoint import (check_ranks_agree, config_dict, load_model_state, require_keys, resume_from,
-                               save_checkpoint, training_state)
+from common.checkpoint import config_dict, load_model_state, require_keys, save_checkpoint, training_state
 from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
@@ -28,6 +27,7 @@ from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger
+from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 from housing import data as hdata
 from housing.loss import criterion_for, loss_fn

@@ -172,7 +172,7 @@ def fsdp_helpers(dist: DistInfo) -> dict:
 def disagreeing_start(dist: DistInfo) -> dict:
     """Rank 1 holds other weights than rank 0 (as when it resumed from no checkpoint): the
     agreement check must stop every rank, not let them train apart."""
-    from common.checkpoint import check_ranks_agree
+    from common.resume import check_ranks_agree
 
     torch.manual_seed(dist.rank)
     model = mlp()

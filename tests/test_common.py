@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import (CHECKPOINT, PREVIOUS, load_checkpoint, resume_from, save_checkpoint,
-                               training_state)
+from common.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_shard
 from common.dist import DistInfo
 from common.errors import FiniteLossWatch, NonFiniteLossError, UserError, ensure_finite
 from common.metrics import confusion_matrix, reduce_sums
 from common.report import RunRecorder
+from common.resume import resume_from
 from tests.launch import run_program
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from common.checkpoint import full_model_state, resume_from, save_checkpoint, training_state
+from common.checkpoint import full_model_state, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import distributed
@@ -18,6 +18,7 @@ from common.errors import UserError, run_main
 from common.metrics import reduce_sums
 from common.parallel import wrap_model
 from common.report import RunRecorder
+from common.resume import resume_from
 from common.rng import seed_everything
 
 N_TRAIN, N_TEST, N_FEATURES = 96, 101, 5

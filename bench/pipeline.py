@@ -107,7 +107,7 @@ def worker_pipeline(args: argparse.Namespace) -> None:
                 dataset, batch_size=batch, shuffle=True, drop_last=False, num_workers=workers,
                 persistent_workers=workers > 0, pin_memory=dist.device.type == "cuda")
 
-            def loader_epoch() -> int:
+            def loader_epoch(loader: torch.utils.data.DataLoader) -> int:
                 delivered = 0
                 for xb, yb in loader:
                     x = xb.to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -115,9 +115,9 @@ def worker_pipeline(args: argparse.Namespace) -> None:
                 _clock(dist.device)
                 return delivered
 
-            loader_epoch()  # warm-up: starts the workers, fills the page cache
+            loader_epoch(loader)  # warm-up: starts the workers, fills the page cache
             t0 = _clock(dist.device)
-            delivered = sum(loader_epoch() for _ in range(epochs))
+            delivered = sum(loader_epoch(loader) for _ in range(epochs))
             seconds = time.perf_counter() - t0
             baselines.append({"pipeline": "torchvision: ImageFolder + DataLoader + PIL transforms",
                               "workers": workers, "images": delivered, "seconds": seconds,

@@ -318,9 +318,14 @@ def split_data(data_dir: Path, val_fraction: float, test_fraction: float, seed: 
     return Splits(train, val, test, seen_in(train, test), source, time_column)
 
 
+def attack_categories(frame: pd.DataFrame) -> list[str]:
+    """The attack categories present in ``frame`` (a split), sorted; "Normal" is not one."""
+    return sorted(set(frame["attack_cat"]) - {"Normal"})
+
+
 def hold_out(splits: Splits, category: str) -> Splits:
     """``splits`` without ``category`` in train and validation; test keeps every row."""
-    known = sorted(set(splits.test["attack_cat"]) - {"Normal"})
+    known = attack_categories(splits.test)
     if category not in known:
         raise UserError(f"--holdout {category!r}: not an attack category of this data; "
                         f"expected one of {', '.join(known)}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly import train
+from anomaly.data import attack_categories
 from common.dist import distributed
 from common.errors import UserError, run_main
 from common.figures import pyplot, save_figure
@@ -112,7 +113,7 @@ def main() -> None:
         # Every attack category of the test split (the same on every rank), checked up front.
         splits = train.split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed,
                                   cfg.max_rows, cfg.split)
-        known = sorted(set(splits.test["attack_cat"]) - {"Normal"})
+        known = attack_categories(splits.test)
         unknown = sorted(set(categories or []) - set(known))
         if unknown:
             raise UserError(f"--categories: {', '.join(unknown)} not in this test split; "

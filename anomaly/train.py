@@ -276,12 +276,12 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         if train is None:
             checkpoint(epoch - 1, partial)
             preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
-        train_time += time.time() - t0
-        val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector,
-                                   data.normal_share)
+        epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
+        train_time += epoch_train_s
+        val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector, data.normal_share)
         recorder.log_epoch({"epoch": epoch, **train, "val_loss": val_loss,
                             "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0,
-                            "samples_per_s": len(batches.tensors[0]) / (time.time() - t0)})
+                            "samples_per_s": len(batches.tensors[0]) / epoch_train_s})
         log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
                  epoch + 1, cfg.epochs, train["train_loss"], val_loss, time.time() - t0)
         checkpoint(epoch)

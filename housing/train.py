@@ -357,12 +357,13 @@ def main() -> None:
             if train is None:  # pre-empted: checkpoint the step reached, exit 75
                 checkpoint(epoch - 1, progress)
                 preempt.leave(cfg.out_dir / "checkpoint.pt", progress, log.info)
+            epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
             val = evaluate(model, data.val, data, dist)
             stopper.update(val["rmse"], epoch, model)
             epochs_run += 1
             row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_rmse": val["rmse"],
                    "val_mae": val["mae"], "val_r2": val["r2"], "lr": scheduler.get_last_lr()[0],
-                   "epoch_s": time.time() - t0, "samples_per_s": len(data.train.y) / (time.time() - t0)}
+                   "epoch_s": time.time() - t0, "samples_per_s": len(data.train.y) / epoch_train_s}
             log.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
                      f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
             recorder.log_epoch(row)

@@ -219,12 +219,20 @@ def transform_from_plain(tree: dict, where: str) -> FeatureTransform:
                    "re-run anomaly/train.py to write a new detector")
 
 
-def make_features(splits: Splits, min_frequency: int, pca_variance: float
+def make_features(splits: Splits, min_frequency: int, pca_variance: float,
+                  fitted: FeatureTransform | None = None
                   ) -> tuple[FeatureTransform, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fit the transform on the normal training rows; features and labels of every split."""
+    """Fit the transform on the normal training rows; features and labels of every split.
+
+    ``fitted``: the transform saved with a run (``--eval-only``), used as it is: the run's
+    weights were trained on its features, so nothing is fitted again.
+    """
     normal = (splits.train["label"] == 0).to_numpy()
-    transform = FeatureTransform(min_frequency, pca_variance=pca_variance)
-    x_normal = transform.fit_transform(splits.train[normal])  # frequencies leave-one-out
+    if fitted is None:
+        transform = FeatureTransform(min_frequency, pca_variance=pca_variance)
+        x_normal = transform.fit_transform(splits.train[normal])  # frequencies leave-one-out
+    else:
+        transform, x_normal = fitted, fitted.transform(splits.train[normal])
     x_train = transform.transform(splits.train)
     x_train[normal] = x_normal  # every training row's frequencies count the *other* rows only
     x = {"train": torch.from_numpy(x_train), "train_normal": torch.from_numpy(x_normal),

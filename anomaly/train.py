@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from anomaly.data import SPLITS, Splits, hold_out, split_data
-from anomaly.features import FeatureTransform, make_features, transform_to_plain
+from anomaly.features import FeatureTransform, make_features, transform_from_plain, transform_to_plain
 from anomaly.metrics import best_f1_threshold, calibrate, metrics_at, per_category
 from anomaly.model import PARTS, combined_score, make_detector, thresholds_tensor, training_loss
 from anomaly.predict import write_detector
@@ -171,18 +171,18 @@ class Data:
         return self.x[key], self.y[key]
 
 
-def build_data(cfg: Config, dist: DistInfo) -> Data:
-    """Read, validate and split the files; fit the features on normal training rows only.
-
-    Every rank does this identically (all steps are deterministic), so nothing is broadcast; a
-    problem with the files on any rank stops every rank with one line (``agreed``).
+def build_data(cfg: Config, dist: DistInfo, transform: FeatureTransform | None = None) -> Data:
+    """Read, validate and split the files; fit the features on normal training rows only (or
+    use ``transform``, a saved run's). Every rank does this identically (all steps are
+    deterministic), so nothing is broadcast; a problem with the files on any rank stops every
+    rank with one line (``agreed``).
     """
     def read() -> Data:
         splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
                             cfg.split)
         if cfg.holdout is not None:
             splits = hold_out(splits, cfg.holdout)
-        return Data(splits, *make_features(splits, cfg.min_frequency, cfg.pca_variance))
+        return Data(splits, *make_features(splits, cfg.min_frequency, cfg.pca_variance, transform))
 
     return agreed(read, dist)
 
@@ -232,7 +232,7 @@ def main() -> None:
     cfg = parse_args()
     with distributed(cfg.device, cfg.dist_timeout) as dist:
         if cfg.eval_only:
-            run_eval_only(cfg, dist, evaluate_checkpoint)
+            run_eval_only(cfg, dist, evaluate_checkpoint, ("transform",))
         else:
             run(cfg, dist)
 
@@ -361,10 +361,10 @@ def log_result(result: dict, cfg: Config, log) -> None:
 
 
 def evaluate_checkpoint(cfg: Config, state: dict, dist: DistInfo) -> dict:
-    """--eval-only (common/evaluation.py): the saved weights, thresholds chosen again on
-    validation. ``cfg`` is the saved run's Config with this command line's ``EVAL_OPTIONS``."""
+    """--eval-only (common/evaluation.py): the saved weights and feature transform, thresholds
+    chosen again on validation; ``cfg``: the saved run's Config, this command's EVAL_OPTIONS."""
     seed_everything(cfg.seed)
-    data = build_data(cfg, dist)
+    data = build_data(cfg, dist, transform_from_plain(state["transform"], state["loaded_from"]))
     model = build_model(cfg, data).to(dist.device)
     model.load_state_dict(state["model"])
     check_ranks_agree(state, model, dist)

@@ -114,6 +114,31 @@ def test_same_checkpoint_gives_identical_metrics_at_1_2_3_processes(trained, tmp
 
 
 @SHARES_TRAINED
+def test_eval_only_scores_with_the_saved_feature_transform(trained, tmp_path, monkeypatch):
+    """--eval-only uses the transform saved with the weights (as housing's uses its saved
+    preprocessor); it fits nothing again, which on another copy of the data would give features
+    the weights were not trained on. Same figures as the training run."""
+    from anomaly import train
+    from anomaly.features import FeatureTransform
+    from common.checkpoint import load_tensors_file
+
+    data, run = trained
+    state = {**load_tensors_file(run / "checkpoint.pt"), "loaded_from": str(run / "checkpoint.pt")}
+    cfg = train.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path), "--eval-only",
+                            "--resume", str(run), *HYBRID])
+
+    def no_refit(self, *args, **kwargs):
+        raise AssertionError("--eval-only fitted the feature transform again")
+
+    monkeypatch.setattr(FeatureTransform, "fit_transform", no_refit)
+    result = train.evaluate_checkpoint(cfg.for_evaluation(state["config"], state["loaded_from"]), state, SINGLE)
+    reference = _summary(run)
+    assert result["thresholds"] == reference["thresholds"]
+    for key in METRICS:
+        assert result["test"][key] == reference["test"][key], key
+
+
+@SHARES_TRAINED
 @pytest.mark.parametrize("detector", ["classifier", "autoencoder"])
 def test_each_detector_alone_evaluates_exactly_and_the_classifier_is_the_hybrids_part(
         trained, tmp_path, detector):

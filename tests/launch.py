@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from common import launch
-from common.launch import free_port  # noqa: F401 - the tests import it from here
+from common.launch import free_port
+from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -23,14 +24,22 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
-                torchrun_args: list[str] | None = None,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` (a path relative to the repo) with 1 plain process or ``nproc`` via torchrun.
+    """Run ``script`` (a path relative to the repo) as 1 plain process or ``nproc`` ranks.
 
-    ``nproc=1`` runs ``python script`` with no torchrun variables (the single-process path).
-    Returns the completed process (stdout/stderr captured); raises on timeout, which is how a
-    hang shows up in a test.
+    The ranks are forked with torchrun's environment by tests/forkrun.py, which starts them
+    in a fraction of the ~13 CPU-seconds a real torchrun launch costs here; ``nproc=1`` gets no
+    torchrun variables (the single-process path). Returns the completed process (stdout and
+    stderr captured); raises ``subprocess.TimeoutExpired`` on timeout, which is how a hang
+    shows up in a test. Tests of torchrun itself use :func:`run_torchrun`.
     """
+    return forkrun.fork_run(REPO / script, args, nproc, child_env(env), REPO, timeout, free_port())
+
+
+def run_torchrun(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
+                 torchrun_args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """:func:`run_program` through a real launch: ``python script`` for 1 process, else torchrun."""
     cmd = launch.launch_command(REPO / script, args, nproc, torchrun_args)
     return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True,
                           timeout=timeout)

@@ -9,7 +9,7 @@ import torch
 
 from tests import dist_workers as w
 from common.dist import DistInfo
-from tests.launch import free_port, run_program
+from tests.launch import free_port, run_program, run_torchrun
 
 # The single-process reference runs in the test process itself: no process group needed.
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -132,6 +132,18 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert _params(resumed) == _params(straight)  # bit-identical on CPU
     epochs = [json.loads(line)["epoch"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
+
+
+def test_forked_ranks_train_exactly_like_torchruns_workers(tmp_path):
+    """The suite's launcher (tests/forkrun.py) stands in for torchrun: the same run through both
+    ends with the same weights, bit for bit, and the same records."""
+    args = ["--epochs", "2", "--batch-size", "12"]
+    for launch, out in ((run_program, tmp_path / "forked"), (run_torchrun, tmp_path / "torchrun")):
+        result = launch("tests/toy_train.py", [*args, "--out-dir", str(out)], nproc=2)
+        assert result.returncode == 0, result.stderr
+    assert _params(tmp_path / "forked") == _params(tmp_path / "torchrun")
+    forked, real = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("forked", "torchrun"))
+    assert forked["world_size"] == real["world_size"] == 2 and forked["test"] == real["test"]
 
 
 def test_single_process_path_without_torchrun(tmp_path):

@@ -1,0 +1,159 @@
+"""A stand-in for torchrun in tests: the ranks of a run are forked from a server that imported
+the programs once.
+
+Why: on the 2-core CI machine a ``torchrun --nproc_per_node=2`` launch spends about 13 CPU-seconds
+before training starts (the agent and every worker import torch, pandas and scikit-learn), and
+the suite launches the programs about a hundred times. A forked rank starts in a fraction of a
+second. The server is Python's ``forkserver``: it imports the modules below once and never runs
+a torch operation, so every rank is forked from a clean, single-threaded process (forking a
+process whose OpenMP pool has run is how children hang).
+
+What it keeps of torchrun, which is what the programs see of it:
+- each rank runs the script as ``__main__`` with its arguments, in the repository root, with
+  the environment torchrun gives a worker: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+  ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (rank 0 hosts the store, as
+  ``common/dist.py`` does whenever torchrun's agent does not); one plain process gets none of
+  them (the single-process path);
+- when one rank fails, the others are stopped (SIGTERM, then SIGKILL), and the run's exit
+  code is 1, as torchrun's is; a single process exits with its own code;
+- a run that outlives ``timeout`` is killed and raises ``subprocess.TimeoutExpired``.
+
+What it leaves out: the agent, its rendezvous and restarts, signals sent to the agent, several
+nodes. The tests of those (tests/test_faults.py, test_preempt.py, test_scripts.py,
+test_slurm.py, the docs' commands) launch real torchrun.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+PRELOAD = ["tests.forkrun_preload"]  # imported once by the server; a rank imports the rest itself
+STOP_GRACE_S = 10  # between SIGTERM and SIGKILL for the ranks still running after a failure
+_context = None
+
+
+def _forkserver():
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _run_rank(script: str, args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    """The body of one rank (in the forked child): run ``script`` as ``__main__`` and exit with its code."""
+    for fd, path in ((1, stdout), (2, stderr)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(handle, fd)
+        os.close(handle)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = [script, *args]
+    sys.path[0:0] = [str(Path(script).parent)]  # as `python script` puts the script's folder first
+    if os.environ.get("FORKRUN_IMPORTS"):
+        _report_imports_at_exit(os.environ["FORKRUN_IMPORTS"])
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        if isinstance(stop.code, int) or stop.code is None:
+            code = stop.code or 0
+        else:  # sys.exit("message"): Python prints it and exits 1
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - an uncaught exception: a traceback and exit 1, like python
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+def _report_imports_at_exit(path: str) -> None:
+    """Append to ``path`` the modules this rank imported itself (candidates for PRELOAD).
+
+    The programs leave through ``os._exit`` (common/errors.py), so the report hooks that."""
+    before, real_exit = set(sys.modules), os._exit
+
+    def exit_and_report(code: int) -> None:
+        with open(path, "a") as f:
+            f.writelines(f"{name}\n" for name in sorted(set(sys.modules) - before))
+        real_exit(code)
+
+    os._exit = exit_and_report
+
+
+def rank_env(env: dict[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
+    """``env`` plus what torchrun sets for the worker with global rank ``rank`` on one node."""
+    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str], cwd: Path | str,
+             timeout: float, port: int) -> subprocess.CompletedProcess:
+    """Run ``script`` as one plain process (``nproc`` 1) or ``nproc`` ranks; wait at most ``timeout``.
+
+    Returns what ``subprocess.run(..., capture_output=True, text=True)`` would: the ranks'
+    stdout and stderr, each concatenated in rank order.
+    """
+    ctx = _forkserver()
+    command = ["forkrun", f"--nproc_per_node={nproc}", str(script), *args]
+    with tempfile.TemporaryDirectory(prefix="forkrun-") as logs:
+        ranks = []
+        for rank in range(nproc):
+            rank_vars = env if nproc == 1 else rank_env(env, rank, nproc, port)
+            paths = (f"{logs}/{rank}.out", f"{logs}/{rank}.err")
+            process = ctx.Process(target=_run_rank, args=(str(script), list(args), str(cwd), rank_vars, *paths),
+                                  daemon=True)
+            process.start()
+            ranks.append((process, paths))
+        deadline = time.monotonic() + timeout
+        timed_out, failed_at = False, None
+        while any(p.is_alive() for p, _ in ranks):
+            if failed_at is None and any(p.exitcode not in (None, 0) for p, _ in ranks):
+                failed_at = time.monotonic()  # torchrun stops the others when one fails
+                _signal_alive(ranks, signal.SIGTERM)
+            if failed_at is not None and time.monotonic() > failed_at + STOP_GRACE_S:
+                _signal_alive(ranks, signal.SIGKILL)
+            if time.monotonic() > deadline:
+                timed_out = True
+                _signal_alive(ranks, signal.SIGKILL)
+            multiprocessing.connection.wait([p.sentinel for p, _ in ranks if p.is_alive()], timeout=0.05)
+        for process, _ in ranks:
+            process.join()
+        stdout = "".join(_read(out) for _, (out, _) in ranks)
+        stderr = "".join(_read(err) for _, (_, err) in ranks)
+    if timed_out:
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
+    codes = [process.exitcode for process, _ in ranks]
+    code = codes[0] if nproc == 1 else int(any(codes))
+    return subprocess.CompletedProcess(command, code, stdout, stderr)
+
+
+def _read(path: str) -> str:
+    """A rank's captured output; empty if the rank died before it could open the file."""
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _signal_alive(ranks, sig: signal.Signals) -> None:
+    for process, _ in ranks:
+        if process.is_alive():
+            try:
+                os.kill(process.pid, sig)
+            except ProcessLookupError:
+                pass

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,14 +78,19 @@ def metric_of(program: str, summary: dict) -> float:
     return summary["test_accuracy"]
 
 
-def run_program(program: str, mode: str, cfg: argparse.Namespace) -> Row:
+# How a command is run: subprocess.run's signature. The test suite passes a stand-in that forks
+# the program instead of starting a fresh interpreter (tests/test_gpu_check.py).
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = subprocess.run) -> Row:
     out = cfg.runs / f"{program}-{mode}"
     args = ["--data-dir", str(cfg.data_dir), "--out-dir", str(out), "--device", cfg.device,
             *PROGRAM_ARGS[program], *(QUICK_ARGS[program] if cfg.quick else [])]
     started = time.time()
     try:
-        result = subprocess.run(command(program, mode, args), cwd=REPO, env=_env(), text=True,
-                                capture_output=True, timeout=cfg.timeout)
+        result = run(command(program, mode, args), cwd=REPO, env=_env(), text=True,
+                     capture_output=True, timeout=cfg.timeout)
     except subprocess.TimeoutExpired:
         return Row(program, mode, None, time.time() - started, None, None, False,
                    f"timed out after {cfg.timeout:.0f}s")
@@ -106,15 +112,14 @@ def run_program(program: str, mode: str, cfg: argparse.Namespace) -> Row:
                passed, note)
 
 
-def run_bench(cfg: argparse.Namespace) -> Row:
+def run_bench(cfg: argparse.Namespace, run: Runner = subprocess.run) -> Row:
     args = [sys.executable, str(REPO / "bench" / "bench.py"), "--data-dir", str(cfg.data_dir),
             "--device", cfg.device, "--world-sizes", "1", "--tables", "throughput",
             "--out", str(cfg.runs / "bench")]
     if cfg.quick:
         args += ["--programs", "synthetic", "--steps", "3", "--warmup", "1"]  # no dataset needed
     started = time.time()
-    result = subprocess.run(args, cwd=REPO, env=_env(), text=True, capture_output=True,
-                            timeout=cfg.timeout)
+    result = run(args, cwd=REPO, env=_env(), text=True, capture_output=True, timeout=cfg.timeout)
     wall = time.time() - started
     (cfg.runs / "bench.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
@@ -185,15 +190,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run: Runner = subprocess.run) -> int:
+    """Run every row with ``run`` (``subprocess.run`` unless a test passes its own), write the report."""
     cfg = parse_args(argv)
     cfg.runs.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []
     for program in cfg.programs.split(","):
         for mode in MODES:
-            rows.append(run_program(program, mode, cfg))
+            rows.append(run_program(program, mode, cfg, run))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    rows.append(run_bench(cfg))
+    rows.append(run_bench(cfg, run))
     text = report(rows, cfg, time.time() - started)
     cfg.report.parent.mkdir(parents=True, exist_ok=True)
     cfg.report.write_text(text)

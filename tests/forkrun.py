@@ -36,6 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
+from common.launch import free_port
+
 PRELOAD = ["tests.forkrun_preload"]  # imported once by the server; a rank imports the rest itself
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL for the ranks still running after a failure
 _context = None
@@ -102,18 +104,20 @@ def rank_env(env: dict[str, str], rank: int, nproc: int, port: int) -> dict[str,
 
 
 def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str], cwd: Path | str,
-             timeout: float, port: int) -> subprocess.CompletedProcess:
-    """Run ``script`` as one plain process (``nproc`` 1) or ``nproc`` ranks; wait at most ``timeout``.
+             timeout: float, port: int, torchrun: bool | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` as ``nproc`` ranks with torchrun's environment, or as one plain process
+    (``torchrun`` False, the default for ``nproc`` 1); wait at most ``timeout`` seconds.
 
     Returns what ``subprocess.run(..., capture_output=True, text=True)`` would: the ranks'
     stdout and stderr, each concatenated in rank order.
     """
+    torchrun = nproc > 1 if torchrun is None else torchrun
     ctx = _forkserver()
     command = ["forkrun", f"--nproc_per_node={nproc}", str(script), *args]
     with tempfile.TemporaryDirectory(prefix="forkrun-") as logs:
         ranks = []
         for rank in range(nproc):
-            rank_vars = env if nproc == 1 else rank_env(env, rank, nproc, port)
+            rank_vars = rank_env(env, rank, nproc, port) if torchrun else env
             paths = (f"{logs}/{rank}.out", f"{logs}/{rank}.err")
             process = ctx.Process(target=_run_rank, args=(str(script), list(args), str(cwd), rank_vars, *paths),
                                   daemon=True)
@@ -138,8 +142,28 @@ def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str
     if timed_out:
         raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr)
     codes = [process.exitcode for process, _ in ranks]
-    code = codes[0] if nproc == 1 else int(any(codes))
+    code = int(any(codes)) if torchrun else codes[0]
     return subprocess.CompletedProcess(command, code, stdout, stderr)
+
+
+def fork_command(cmd: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float,
+                 **_: object) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, ...)`` for a program's command line, with the ranks forked.
+
+    ``cmd`` is ``python SCRIPT ARGS...`` or ``python -m torch.distributed.run OPTIONS SCRIPT
+    ARGS...``; torchrun's options are read by torchrun's own parser, so one it would refuse fails
+    here too. Only what this module emulates is accepted: one node, no restarts.
+    """
+    if cmd[1:3] != ["-m", "torch.distributed.run"]:
+        return fork_run(cmd[1], cmd[2:], 1, env, cwd, timeout, free_port())
+    from torch.distributed.run import get_args_parser, parse_min_max_nnodes
+
+    options = get_args_parser().parse_args(cmd[3:])
+    if parse_min_max_nnodes(options.nnodes) != (1, 1) or options.max_restarts:
+        raise ValueError(f"forkrun runs one node without restarts, not: {' '.join(cmd)}")
+    nproc = int(options.nproc_per_node)
+    return fork_run(options.training_script, options.training_script_args, nproc, env, cwd, timeout,
+                    free_port(), torchrun=True)
 
 
 def _read(path: str) -> str:

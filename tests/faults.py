@@ -136,17 +136,36 @@ def finish_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[tuple[in
     return results
 
 
-def kill_a_node_worker(script: str, args_per_node: list[list[str]], kill_rank: int,
-                       checkpoint_dirs: list[Path], timeout: float = 180) -> dict:
-    """Two nodes train with ``--max-restarts=1 --resume``; SIGKILL the worker holding global
-    rank ``kill_rank`` once the first checkpoint appears in any of ``checkpoint_dirs``; return
-    the seconds from the kill to the end of the job and each node's exit code and stderr.
+def kill_node_workers(script: str, args_per_node: list[list[str]], kill_ranks: list[int],
+                      checkpoint_dirs: list[Path], timeout: float = 180) -> dict:
+    """Two nodes train with ``--max-restarts=len(kill_ranks) --resume``; SIGKILL the worker
+    holding global rank ``kill_ranks[0]`` once the first checkpoint appears in any of
+    ``checkpoint_dirs``, then each next rank once the restarted job has written a checkpoint
+    of its own; return the seconds from the last kill to the end of the job and each node's
+    exit code and stderr.
     """
-    nodes = start_nodes(script, [[*args, "--resume"] for args in args_per_node])
+    nodes = start_nodes(script, [[*args, "--resume"] for args in args_per_node],
+                        max_restarts=len(kill_ranks))
     deadline = time.time() + timeout
-    wait_for(lambda: any((d / "checkpoint.pt").exists() for d in checkpoint_dirs), nodes, deadline,
-             "a first checkpoint")
-    os.kill(worker_with_rank(nodes, kill_rank), signal.SIGKILL)
-    killed_at = time.time()
+    checkpoints = [d / "checkpoint.pt" for d in checkpoint_dirs]
+    wait_for(lambda: any(c.exists() for c in checkpoints), nodes, deadline, "a first checkpoint")
+    for i, rank in enumerate(kill_ranks):
+        if i:  # a restarted worker holds the rank, and the restarted job has saved since
+            wait_for(lambda: _rank_pid(nodes, rank) not in killed_group | {None}, nodes, deadline,
+                     f"a restart before killing rank {rank}")
+            restarted_at = time.time()
+            wait_for(lambda: any(c.exists() and c.stat().st_mtime > restarted_at for c in checkpoints),
+                     nodes, deadline, f"a checkpoint of the restarted job before killing rank {rank}")
+        killed_group = {pid for node in nodes for pid in worker_pids(node.pid)}
+        os.kill(worker_with_rank(nodes, rank), signal.SIGKILL)
+        killed_at = time.time()
     results = finish_nodes(nodes, deadline - time.time())
     return {"recovery_s": time.time() - killed_at, "results": results}
+
+
+def _rank_pid(nodes: list[subprocess.Popen], rank: int) -> int | None:
+    """The pid holding global ``rank`` right now, or None between attempts."""
+    try:
+        return worker_with_rank(nodes, rank)
+    except AssertionError:
+        return None

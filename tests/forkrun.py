@@ -96,17 +96,23 @@ def _report_imports_at_exit(path: str) -> None:
     os._exit = exit_and_report
 
 
-def rank_env(env: dict[str, str], rank: int, nproc: int, port: int) -> dict[str, str]:
-    """``env`` plus what torchrun sets for the worker with global rank ``rank`` on one node."""
-    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port)}
+def rank_env(env: dict[str, str], rank: int, nproc: int, port: int, nodes: int = 1) -> dict[str, str]:
+    """``env`` plus what torchrun sets for the worker with global rank ``rank`` of ``nproc``,
+    the ranks spread evenly over ``nodes`` nodes in order (ranks 0..k-1 on node 0, and so on)."""
+    per_node = nproc // nodes
+    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank % per_node), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(rank // per_node),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str], cwd: Path | str,
-             timeout: float, port: int, torchrun: bool | None = None) -> subprocess.CompletedProcess:
+             timeout: float, port: int, torchrun: bool | None = None,
+             nodes: int = 1) -> subprocess.CompletedProcess:
     """Run ``script`` as ``nproc`` ranks with torchrun's environment, or as one plain process
     (``torchrun`` False, the default for ``nproc`` 1); wait at most ``timeout`` seconds.
+
+    ``nodes`` > 1 gives the ranks the environment of as many torchrun agents on separate hosts
+    (``LOCAL_WORLD_SIZE`` ``nproc // nodes``, so each also takes that node's share of threads).
 
     Returns what ``subprocess.run(..., capture_output=True, text=True)`` would: the ranks'
     stdout and stderr, each concatenated in rank order.
@@ -117,7 +123,7 @@ def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str
     with tempfile.TemporaryDirectory(prefix="forkrun-") as logs:
         ranks = []
         for rank in range(nproc):
-            rank_vars = rank_env(env, rank, nproc, port) if torchrun else env
+            rank_vars = rank_env(env, rank, nproc, port, nodes) if torchrun else env
             paths = (f"{logs}/{rank}.out", f"{logs}/{rank}.err")
             process = ctx.Process(target=_run_rank, args=(str(script), list(args), str(cwd), rank_vars, *paths),
                                   daemon=True)

@@ -24,16 +24,18 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                env: dict[str, str] | None = None, nodes: int = 1) -> subprocess.CompletedProcess:
     """Run ``script`` (a path relative to the repo) as 1 plain process or ``nproc`` ranks.
 
     The ranks are forked with torchrun's environment by tests/forkrun.py, which starts them
     in a fraction of the ~13 CPU-seconds a real torchrun launch costs here; ``nproc=1`` gets no
     torchrun variables (the single-process path). Returns the completed process (stdout and
     stderr captured); raises ``subprocess.TimeoutExpired`` on timeout, which is how a hang
-    shows up in a test. Tests of torchrun itself use :func:`run_torchrun`.
+    shows up in a test. ``nodes`` > 1 spreads the ranks over as many emulated hosts (their
+    environment only). Tests of torchrun itself use :func:`run_torchrun`.
     """
-    return forkrun.fork_run(REPO / script, args, nproc, child_env(env), REPO, timeout, free_port())
+    return forkrun.fork_run(REPO / script, args, nproc, child_env(env), REPO, timeout, free_port(),
+                            nodes=nodes)
 
 
 def run_torchrun(script: str, args: list[str], nproc: int = 1, timeout: float = 120,

@@ -1,5 +1,8 @@
 """Pre-emption: SIGTERM to torchrun's agent mid-epoch; the job checkpoints the step and leaves
-within 30 s, and ``--resume`` ends exactly where an uninterrupted run ends."""
+within 30 s, and ``--resume`` ends exactly where an uninterrupted run ends.
+
+Each program's job is first hit by a SIGKILLed worker that torchrun restarts (--max-restarts=1),
+then pre-empted: one launch checks both recoveries."""
 from __future__ import annotations
 
 import json
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from common.preempt import PREEMPTED_EXIT
-from tests.faults import run_and_terminate
+from tests.faults import kill_then_preempt
 from tests.launch import REPO, child_env, free_port, run_program
 
 
@@ -30,7 +33,7 @@ def _case(program: str, data_root):
 
         data.mkdir()
         write_partition(make_partition(3000, seed=3), data / TRAIN_FILE)
-        args = [*ANOMALY_SMALL, "--epochs", "4"]
+        args = [*ANOMALY_SMALL, "--epochs", "5"]
     elif program == "housing":
         data.mkdir()
         synthetic_frame().to_csv(data / "housing.csv", index=False)
@@ -39,7 +42,7 @@ def _case(program: str, data_root):
                 "--no-baselines"]
     else:
         make_folders(data)
-        args = [*CIFAR_SMALL, "--batch-size", "12", "--epochs", "4"]  # 10 steps an epoch
+        args = [*CIFAR_SMALL, "--batch-size", "12", "--epochs", "5"]  # 10 steps an epoch
     return ["--data-dir", str(data), *args]
 
 
@@ -50,11 +53,14 @@ def _metric(program: str, out) -> float:
 
 
 @pytest.mark.parametrize("program", ["housing", "cifar", "anomaly"])
-def test_sigterm_mid_epoch_checkpoints_the_step_and_resume_ends_identically(tmp_path, program):
+def test_killed_worker_then_sigterm_mid_epoch_and_resume_ends_identically(tmp_path, program):
     args = _case(program, tmp_path)
     out = tmp_path / "preempted"
-    # Into housing's second epoch (27 steps); the others' epochs are shorter than a delay.
-    stopped = run_and_terminate(f"{program}/train.py", args, out, delay_s=0.2 if program == "housing" else 0)
+    # SIGKILL rank 1 after the first checkpoint; once the restarted job has saved, SIGTERM into
+    # housing's next epoch (27 steps); the others' epochs are shorter than a delay.
+    stopped = kill_then_preempt(f"{program}/train.py", args, out, delay_s=0.2 if program == "housing" else 0)
+    # A worker failed (the survivor's collective broke when its peer died) and was restarted.
+    assert "failed (exitcode" in stopped["stderr"], stopped["stderr"][-3000:]
     assert stopped["exit_s"] < 30, stopped["stderr"][-3000:]
     # The workers exit PREEMPTED_EXIT; torchrun itself, having been signalled, ends with its own
     # SignalException (status 1) once they are gone.
@@ -75,8 +81,10 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resume_ends_identically(tmp_
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     straight_rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     loss = "train_loss"
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in straight_rows]
-    assert [r[loss] for r in rows] == [r[loss] for r in straight_rows]  # the split epoch's too
+    # No epoch logged twice after the restart or the resume, and every epoch's loss (the split
+    # epoch's too) is the uninterrupted run's.
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in straight_rows] == list(range(len(rows)))
+    assert [r[loss] for r in rows] == [r[loss] for r in straight_rows]
 
 
 def test_slurm_script_passes_the_warning_on_and_requeues(tmp_path):

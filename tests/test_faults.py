@@ -99,10 +99,10 @@ def test_restarted_nodes_form_a_group_whatever_each_agent_counted(tmp_path):
 def housing_two_nodes(tmp_path_factory):
     """Small housing data and the test metrics of the same two-node job run uninterrupted.
 
-    The reference has the two-node layout too (forked, tests/forkrun.py), not one node with 2
-    processes: each "node" here believes it owns the machine's cores (2 threads per worker
-    instead of 1), and float64 matmuls may round the last bit differently with another thread
-    count.
+    The reference has the two-node layout too (forked, tests/forkrun.py): each "node" here
+    believes it owns the machine's cores (2 threads per worker instead of 1). It must also equal
+    one node with 2 processes, as the multi-node recipe promises (float64 matmuls could round
+    the last bit differently with another thread count; they do not).
     """
     from tests.test_housing import TRAIN_ARGS, synthetic_frame
 
@@ -110,10 +110,16 @@ def housing_two_nodes(tmp_path_factory):
     (root / "data").mkdir()
     synthetic_frame().to_csv(root / "data" / "housing.csv", index=False)
     args = ["--data-dir", str(root / "data"), *TRAIN_ARGS, "--epochs", "12", "--patience", "100"]
-    straight = run_program("housing/train.py", [*args, "--out-dir", str(root / "straight")], nproc=2,
-                           nodes=2, timeout=180)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    return args, json.loads((root / "straight" / "summary.json").read_text())["test"]
+    tests = []
+    for nodes in (2, 1):
+        out = root / f"straight-{nodes}-nodes"
+        straight = run_program("housing/train.py", [*args, "--out-dir", str(out)], nproc=2, nodes=nodes,
+                               timeout=180)
+        assert straight.returncode == 0, straight.stderr[-3000:]
+        tests.append(json.loads((out / "summary.json").read_text())["test"])
+    # Two nodes end exactly where one node with 2 processes does (RMSE, MAE, R^2 and loss).
+    assert tests[0] == tests[1]
+    return args, tests[0]
 
 
 @pytest.mark.xdist_group("multinode")

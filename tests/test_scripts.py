@@ -1,13 +1,13 @@
-"""Launch scripts and the multi-node rehearsal: the recipes in the README, run for real."""
+"""Launch scripts: the recipes in the README, run for real. (Two torchrun "nodes" on this machine
+train housing in tests/test_faults.py, and end where one node does.)"""
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.launch import REPO, child_env, free_port, run_program
+from tests.launch import REPO, child_env
 
 SCRIPTS = REPO / "scripts"
 
@@ -71,37 +71,6 @@ def test_cpu_script_runs_end_to_end(tmp_path):
                      env={"NPROC": "2"})
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
-
-
-def two_node_rehearsal(script: str, args: list[str], timeout: float = 180) -> None:
-    """Two torchrun "nodes" (1 process each) on this machine, joined by c10d rendezvous."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=rehearsal",
-           str(REPO / script), *args]
-    nodes = [subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [node.communicate(timeout=timeout) for node in nodes]
-    for node, (_, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err[-3000:]
-
-
-def test_two_node_rehearsal_trains_housing_like_one_node(tmp_path):
-    """Two torchrun "nodes" train housing together and land exactly where one node does."""
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
-
-    (tmp_path / "data").mkdir()
-    synthetic_frame().to_csv(tmp_path / "data" / "housing.csv", index=False)
-    args = ["--data-dir", str(tmp_path / "data"), *TRAIN_ARGS]
-    two_node_rehearsal("housing/train.py", [*args, "--out-dir", str(tmp_path / "nodes")])
-    # One node with 2 processes, as scripts/run_cpu.sh runs it (that script has its own test).
-    single = run_program("housing/train.py", [*args, "--device", "cpu", "--out-dir", str(tmp_path / "single")],
-                         nproc=2)
-    assert single.returncode == 0, single.stderr[-3000:]
-    nodes = json.loads((tmp_path / "nodes" / "summary.json").read_text())
-    one = json.loads((tmp_path / "single" / "summary.json").read_text())
-    assert nodes["world_size"] == one["world_size"] == 2
-    assert nodes["test"] == one["test"]  # RMSE, MAE, R^2 and loss, exactly
 
 
 def test_get_data_finds_what_is_there_and_explains_what_is_not(tmp_path):

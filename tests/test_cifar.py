@@ -1,4 +1,5 @@
-"""cifar/: data sources and cache, augmentation, models, exact evaluation, clear failures.
+"""cifar/: data sources and cache, exact evaluation, real runs, clear failures (augmentation and
+models: tests/test_cifar_model.py).
 
 Real multi-process runs use tiny synthetic class-folder datasets (3 classes of 32x32 PNGs) and a
 narrow network, so the whole file runs in well under a minute on 2 cores.
@@ -21,7 +22,6 @@ import torch
 from PIL import Image
 
 from cifar import data as cdata
-from cifar.model import AirNet, resnet18
 from common.errors import UserError
 from common.report import tensorboard_available
 from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
@@ -174,46 +174,6 @@ def test_bad_folders_name_file_and_expectation(folders: Path, damage: str, expec
     assert "\n" not in str(info.value)
     if damage in ("truncate", "size"):
         assert str(victim) in str(info.value)
-
-
-def test_augment_is_seeded_and_switchable() -> None:
-    x = torch.randn(6, 3, 32, 32)
-    def run(aug: cdata.Augment, seed: int = 0) -> torch.Tensor:
-        return cdata.augment(x, aug, torch.Generator().manual_seed(seed))
-    full = cdata.Augment(translate=2, flip=True, cutout=8)
-    assert torch.equal(run(full), run(full)) and not torch.equal(run(full), run(full, 1))
-    assert torch.equal(run(cdata.Augment(0, False, 0)), x)
-    cut = run(cdata.Augment(0, False, 8))
-    assert ((cut == 0).flatten(1).sum(1) > 0).all()
-    shifted = run(cdata.Augment(2, False, 0))
-    assert shifted.shape == x.shape
-
-
-# --------------------------------------------------------------------------- models
-
-def test_airnet_shapes_and_whitening() -> None:
-    model = AirNet((8, 16, 16), depth=3, num_classes=3)
-    images = torch.randn(40, 3, 32, 32)
-    model.init_whitening(images)
-    assert model(images[:5]).shape == (5, 3)
-    assert not model.whiten.weight.requires_grad
-
-
-def test_resnet18_weights_from_file_and_clear_errors(tmp_path: Path) -> None:
-    from torchvision.models import resnet18 as tv_resnet18
-
-    path = tmp_path / "resnet18.pth"
-    reference = tv_resnet18()
-    torch.save(reference.state_dict(), path)
-    model = resnet18(3, str(path))
-    assert torch.equal(model.conv1.weight, reference.conv1.weight)
-    assert model.fc.out_features == 3
-    with pytest.raises(UserError, match="no such file"):
-        resnet18(10, str(tmp_path / "missing.pth"))
-    torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(UserError, match="not a torchvision ResNet-18"):
-        resnet18(10, str(tmp_path / "wrong.pth"))
-    assert resnet18(10, "none").fc.out_features == 10
 
 
 # --------------------------------------------------------------------------- real runs

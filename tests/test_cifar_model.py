@@ -1,0 +1,49 @@
+"""cifar/: GPU-style augmentation and the models, in-process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar import data as cdata
+from cifar.model import AirNet, resnet18
+from common.errors import UserError
+
+
+def test_augment_is_seeded_and_switchable() -> None:
+    x = torch.randn(6, 3, 32, 32)
+    def run(aug: cdata.Augment, seed: int = 0) -> torch.Tensor:
+        return cdata.augment(x, aug, torch.Generator().manual_seed(seed))
+    full = cdata.Augment(translate=2, flip=True, cutout=8)
+    assert torch.equal(run(full), run(full)) and not torch.equal(run(full), run(full, 1))
+    assert torch.equal(run(cdata.Augment(0, False, 0)), x)
+    cut = run(cdata.Augment(0, False, 8))
+    assert ((cut == 0).flatten(1).sum(1) > 0).all()
+    shifted = run(cdata.Augment(2, False, 0))
+    assert shifted.shape == x.shape
+
+
+def test_airnet_shapes_and_whitening() -> None:
+    model = AirNet((8, 16, 16), depth=3, num_classes=3)
+    images = torch.randn(40, 3, 32, 32)
+    model.init_whitening(images)
+    assert model(images[:5]).shape == (5, 3)
+    assert not model.whiten.weight.requires_grad
+
+
+def test_resnet18_weights_from_file_and_clear_errors(tmp_path: Path) -> None:
+    from torchvision.models import resnet18 as tv_resnet18
+
+    path = tmp_path / "resnet18.pth"
+    reference = tv_resnet18()
+    torch.save(reference.state_dict(), path)
+    model = resnet18(3, str(path))
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc.out_features == 3
+    with pytest.raises(UserError, match="no such file"):
+        resnet18(10, str(tmp_path / "missing.pth"))
+    torch.save({"nope": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(UserError, match="not a torchvision ResNet-18"):
+        resnet18(10, str(tmp_path / "wrong.pth"))
+    assert resnet18(10, "none").fc.out_features == 10

@@ -39,13 +39,21 @@ def kill_then_preempt(script: str, args: list[str], out_dir: Path, nproc: int = 
     wait_for(lambda: len(set(worker_pids(agent.pid)) - set(killed_group)) == nproc, [agent], deadline,
              "the restarted workers")
     restarted_at = time.time()
-    wait_for(lambda: checkpoint.exists() and checkpoint.stat().st_mtime > restarted_at, [agent], deadline,
-             "a checkpoint of the restarted job")
+    wait_for(lambda: _mtime(checkpoint) > restarted_at, [agent], deadline, "a checkpoint of the restarted job")
     time.sleep(delay_s)
     agent.send_signal(signal.SIGTERM)
     sent = time.time()
     out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
     return {"returncode": agent.returncode, "exit_s": time.time() - sent, "stdout": out, "stderr": err}
+
+
+def _mtime(path: Path) -> float:
+    """``path``'s modification time, 0 while it is missing (a checkpoint is briefly absent
+    between the two renames that rotate it, common/checkpoint.py)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def truncate(path: Path) -> None:
@@ -130,8 +138,8 @@ def kill_node_workers(script: str, args_per_node: list[list[str]], kill_ranks: l
             wait_for(lambda: _rank_pid(nodes, rank) not in killed_group | {None}, nodes, deadline,
                      f"a restart before killing rank {rank}")
             restarted_at = time.time()
-            wait_for(lambda: any(c.exists() and c.stat().st_mtime > restarted_at for c in checkpoints),
-                     nodes, deadline, f"a checkpoint of the restarted job before killing rank {rank}")
+            wait_for(lambda: any(_mtime(c) > restarted_at for c in checkpoints), nodes, deadline,
+                     f"a checkpoint of the restarted job before killing rank {rank}")
         killed_group = {pid for node in nodes for pid in worker_pids(node.pid)}
         os.kill(worker_with_rank(nodes, rank), signal.SIGKILL)
         killed_at = time.time()

@@ -27,8 +27,8 @@ from common.metrics import gather_tensors
 from common.parallel import local_copy
 from common.report import RunRecorder, get_logger
 from housing import data as hdata
-from housing.train import (GLOBAL_BATCH, Config, add_model_args, build_data, config_from_args, evaluate, fit,
-                           this_process_only)
+from housing.train import (GLOBAL_BATCH, PEAK_LR, Config, add_model_args, build_data, config_from_args, evaluate,
+                           fit, this_process_only)
 
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/features.py --data-dir ../shared/data --out-dir runs/housing-features
@@ -38,7 +38,7 @@ EXAMPLE = """example:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, int, list[int]]:
     parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=GLOBAL_BATCH,
-                         lr=4e-3, data_dir="data", out_dir="runs/housing-features")
+                         lr=PEAK_LR, data_dir="data", out_dir="runs/housing-features")
     add_model_args(parser)
     parser.add_argument("--repeats", type=int, default=3, help="shuffles per group (permutation importance)")
     parser.add_argument("--subset-sizes", default="3,5,7,9,11,13,all",

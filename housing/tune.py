@@ -21,8 +21,8 @@ from common.errors import UserError, run_main
 from common.metrics import gather_tensors
 from common.report import RunRecorder, get_logger
 from housing import report
-from housing.train import (GLOBAL_BATCH, Config, add_model_args, build_data, config_from_args, evaluate, fit,
-                           this_process_only)
+from housing.train import (GLOBAL_BATCH, PEAK_LR, Config, add_model_args, build_data, config_from_args, evaluate,
+                           fit, this_process_only)
 
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/tune.py --data-dir ../shared/data --out-dir runs/housing-tune
@@ -65,7 +65,7 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[dict[str, Any]]]:
     parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=60, batch_size=GLOBAL_BATCH,
-                         lr=4e-3, data_dir="data", out_dir="runs/housing-tune")
+                         lr=PEAK_LR, data_dir="data", out_dir="runs/housing-tune")
     add_model_args(parser)
     parser.add_argument("--grid", default=DEFAULT_GRID,
                         help="space-separated NAME=V1,V2,... axes; every combination is trained")

@@ -36,15 +36,26 @@ def kill_then_preempt(script: str, args: list[str], out_dir: Path, nproc: int = 
     killed_group = worker_pids(agent.pid)
     assert len(killed_group) == nproc, f"expected {nproc} workers, found {killed_group}"
     os.kill(killed_group[-1], signal.SIGKILL)
-    wait_for(lambda: len(set(worker_pids(agent.pid)) - set(killed_group)) == nproc, [agent], deadline,
-             "the restarted workers")
-    restarted_at = time.time()
-    wait_for(lambda: _mtime(checkpoint) > restarted_at, [agent], deadline, "a checkpoint of the restarted job")
+    wait_for_restart_and_save([agent], killed_group, nproc, [checkpoint], deadline)
     time.sleep(delay_s)
     agent.send_signal(signal.SIGTERM)
     sent = time.time()
     out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
     return {"returncode": agent.returncode, "exit_s": time.time() - sent, "stdout": out, "stderr": err}
+
+
+def wait_for_restart_and_save(agents: list[subprocess.Popen], killed_group: list[int], workers: int,
+                              checkpoints: list[Path], deadline: float) -> None:
+    """Wait until torchrun has replaced every worker of ``killed_group`` (``workers`` new
+    processes under ``agents``), then until the restarted job has written one of ``checkpoints``."""
+    def restarted() -> bool:
+        pids = [pid for agent in agents for pid in worker_pids(agent.pid)]
+        return len(pids) == workers and not set(pids) & set(killed_group)
+
+    wait_for(restarted, agents, deadline, "the restarted workers")
+    restarted_at = time.time()
+    wait_for(lambda: any(_mtime(c) > restarted_at for c in checkpoints), agents, deadline,
+             "a checkpoint of the restarted job")
 
 
 def _mtime(path: Path) -> float:
@@ -133,23 +144,12 @@ def kill_node_workers(script: str, args_per_node: list[list[str]], kill_ranks: l
     deadline = time.time() + timeout
     checkpoints = [d / "checkpoint.pt" for d in checkpoint_dirs]
     wait_for(lambda: any(c.exists() for c in checkpoints), nodes, deadline, "a first checkpoint")
-    for i, rank in enumerate(kill_ranks):
-        if i:  # a restarted worker holds the rank, and the restarted job has saved since
-            wait_for(lambda: _rank_pid(nodes, rank) not in killed_group | {None}, nodes, deadline,
-                     f"a restart before killing rank {rank}")
-            restarted_at = time.time()
-            wait_for(lambda: any(_mtime(c) > restarted_at for c in checkpoints), nodes, deadline,
-                     f"a checkpoint of the restarted job before killing rank {rank}")
-        killed_group = {pid for node in nodes for pid in worker_pids(node.pid)}
+    killed_group: list[int] = []
+    for rank in kill_ranks:
+        if killed_group:  # every worker is a restarted one, and the restarted job has saved since
+            wait_for_restart_and_save(nodes, killed_group, len(nodes), checkpoints, deadline)
+        killed_group = [pid for node in nodes for pid in worker_pids(node.pid)]
         os.kill(worker_with_rank(nodes, rank), signal.SIGKILL)
         killed_at = time.time()
     results = finish_nodes(nodes, deadline - time.time())
     return {"recovery_s": time.time() - killed_at, "results": results}
-
-
-def _rank_pid(nodes: list[subprocess.Popen], rank: int) -> int | None:
-    """The pid holding global ``rank`` right now, or None between attempts."""
-    try:
-        return worker_with_rank(nodes, rank)
-    except AssertionError:
-        return None

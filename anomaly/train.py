@@ -42,7 +42,7 @@ from common.evaluation import run_eval_only
 from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
-from common.report import RunRecorder, get_logger, progress
+from common.report import RunRecorder, get_logger, optional_extra, progress
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 
@@ -301,17 +301,22 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                "samples_per_s": trained_rows / train_time if train_time else None,
                "memory_per_rank": memory_per_rank(model, optimizer),
                "wall_time_s": time.time() - start}
-    net = local_copy(model)  # every rank: a collective under FSDP
+    net = local_copy(model)  # every rank: a collective under FSDP, the last one of the run
+    recorder.write_summary(summary, cfg)  # the results reach disk before any extra
     if dist.is_main:
-        from anomaly import plots  # matplotlib loads only on the rank that draws, at the end
-
         write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, result["thresholds"])
-        plots.training_plots(recorder.plots_dir, rows, result["val_scores"].numpy(),
-                             data.y["val"].numpy(), result["test_scores"].numpy(), splits, result["test"],
-                             result["per_attack_cat"], cfg.detector)
-    recorder.write_summary(summary, cfg)
+        optional_extra("plots", lambda: draw_plots(recorder.plots_dir, rows, result, data, cfg), log)
     log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
     return summary
+
+
+def draw_plots(plots_dir, rows: list[dict], result: dict, data: Data, cfg: Config) -> None:
+    """The training curves and score plots (rank 0; matplotlib loads only here, at the end)."""
+    from anomaly import plots
+
+    plots.training_plots(plots_dir, rows, result["val_scores"].numpy(), data.y["val"].numpy(),
+                         result["test_scores"].numpy(), data.splits, result["test"],
+                         result["per_attack_cat"], cfg.detector)
 
 
 def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:

@@ -29,7 +29,7 @@ from common.errors import FiniteLossWatch, UserError, run_main
 from common.evaluation import run_eval_only
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
-from common.report import RunRecorder, get_logger, progress
+from common.report import RunRecorder, get_logger, optional_extra, progress
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 
@@ -388,9 +388,10 @@ def main() -> None:
             "memory_per_rank": memory_per_rank(model, optimizer),
             "checkpoint": state.get("loaded_from") if state else None,
         }
-        recorder.write_summary(summary, cfg)
-        if dist.is_main:
-            plot_run(recorder.read_metrics(), final, data.classes, recorder.plots_dir, meta["arch"])
+        recorder.write_summary(summary, cfg)  # the results reach disk before any extra
+        if dist.is_main:  # after the last collective: no rank waits on the plots
+            optional_extra("plots", lambda: plot_run(recorder.read_metrics(), final, data.classes,
+                                                     recorder.plots_dir, meta["arch"]), log)
         log.info("test accuracy %.4f (%d images%s), wall %.1f s, %.0f train images/s -> %s",
                  final["test_accuracy"], final["test_images"], ", flip TTA" if cfg.tta else "",
                  wall_s, summary["images_per_s"] or 0, cfg.out_dir)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -45,6 +45,23 @@ def progress(iterable: Iterable[T], dist: DistInfo, total: int | None = None,
     disable = not dist.is_main or os.environ.get("NO_PROGRESS") == "1"
     return iter(tqdm(iterable, total=total, desc=desc, disable=disable, leave=False,
                      mininterval=2.0, dynamic_ncols=True))
+
+
+def optional_extra(what: str, fn: Callable[[], T], log: logging.Logger) -> T | None:
+    """Run work that only adds to a finished run (plots, baselines) and return its result; on
+    failure log one warning naming ``what`` and return None.
+
+    Call it on one rank, after the run's last collective and after its results are written:
+    no peer then waits on the extra (a slow fit cannot time out a collective), and a crash in
+    it neither costs the results nor fails the job (torchrun would restart a finished run and
+    meet the same crash again).
+    """
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 - an extra must never cost the run its exit status
+        log.warning("%s failed, the run's results are unaffected: %s: %s", what,
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

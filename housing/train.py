@@ -20,13 +20,13 @@ from common.checkpoint import config_dict, load_model_state, require_keys, save_
 from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, agreed, broadcast_object, distributed
+from common.dist import DistInfo, agreed, distributed
 from common.errors import UserError, ensure_finite, run_main
 from common.evaluation import run_eval_only
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
 from common.preempt import EpochProgress, Preemption, progress_from
-from common.report import RunRecorder, get_logger
+from common.report import RunRecorder, get_logger, optional_extra
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 from housing import data as hdata
@@ -376,23 +376,26 @@ def main() -> None:
 
         from housing import report  # matplotlib / baselines load only once training is done
 
-        # The last rank fits the baselines while rank 0 draws the plots.
-        baselines = None
-        if cfg.baselines and dist.rank == dist.world_size - 1:
-            baselines = report.run_baselines(data, cfg.seed)
-        if dist.is_main:
-            report.plot_all(recorder.read_metrics(), data.test, predictions, recorder.plots_dir)
-        if cfg.baselines:
-            baselines = broadcast_object(baselines, dist, src=dist.world_size - 1)
         wall = time.time() - started
         summary = {"test": test, "best_epoch": stopper.best_epoch, "best_val_rmse": stopper.best_rmse,
-                   "epochs_run": epochs_run, "baselines": baselines, "wall_time_s": wall,
+                   "epochs_run": epochs_run, "baselines": None, "wall_time_s": wall,
                    "train_time_s": train_s,
                    "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9),
                    "memory_per_rank": memory_per_rank(model, optimizer)}
-        recorder.write_summary(summary, cfg)
-        recorder.write_text("results.md", report.results_table(test, baselines, cfg.arch))
-        log.info(f"wrote {cfg.out_dir}/summary.json, results.md and plots/ in {wall:.1f}s")
+        recorder.write_summary(summary, cfg)  # the results reach disk before any extra
+        recorder.write_text("results.md", report.results_table(test, None, cfg.arch))
+        log.info(f"wrote {cfg.out_dir}/summary.json and results.md in {wall:.1f}s")
+        # The extras run on rank 0 after the last collective: no rank waits on them.
+        if dist.is_main:
+            optional_extra("plots", lambda: report.plot_all(recorder.read_metrics(), data.test, predictions,
+                                                            recorder.plots_dir), log)
+            baselines = None
+            if cfg.baselines:
+                baselines = optional_extra("baselines", lambda: report.run_baselines(data, cfg.seed), log)
+            if baselines is not None:
+                recorder.write_summary({**summary, "baselines": baselines}, cfg)
+                recorder.write_text("results.md", report.results_table(test, baselines, cfg.arch))
+            log.info(f"wrote plots/{' and baselines' if baselines else ''} in {time.time() - started - wall:.1f}s")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from common.cli import make_parser
-from common.dist import DistInfo, broadcast_object, distributed
+from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.metrics import gather_tensors
-from common.report import RunRecorder, get_logger
+from common.report import RunRecorder, get_logger, optional_extra
 from housing import report
 from housing.train import (GLOBAL_BATCH, PEAK_LR, Config, add_model_args, build_data, config_from_args, evaluate,
                            fit, this_process_only)
@@ -119,21 +119,29 @@ def main() -> None:
         best_cfg = replace(cfg, **best)
         model, stopper = fit(best_cfg, data, dist)
         test = evaluate(model, data.test, data, dist)  # the one and only look at the test split
-        baselines = report.run_baselines(data, cfg.seed) if dist.rank == dist.world_size - 1 else None
-        baselines = broadcast_object(baselines, dist, src=dist.world_size - 1)
-        text = ["# Grid search: housing MLP", "",
-                f"{len(points)} configurations, each trained for up to {cfg.epochs} epochs with "
-                f"early stopping (patience {cfg.patience}), global batch {cfg.batch_size} unless "
-                f"the grid sets it; ranked by validation RMSE. Spread over {dist.world_size} "
-                f"process(es).", "", grid_table(points, results, dist.world_size), "",
-                f"Best configuration {best}, retrained on {dist.world_size} process(es) "
-                f"(val RMSE ${stopper.best_rmse:,.0f}), evaluated once on test:", "",
-                report.results_table(test, baselines, best_cfg.arch).split("\n", 2)[2]]
-        recorder.write_text("tune.md", "\n".join(text))
-        recorder.write_summary({"best": best, "best_val_rmse": stopper.best_rmse, "test": test,
-                                "baselines": baselines, "grid": points,
-                                "results": results.tolist(), "wall_time_s": time.time() - started},
-                               cfg)
+        wall = time.time() - started
+
+        def write_results(baselines: dict | None) -> None:
+            """tune.md and summary.json, without the baselines at first, then with them."""
+            text = ["# Grid search: housing MLP", "",
+                    f"{len(points)} configurations, each trained for up to {cfg.epochs} epochs with "
+                    f"early stopping (patience {cfg.patience}), global batch {cfg.batch_size} unless "
+                    f"the grid sets it; ranked by validation RMSE. Spread over {dist.world_size} "
+                    f"process(es).", "", grid_table(points, results, dist.world_size), "",
+                    f"Best configuration {best}, retrained on {dist.world_size} process(es) "
+                    f"(val RMSE ${stopper.best_rmse:,.0f}), evaluated once on test:", "",
+                    report.results_table(test, baselines, best_cfg.arch).split("\n", 2)[2]]
+            recorder.write_text("tune.md", "\n".join(text))
+            recorder.write_summary({"best": best, "best_val_rmse": stopper.best_rmse, "test": test,
+                                    "baselines": baselines, "grid": points,
+                                    "results": results.tolist(), "wall_time_s": wall}, cfg)
+
+        write_results(None)  # the results reach disk before the extra
+        # The baselines: rank 0 alone, after the last collective, so no rank waits on them.
+        if dist.is_main:
+            baselines = optional_extra("baselines", lambda: report.run_baselines(data, cfg.seed), log)
+            if baselines is not None:
+                write_results(baselines)
         log.info(f"test RMSE ${test['rmse']:,.0f}; wrote {cfg.out_dir}/tune.md "
                  f"({time.time() - started:.0f}s)")
 

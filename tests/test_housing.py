@@ -206,6 +206,20 @@ def ddp_runs(tmp_path_factory, data_dir) -> dict[int, Path]:
     return runs
 
 
+def test_extras_outlasting_the_collective_timeout_cost_no_results(tmp_path, data_dir):
+    """The baselines and plots come after the results, on rank 0 alone, and no collective
+    waits on them: a baseline fit longer than --dist-timeout still ends with summary.json, the
+    baselines and exit 0 (it was fitted on the last rank while rank 0 waited to receive it)."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data_dir), "--out-dir", str(out), *TRAIN_ARGS[:-1], "--dist-timeout", "5"]
+    result = run_program("tests/slow_extras.py", args, nproc=2, timeout=120, env={"SLOW_BASELINES_S": "9"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = summary(out)
+    assert written["test"]["rmse"] > 0 and written["world_size"] == 2
+    assert len(written["baselines"]) == 2 and "| HistGradientBoosting" in (out / "results.md").read_text()
+    assert all((out / "plots" / name).stat().st_size > 0 for name in PLOTS)
+
+
 @pytest.mark.xdist_group("housing-ddp-runs")
 def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, ddp_runs):
     runs = {nproc: summary(out) for nproc, out in ddp_runs.items()}

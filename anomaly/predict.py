@@ -20,6 +20,7 @@ from anomaly.data import read_csv_file
 from anomaly.features import FeatureTransform, transform_from_plain, transform_to_plain
 from anomaly.model import combined_score, make_detector, raw_scores, thresholds_tensor
 from common.checkpoint import load_tensors_file
+from common.dist import resolve_device
 from common.errors import UserError, run_main
 from common.files import torch_save_atomic, write_atomic
 
@@ -37,8 +38,9 @@ def write_detector(path: Path, net: torch.nn.Module, cfg, transform: FeatureTran
                              "score": cfg.score})
 
 
-def load_detector(path: Path) -> dict:
-    """The bundle train.py wrote: detector kind, weights, widths, fitted transform, thresholds.
+def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dict:
+    """The bundle train.py wrote: detector kind, weights, widths, fitted transform, thresholds;
+    the network and its thresholds on ``device``.
 
     Read without running code from the file (``common.checkpoint.load_tensors_file``): a
     detector holding pickled objects, as those of earlier versions did, is refused.
@@ -66,8 +68,8 @@ def load_detector(path: Path) -> dict:
     except RuntimeError as err:
         raise UserError(f"{path}: its weights do not fit a {bundle['detector']} detector "
                         f"({str(err).splitlines()[0]})") from None
-    bundle["net"] = model.double().eval()
-    bundle["cut"] = thresholds_tensor(bundle["detector"], bundle["thresholds"])
+    bundle["net"] = model.double().eval().to(device)
+    bundle["cut"] = thresholds_tensor(bundle["detector"], bundle["thresholds"]).to(device)
     return bundle
 
 
@@ -75,17 +77,19 @@ def predict_frame(frame: pd.DataFrame, detector: dict) -> pd.DataFrame:
     """``frame`` plus ``score`` (score / validation threshold, the largest over the detector's
     parts) and ``is_attack`` (score >= 1)."""
     x = torch.from_numpy(detector["transform"].transform(frame)).double()
-    with torch.no_grad():
-        scores = torch.cat([combined_score(raw_scores(detector["detector"], detector["net"], part),
-                                           detector["cut"]) for part in x.split(8192)]).numpy() \
+    device = detector["cut"].device
+    with torch.no_grad():  # on the network's device, a part of the rows at a time
+        scores = torch.cat([combined_score(raw_scores(detector["detector"], detector["net"], part.to(device)),
+                                           detector["cut"]).cpu() for part in x.split(8192)]).numpy() \
             if len(x) else []
     return frame.assign(score=scores, is_attack=scores >= 1.0)
 
 
-def predict_csv(csv_path: Path | str, detector_path: Path | str) -> pd.DataFrame:
-    """Read, validate and score one CSV with a saved detector."""
+def predict_csv(csv_path: Path | str, detector_path: Path | str,
+                device: torch.device = torch.device("cpu")) -> pd.DataFrame:
+    """Read, validate and score one CSV with a saved detector (its network on ``device``)."""
     frame = read_csv_file(Path(csv_path), need_labels=False)
-    return predict_frame(frame, load_detector(Path(detector_path)))
+    return predict_frame(frame, load_detector(Path(detector_path), device))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,12 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("csv", type=Path, help="flow records to score")
     parser.add_argument("--detector", type=Path, default=Path("runs/anomaly/detector.pt"))
     parser.add_argument("--out", type=Path, default=None, help="write the scored rows here (CSV)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the network scores: auto = the first GPU if there is one")
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    scored = predict_csv(args.csv, args.detector)
+    scored = predict_csv(args.csv, args.detector, resolve_device(args.device, local_rank=0))
     flagged = int(scored["is_attack"].sum())
     print(f"{args.csv}: {len(scored)} rows, {flagged} flagged as attacks ({flagged / max(len(scored), 1):.1%})")
     if "label" in scored.columns:

@@ -37,7 +37,7 @@ from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches
 from common.dist import DistInfo, agreed, distributed
-from common.errors import UserError, ensure_finite, run_main
+from common.errors import FiniteLossWatch, UserError, run_main
 from common.evaluation import run_eval_only
 from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
@@ -208,23 +208,29 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial:
     exact mean loss per row over all ranks, or None when pre-empted (``partial`` then says where
     it stopped)."""
     model.train()
-    epoch, sums = partial.epoch, partial.sums
-    sums.setdefault("loss", 0.0)
-    sums.setdefault("n", 0)
+    epoch = partial.epoch
+    # The running sums stay on the device: reading a loss each step would make the host wait
+    # for the GPU every step. A pre-emption checkpoint saves them (``partial.sums``).
+    loss_sum = torch.as_tensor(partial.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
+    seen = partial.sums.get("n", 0)
+    finite = FiniteLossWatch(dist.device)
     for xb, yb in progress(batches.epoch(epoch, partial.step), dist, len(batches) - partial.step,
                            f"epoch {epoch}"):
         loss = training_loss(detector, model(xb), xb, yb, normal_share)  # mean over this rank's rows
+        finite.update(loss, epoch * len(batches) + partial.step)
         optimizer.zero_grad(set_to_none=True)
         batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
         optimizer.step()
         scheduler.step()
-        ensure_finite(loss.item(), epoch * len(batches) + partial.step)
-        sums["loss"] += loss.item() * len(xb)
-        sums["n"] += len(xb)
+        loss_sum += loss.detach().double() * len(xb)
+        seen += len(xb)
         partial.step += 1
         if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+            finite.check()
+            partial.sums = {"loss": loss_sum, "n": seen}
             return None
-    totals = reduce_sums(sums, dist)
+    finite.check()
+    totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
     return {"train_loss": totals["loss"] / totals["n"]}
 
 

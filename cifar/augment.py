@@ -5,6 +5,7 @@ explicit generator: the GPU never waits for a CPU loader, and a resumed run draw
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +17,17 @@ STD = (0.2470, 0.2435, 0.2616)
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> ``dtype`` normalised with the CIFAR-10 mean and std."""
-    mean = torch.tensor(MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    mean, std = _pixel_stats(images.device, dtype)
     return (images.to(dtype) - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _pixel_stats(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD on 0..255 pixels, shaped [1, 3, 1, 1]: copied to ``device`` once, not per
+    batch (a copy from the host makes a GPU step wait for the CPU)."""
+    mean = torch.tensor(MEAN, dtype=dtype).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, dtype=dtype).view(1, 3, 1, 1) * 255
+    return mean.to(device), std.to(device)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,8 @@ def use_bf16(cfg, device: torch.device) -> bool:
         # torch 2.14's inductor on CPU gives non-finite AirNet gradients under bf16 autocast
         # (found on this project's machine; eager bf16 and compiled fp32 are fine).
         return False
+    if not torch.amp.is_autocast_available(device.type):
+        return False
     if cfg.amp != "auto":
         return cfg.amp == "bf16"
     if device.type == "cuda":

@@ -255,6 +255,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
     Under FSDP each rank keeps its shard of ``state``; call on every rank with the whole dict.
     """
+    if not is_sharded(model):  # each tensor is copied into the parameter, on its device
+        unwrap(model).load_state_dict(state)
+        return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     # set_model_state_dict distributes the full tensors in place (FSDP), so hand it copies.

@@ -80,12 +80,12 @@ def setup(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInf
         rank, local_rank, world_size, local_world_size = 0, 0, 1, 1
 
     dev = resolve_device(device, local_rank)
-    if dev.type == "cpu":
-        # Processes on one machine would otherwise each start one thread per core and fight.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
-    else:
+    if dev.type == "cuda":
         # Must happen before init_process_group so NCCL binds to the right GPU.
         torch.cuda.set_device(dev)
+    else:
+        # Processes on one machine would otherwise each start one thread per core and fight.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
     if launched and not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)

@@ -78,7 +78,7 @@ def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
     of MB), so nodes without a shared filesystem resume from the same state. Every rank then
     loads the same bytes, so a checkpoint of another program fails the same way everywhere.
 
-    Returns the loaded state (on ``dist.device``; ``state["loaded_from"]`` names the chosen
+    Returns the loaded state (on the CPU; ``state["loaded_from"]`` names the chosen
     file, ``state["sent_by"]`` the rank it came from), or None when there is nothing to resume
     (``--resume`` absent, or ``auto`` and no rank has a checkpoint). Raises UserError on every
     rank when an explicit ``--resume PATH`` exists nowhere or does not load anywhere.
@@ -106,7 +106,9 @@ def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
         received = broadcast_object(blob if dist.rank == source else None, dist, src=source)
         if report is None or report["sha256"] != chosen["sha256"]:
             blob = received
-    state = _try_load(io.BytesIO(blob), dist.device)
+    # On the CPU: the model and optimizer loaders copy what they own to their parameters'
+    # device; RNG states, fitted transforms and step counters stay host objects.
+    state = _try_load(io.BytesIO(blob), "cpu")
     if state is None:  # it loaded on the source: only a transfer gone wrong ends here
         raise UserError(f"--resume: the checkpoint sent by rank {source} did not load on rank {dist.rank}")
     _check_meta(state, expect_meta, chosen["path"])

@@ -21,7 +21,7 @@ from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, agreed, distributed
-from common.errors import UserError, ensure_finite, run_main
+from common.errors import FiniteLossWatch, UserError, run_main
 from common.evaluation import run_eval_only
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
@@ -181,23 +181,27 @@ def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, sc
     where it stopped).
     ``criterion(out, y)`` is the loss (``loss_fn`` with the run's settings)."""
     model.train()
-    sums = progress.sums
-    sums.setdefault("loss", 0.0)
-    sums.setdefault("n", 0)
+    # The running sums stay on the device: reading a loss each step would make the host wait
+    # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
+    loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
+    seen = progress.sums.get("n", 0)
+    finite = FiniteLossWatch(dist.device)
     for x, y in batches.epoch(progress.epoch, progress.step):
         loss = criterion(model(x), y)  # mean over this rank's share
+        finite.update(loss, progress.epoch * len(batches) + progress.step)
         optimizer.zero_grad(set_to_none=True)
         batches.global_mean(loss, progress.step).backward()  # DDP averages gradients across ranks
         optimizer.step()
         scheduler.step()
-        value = loss.item()
-        ensure_finite(value, progress.epoch * len(batches) + progress.step)
-        sums["loss"] += value * len(y)
-        sums["n"] += len(y)
+        loss_sum += loss.detach().double() * len(y)
+        seen += len(y)
         progress.step += 1
         if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+            finite.check()
+            progress.sums = {"loss": loss_sum, "n": seen}
             return None
-    totals = reduce_sums(sums, dist)
+    finite.check()
+    totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
     return {"train_loss": totals["loss"] / totals["n"]}
 
 

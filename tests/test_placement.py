@@ -1,17 +1,16 @@
-"""Batches reach the model's device by construction, in every program (no GPU needed).
+"""Every path of every program works with its model and data off the host (no GPU needed).
 
-Each program trains one epoch and evaluates with ``dist.device`` set to ``meta`` while its data
-starts on the CPU, as it does on a GPU box (model on ``cuda:LOCAL_RANK``, data read into host
-memory). The meta device computes shapes only and refuses to mix with any other device
-("Tensor on device meta is not on the expected device cpu"), so a batch, a target or an
-accumulator that a code path forgot to place fails here exactly where it would fail on a GPU.
-A meta run ends at the first read of a value (``.item()``, ``.cpu()``): reaching that read
-after the forward (and, in training, the backward) ran is the pass condition.
+The programs run on the stand-in device of tests/standin.py: tensors that live off the host,
+as they do on a GPU (so ``.numpy()``, a CPU generator's ``set_state`` and an op with a CPU
+tensor refuse them), with real values, so a whole program runs to its end. Each program is
+trained, pre-empted mid-epoch and resumed on 2 processes, resumed at another world size,
+re-evaluated with ``--eval-only`` on 3, and must end exactly where the same run on the CPU ends.
+The sync tests count what a training step asks of the host.
 """
 from __future__ import annotations
 
-import re
-from contextlib import contextmanager
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,49 +18,172 @@ import torch
 
 from common.dist import DistInfo
 from common.preempt import EpochProgress
+from tests.launch import SAME_WEIGHTS, assert_same_weights, checkpoint_weights, run_program
+from tests.standin import DEVICE, standin_device, to_host
 
-META = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("meta"))
-# The only way a meta run may stop: reading a number out of a (correctly placed) meta tensor.
-VALUE_READ = re.compile(r"cannot be called on meta tensors|Cannot copy out of meta tensor")
-
-
-@contextmanager
-def runs_on_meta(model: torch.nn.Module | None = None):
-    """Expect the block to stop at a value read, after module forwards ran; with ``model``,
-    after its backward too (its parameters hold gradients)."""
-    forwards = []
-    hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: forwards.append(type(module).__name__))
-    # Boolean-mask indexing has no shape on meta; let it assume every row is kept.
-    import torch.fx.experimental._config as fx_config
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)
-        try:
-            with pytest.raises((RuntimeError, NotImplementedError), match=VALUE_READ):
-                yield
-        finally:
-            hook.remove()
-    assert forwards, "no module ran forward on the meta device"
-    if model is not None:
-        assert any(p.grad is not None for p in model.parameters()), "no backward ran"
+ON_STANDIN = "tests/on_standin.py"
+STANDIN = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=DEVICE)
 
 
-def test_housing_trains_and_evaluates_on_the_model_device(tmp_path: Path):
+def test_standin_refuses_what_a_gpu_refuses_and_counts_host_syncs():
+    with standin_device() as device:
+        x = torch.arange(4.0, device=DEVICE)
+        assert x.device == DEVICE and x.sum().device == DEVICE
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.ones(4)
+        assert (x + torch.tensor(1.0)).device == DEVICE  # a 0-dim CPU tensor may join, as on a GPU
+        generator = torch.Generator()
+        with pytest.raises(TypeError, match="ByteTensor"):
+            generator.set_state(generator.get_state().to(DEVICE))
+        before = len(device.syncs)
+        assert float(x.sum()) == 6.0 and x.tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert torch.equal(x.cpu(), torch.arange(4.0))
+        torch.tensor([1.0], device=DEVICE)
+        torch.zeros(3, device=DEVICE)  # made on the device: no copy
+        assert [kind for kind, _ in device.syncs[before:]] == ["item", "to_host", "to_host", "to_device"]
+
+
+# ---------------------------------------------------------------- whole programs, every path
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _launch(script_args: list[str], nproc: int, standin: bool = True, **env: str):
+    script, args = (ON_STANDIN, script_args) if standin else (script_args[0], script_args[1:])
+    result = run_program(script, args, nproc=nproc, timeout=120, env=env)
+    return result
+
+
+def _check_every_path(program: str, args: list[str], tmp_path: Path, sigterm_at_step: int,
+                      metric, same_at_other_size=lambda name: True) -> dict[str, Path]:
+    """Train on 2 processes on the stand-in, pre-empted at a step of the second epoch, then
+    ``--resume``: the same end as the CPU run. Then resume at world size 1 from the last epoch
+    boundary (the weights named ``same_at_other_size`` end as on 2 processes) and
+    ``--eval-only`` on 3 processes. ``metric(run_dir)`` reads the figures compared. Returns the
+    run directories."""
+    runs = {name: tmp_path / name for name in ("cpu", "device", "other_size", "eval")}
+    cpu = _launch([program, *args, "--out-dir", str(runs["cpu"])], 2, standin=False)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+
+    stopped = _launch([program, *args, "--out-dir", str(runs["device"])], 2,
+                      STANDIN_SIGTERM_AT_STEP=str(sigterm_at_step))
+    assert "pre-empted by SIGTERM" in stopped.stdout, stopped.stderr[-3000:]
+    saved = torch.load(runs["device"] / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["step_in_epoch"] > 0
+    resumed = _launch([program, *args, "--out-dir", str(runs["device"]), "--resume"], 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metric(runs["device"]) == metric(runs["cpu"])
+    assert_same_weights(runs["device"], runs["cpu"])
+
+    runs["other_size"].mkdir()
+    shutil.copy(runs["cpu"] / "checkpoint.prev.pt", runs["other_size"] / "checkpoint.pt")
+    other = _launch([program, *args, "--out-dir", str(runs["other_size"]), "--resume"], 1)
+    assert other.returncode == 0, other.stderr[-3000:]
+    got, want = checkpoint_weights(runs["other_size"]), checkpoint_weights(runs["cpu"])
+    for name in filter(same_at_other_size, want):
+        torch.testing.assert_close(got[name], want[name], **SAME_WEIGHTS)
+
+    evaluated = _launch([program, "--eval-only", "--resume", str(runs["device"]), "--data-dir",
+                         args[args.index("--data-dir") + 1], "--out-dir", str(runs["eval"])], 3)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((runs["eval"] / "eval.json").read_text())["world_size"] == 3
+    return runs
+
+
+def test_housing_every_path_on_the_device(tmp_path):
+    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+
+    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    args = ["--data-dir", str(tmp_path), *TRAIN_ARGS]  # 3 epochs of 5 steps
+    runs = _check_every_path("housing/train.py", args, tmp_path, 7, lambda run: _summary(run)["test"])
+    evaluated = json.loads((runs["eval"] / "eval.json").read_text())
+    assert evaluated["test"]["rmse"] == pytest.approx(_summary(runs["cpu"])["test"]["rmse"], rel=1e-12)
+
+
+def test_anomaly_every_path_and_predict_on_the_device(tmp_path):
+    from anomaly.data import TRAIN_FILE
+    from anomaly.synthetic import make_partition, write_partition
+    from tests.test_anomaly_train import FAST
+
+    write_partition(make_partition(1200, seed=3), tmp_path / TRAIN_FILE)
+    args = ["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid"]  # 3 epochs of 14 steps
+    # At another world size only the autoencoder trains the same: the classifier's dropout
+    # masks are drawn per rank (anomaly/README.md).
+    runs = _check_every_path("anomaly/train.py", args, tmp_path, 20,
+                             lambda run: {k: _summary(run)[k] for k in ("test", "thresholds", "per_attack_cat")},
+                             same_at_other_size=lambda name: not name.startswith("classifier."))
+    evaluated = json.loads((runs["eval"] / "eval.json").read_text())
+    assert evaluated["test"] == _summary(runs["cpu"])["test"]
+
+    scored = {}
+    for standin in (True, False):
+        out = tmp_path / f"scored-{standin}.csv"
+        result = _launch(["anomaly/predict.py", str(tmp_path / TRAIN_FILE), "--detector",
+                          str(runs["device"] / "detector.pt"), "--out", str(out)], 1, standin=standin)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scored[standin] = out.read_text()
+    assert scored[True] == scored[False]
+
+
+def test_cifar_every_path_on_the_device(tmp_path):
+    from tests.test_cifar import SMALL, make_folders
+
+    make_folders(tmp_path / "data")
+    # bf16 autocast has no stand-in (torch has none for its device type); translate and flip
+    # draw from the augmentation generator, whose state the mid-epoch checkpoint saves.
+    args = ["--data-dir", str(tmp_path / "data"), "--batch-size", "6", "--epochs", "3", "--amp", "off",
+            "--translate", "2", "--cutout", "4", *SMALL]  # 3 epochs of 6 steps
+    # At another world size BatchNorm normalises over another share of each batch, so the
+    # weights differ (cifar/README.md); that resume must still run on the device.
+    runs = _check_every_path("cifar/train.py", args, tmp_path, 8,
+                             lambda run: {k: _summary(run)[k] for k in ("test_accuracy", "test_loss",
+                                                                      "confusion_matrix")},
+                             same_at_other_size=lambda name: False)
+    evaluated = json.loads((runs["eval"] / "eval.json").read_text())
+    assert evaluated["test_accuracy"] == _summary(runs["cpu"])["test_accuracy"]
+
+
+# ---------------------------------------------------------------- no host sync per step
+
+def _assert_syncs_do_not_grow(prepare_epoch, batch_sizes: tuple[int, int]) -> None:
+    """``prepare_epoch(batch_size)`` builds a training run on the stand-in and returns its
+    steps per epoch and a function that trains one epoch; the host syncs counted while it
+    trains must not depend on how many steps the epoch takes."""
+    steps, syncs = [], []
+    with standin_device() as device:
+        prepare_epoch(batch_sizes[0])[1]()  # first uses fill lazy caches once: not per step
+        for batch_size in batch_sizes:
+            n, train_epoch = prepare_epoch(batch_size)
+            before = len(device.syncs)
+            train_epoch()
+            steps.append(n)
+            syncs.append(device.syncs[before:])
+    assert steps[1] >= 2 * steps[0], steps
+    assert len(syncs[0]) == len(syncs[1]), (f"host syncs per epoch grow with its steps ({steps}): "
+                                            f"{[len(s) for s in syncs]}: {syncs}")
+
+
+def test_housing_training_step_does_not_wait_for_the_device(tmp_path):
     from housing import train as h
     from tests.test_housing import TRAIN_ARGS, synthetic_frame
 
     synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
-    cfg = h.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *TRAIN_ARGS])
-    data = h.build_data(cfg, META)
-    model, optimizer, scheduler, batches = h.prepare(cfg, data, META)
-    assert next(model.parameters()).device.type == "meta"
-    with runs_on_meta(model):
-        h.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0), META)
-    with runs_on_meta():
-        h.evaluate(model, data.val, data, META)
+
+    def prepare_epoch(batch_size: int):
+        cfg = h.parse_args(["--data-dir", str(tmp_path), *TRAIN_ARGS, "--batch-size", str(batch_size)])
+        data = h.build_data(cfg, STANDIN)
+        model, optimizer, scheduler, batches = h.prepare(cfg, data, STANDIN)
+        assert next(model.parameters()).device == DEVICE
+        return len(batches), lambda: h.train_one_epoch(model, batches, optimizer, scheduler,
+                                                       EpochProgress(0), STANDIN)
+
+    _assert_syncs_do_not_grow(prepare_epoch, (96, 32))
 
 
-def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
+def test_anomaly_training_step_does_not_wait_for_the_device(tmp_path):
     from anomaly import train as a
     from anomaly.data import TRAIN_FILE
     from anomaly.synthetic import make_partition, write_partition
@@ -70,53 +192,71 @@ def test_anomaly_trains_and_scores_on_the_model_device(tmp_path: Path):
     from tests.test_anomaly_train import FAST
 
     write_partition(make_partition(600, seed=1), tmp_path / TRAIN_FILE)
-    cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST])
-    data = a.build_data(cfg, META)
-    for detector in ("autoencoder", "hybrid"):  # hybrid: the classifier's path too
-        cfg = a.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
-                            "--detector", detector])
-        model = wrap_model(a.build_model(cfg, data), META)
-        batches = TrainBatches(list(data.training_rows(detector)), cfg.batch_size, META, cfg.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, foreach=True)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=len(batches))
-        with runs_on_meta(model):
-            a.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0), META, detector, 0.5)
-        with runs_on_meta():
-            a.score_rows(model, data.x["val"], META, detector)
-        with runs_on_meta():
-            a.normal_feature_error(model, data.x["val"], data.y["val"], META)
+    cfg = a.parse_args(["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid"])
+    data = a.build_data(cfg, STANDIN)
+    rows = list(data.training_rows(cfg.detector))
+
+    def prepare_epoch(batch_size: int):
+        model = wrap_model(a.build_model(cfg, data), STANDIN)
+        batches = TrainBatches(rows, batch_size, STANDIN, cfg.seed)
+        optimizer, scheduler = a.build_optimizer(cfg, model, len(batches))
+        return len(batches), lambda: a.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0),
+                                                       STANDIN, cfg.detector, data.normal_share)
+
+    _assert_syncs_do_not_grow(prepare_epoch, (96, 32))
 
 
-def test_cifar_trains_and_evaluates_on_the_model_device(tmp_path: Path):
+def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
     from cifar import train as c
     from common.data import TrainBatches
     from common.parallel import wrap_model
     from tests.test_cifar import SMALL, make_folders
 
-    make_folders(tmp_path / "data")
-    # No augmentation: a torch.Generator cannot live on the meta device (the program's
-    # generator is on dist.device, as the data is).
-    cfg = c.parse_args(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
-                        "--device", "cpu", "--batch-size", "12", "--translate", "0", "--no-flip",
-                        "--amp", "off", "--no-lookahead", *SMALL])
-    data = c.build_data(cfg, META)
-    model = wrap_model(c.build_model(cfg, data).to(memory_format=torch.channels_last), META)
-    optimizer, scheduler = c.build_optimizer(cfg, model, len(data.train_labels) // 12)
-    batches = TrainBatches([data.train_images, data.train_labels], 12, META, seed=0)
-    with runs_on_meta(model):
-        c.train_one_epoch(model, batches, optimizer, scheduler, cfg, EpochProgress(0), META, False, None)
-    with runs_on_meta():
-        c.evaluate(model, data, cfg, META, False, tta=True)
+    make_folders(tmp_path / "data")  # 36 training images
+
+    def prepare_epoch(batch_size: int):
+        cfg = c.parse_args(["--data-dir", str(tmp_path / "data"), "--batch-size", str(batch_size),
+                            "--epochs", "1", "--amp", "off", "--cutout", "4", *SMALL])
+        data = c.build_data(cfg, STANDIN)
+        model = wrap_model(c.build_model(cfg, data), STANDIN)
+        batches = TrainBatches([data.train_images, data.train_labels], cfg.batch_size, STANDIN, seed=0)
+        optimizer, scheduler = c.build_optimizer(cfg, model, len(batches))
+        lookahead = c.Lookahead(model, len(batches))
+        return len(batches), lambda: c.train_one_epoch(model, batches, optimizer, scheduler, cfg,
+                                                       EpochProgress(0), STANDIN, False, lookahead)
+
+    _assert_syncs_do_not_grow(prepare_epoch, (12, 4))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_rng_state_is_this_ranks_gpu_only():
-    from common.rng import capture_rng, restore_rng
+def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
+    """After --resume (here at another world size than the checkpoint's), AdamW's moments are
+    on the device and its step counters on the host, as a fresh AdamW keeps them: a counter
+    on the device would make every step wait for it."""
+    from common.resume import resume_from
+    from housing import train as h
+    from tests.test_housing import TRAIN_ARGS, synthetic_frame
 
-    device = torch.device("cuda", torch.cuda.device_count() - 1)
-    state = capture_rng(device)
-    assert isinstance(state["cuda"], torch.Tensor)  # one generator, not one per visible GPU
-    first = torch.rand(4, device=device)
-    restore_rng(state, device)
-    assert torch.equal(torch.rand(4, device=device), first)
-    assert "cuda" not in capture_rng(torch.device("cpu"))  # a CPU run leaves CUDA alone
+    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    trained, run = tmp_path / "trained", tmp_path / "run"
+    result = run_program("housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(trained), *TRAIN_ARGS],
+                         nproc=2, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run.mkdir()
+    shutil.copy(trained / "checkpoint.prev.pt", run / "checkpoint.pt")  # epochs left to train
+    cfg = h.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(run), *TRAIN_ARGS, "--resume"])
+    with standin_device() as device:
+        data = h.build_data(cfg, STANDIN)
+        syncs = []
+        for resume in (False, True):
+            model, optimizer, scheduler, batches = h.prepare(cfg, data, STANDIN)
+            if resume:
+                meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
+                state = resume_from(cfg.resume, cfg.out_dir, STANDIN, meta, model, optimizer, scheduler)
+                assert state["world_size"] == 2
+                for moments in optimizer.state.values():
+                    assert moments["step"].device.type == "cpu"
+                    assert moments["exp_avg"].device == moments["exp_avg_sq"].device == DEVICE
+            before = len(device.syncs)
+            h.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(1), STANDIN)
+            syncs.append(device.syncs[before:])
+    assert len(syncs[1]) == len(syncs[0]), f"a resumed epoch syncs more than a fresh one: {syncs}"

@@ -1,12 +1,23 @@
 """GPU acceptance check: every program in every launch mode on one CUDA GPU, one table at the end.
 
 For housing, anomaly and cifar it runs, on the real data in DATA_DIR:
-  plain    python PROGRAM/train.py --device cuda               (one process, no process group)
-  torchrun torchrun --standalone --nproc_per_node=1 ...         (NCCL process group, DDP)
-  fsdp     the same with --strategy fsdp                        (NCCL, FSDP2)
+  plain     python PROGRAM/train.py --device cuda               (one process, no process group)
+  torchrun  torchrun --standalone --nproc_per_node=1 ...         (NCCL process group, DDP)
+  fsdp      the same with --strategy fsdp                        (NCCL, FSDP2)
+  eval-only torchrun ... --eval-only --resume RUNS/PROGRAM-torchrun: the same metric again
+then what users hit around training:
+  housing kill+term  torchrun --max-restarts=1 ... --resume: the worker is SIGKILLed after the
+                     first checkpoint and torchrun restarts it; once the restarted worker has
+                     saved, SIGTERM (a scheduler's pre-emption) stops the job with a checkpoint
+                     of the step; --resume finishes it: the torchrun row's metric
+  cifar term         SIGTERM mid-run, then --resume (mid-epoch: the augmentation generator's
+                     state comes back from the checkpoint): the torchrun row's accuracy
+  anomaly predict    anomaly/predict.py --device cuda on the partition, with the torchrun run's
+                     detector
 cifar runs --preset airbench94 with --target-accuracy 0.90 (its time to 90% is reported), then
 bench/bench.py --device cuda measures samples/s at world size 1. Each row passes when the run
-exits 0 and its metric reaches the bar below; the last thing printed is the table, which is also
+exits 0 and its metric reaches the bar below; each command is killed with everything it started
+(its process group) after --timeout seconds. The last thing printed is the table, which is also
 written to docs/gpu.md with the card's name and the torch version.
 
     scripts/gpu_check.sh DATA_DIR           # needs only a CUDA PyTorch image: torch, torchvision,
@@ -21,9 +32,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,13 +53,17 @@ CIFAR_TARGET = 0.90
 PROGRAM_ARGS = {"housing": ["--no-baselines"], "anomaly": [],
                 "cifar": ["--preset", "airbench94", "--target-accuracy", str(CIFAR_TARGET)]}
 # --quick: a few epochs on whatever (tiny) data is given; only the mechanics are checked.
-QUICK_ARGS = {"housing": ["--epochs", "2", "--batch-size", "96", "--width", "32", "--depth", "1",
+QUICK_ARGS = {"housing": ["--epochs", "3", "--batch-size", "96", "--width", "32", "--depth", "1",
                           "--n-clusters", "4"],
               "anomaly": ["--epochs", "2", "--batch-size", "48", "--hidden", "16,4",
                           "--min-frequency", "5"],
-              "cifar": ["--epochs", "1", "--batch-size", "12", "--widths", "8", "16", "16",
+              "cifar": ["--epochs", "3", "--batch-size", "12", "--widths", "8", "16", "16",
                         "--eval-batch-size", "4", "--no-download"]}
 MODES = ("plain", "torchrun", "fsdp")
+# A metric computed again from a checkpoint, or by a resumed run, must be the torchrun row's:
+# exactly on the CPU; on a GPU within what kernel choice can move (cuDNN's benchmark mode may
+# pick another convolution algorithm in another process: a few of 10,000 test images).
+SAME = {"housing": {"rel_tol": 1e-6}, "anomaly": {"rel_tol": 1e-6}, "cifar": {"abs_tol": 2e-3}}
 
 
 @dataclass
@@ -61,16 +78,18 @@ class Row:
     note: str = ""
 
 
-def command(program: str, mode: str, args: list[str]) -> list[str]:
+def command(program: str, mode: str, args: list[str], torchrun_options: tuple[str, ...] = ()) -> list[str]:
+    """``python PROGRAM/train.py ARGS`` (mode plain), else under torchrun with one worker."""
     script = str(REPO / program / "train.py")
     if mode == "plain":
         return [sys.executable, script, *args]
     strategy = ["--strategy", "fsdp"] if mode == "fsdp" else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-            script, *args, *strategy]
+            *torchrun_options, script, *args, *strategy]
 
 
 def metric_of(program: str, summary: dict) -> float:
+    """The row's metric from a run's summary.json or eval.json."""
     if program == "housing":
         return summary["test"]["rmse"]
     if program == "anomaly":
@@ -78,28 +97,60 @@ def metric_of(program: str, summary: dict) -> float:
     return summary["test_accuracy"]
 
 
+def run_in_group(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float,
+                 **_: object) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)``, except that on
+    timeout everything the command started (torchrun's workers too) is killed, not just it."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 # How a command is run: subprocess.run's signature. The test suite passes a stand-in that forks
 # the program instead of starting a fresh interpreter (tests/test_gpu_check.py).
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
-def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = subprocess.run) -> Row:
-    out = cfg.runs / f"{program}-{mode}"
-    args = ["--data-dir", str(cfg.data_dir), "--out-dir", str(out), "--device", cfg.device,
+def program_args(program: str, cfg: argparse.Namespace, out: Path) -> list[str]:
+    """The program's arguments in every row (a run of ``out``)."""
+    return ["--data-dir", str(cfg.data_dir), "--out-dir", str(out), "--device", cfg.device,
             *PROGRAM_ARGS[program], *(QUICK_ARGS[program] if cfg.quick else [])]
+
+
+def _run_logged(name: str, cmd: list[str], cfg: argparse.Namespace, run: Runner
+                ) -> tuple[subprocess.CompletedProcess | None, float, str]:
+    """Run ``cmd`` with a time limit, log its output as RUNS/name.log; ``(result, wall, note)``,
+    result None (and a note saying why) unless it exited 0."""
     started = time.time()
     try:
-        result = run(command(program, mode, args), cwd=REPO, env=_env(), text=True,
-                     capture_output=True, timeout=cfg.timeout)
-    except subprocess.TimeoutExpired:
-        return Row(program, mode, None, time.time() - started, None, None, False,
-                   f"timed out after {cfg.timeout:.0f}s")
+        result = run(cmd, cwd=REPO, env=_env(), text=True, capture_output=True, timeout=cfg.timeout)
+    except subprocess.TimeoutExpired as late:
+        (cfg.runs / f"{name}.log").write_text(_text(late.output) + _text(late.stderr))
+        return None, time.time() - started, f"timed out after {cfg.timeout:.0f}s, killed"
     wall = time.time() - started
-    (cfg.runs / f"{program}-{mode}.log").write_text(result.stdout + result.stderr)
+    (cfg.runs / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
         last = [line for line in result.stderr.splitlines() if line.strip()][-1:] or ["?"]
-        return Row(program, mode, None, wall, None, None, False,
-                   f"exit {result.returncode}: {last[0][:160]}")
+        return None, wall, f"exit {result.returncode}: {last[0][:160]}"
+    return result, wall, ""
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
+    out = cfg.runs / f"{program}-{mode}"
+    result, wall, note = _run_logged(f"{program}-{mode}", command(program, mode, program_args(program, cfg, out)),
+                                     cfg, run)
+    if result is None:
+        return Row(program, mode, None, wall, None, None, False, note)
     summary = json.loads((out / "summary.json").read_text())
     value = metric_of(program, summary)
     passed = math.isfinite(value) and (cfg.quick or BARS[program][1](value))
@@ -112,7 +163,140 @@ def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = 
                passed, note)
 
 
-def run_bench(cfg: argparse.Namespace, run: Runner = subprocess.run) -> Row:
+def run_eval_only(program: str, cfg: argparse.Namespace, reference: Row, run: Runner = run_in_group) -> Row:
+    """``--eval-only`` of the torchrun row's run, under torchrun: its metric again."""
+    out = cfg.runs / f"{program}-eval-only"
+    args = ["--eval-only", "--resume", str(cfg.runs / f"{program}-torchrun"), "--data-dir", str(cfg.data_dir),
+            "--out-dir", str(out), "--device", cfg.device]
+    result, wall, note = _run_logged(f"{program}-eval-only", command(program, "torchrun", args), cfg, run)
+    if result is None:
+        return Row(program, "eval-only", None, wall, None, None, False, note)
+    value = metric_of(program, json.loads((out / "eval.json").read_text()))
+    return _compared(program, "eval-only", value, wall, reference)
+
+
+def _compared(program: str, mode: str, value: float, wall: float, reference: Row, note: str = "") -> Row:
+    """A row whose metric must equal ``reference``'s (the uninterrupted torchrun run's)."""
+    same = reference.metric is not None and math.isclose(value, reference.metric, **SAME[program])
+    return Row(program, mode, value, wall, None, None, same,
+               ", ".join(filter(None, [note, "the torchrun row's metric" if same else
+                                       f"differs from the torchrun row's {reference.metric}"])))
+
+
+def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_first: bool,
+                    run: Runner = run_in_group) -> Row:
+    """The faults a job meets, on one torchrun worker: with ``kill_first`` the worker is
+    SIGKILLed after the first checkpoint (torchrun ``--max-restarts=1`` restarts it, and it
+    resumes); then, once a checkpoint newer than the restart exists, SIGTERM to the agent, as a
+    scheduler pre-empting the job sends it. ``--resume`` then finishes the run, which must end
+    at ``reference``'s metric. Real torchrun (its restarts are what is checked)."""
+    mode = "kill+term" if kill_first else "term"
+    out = cfg.runs / f"{program}-{mode}"
+    cmd = command(program, "torchrun", [*program_args(program, cfg, out), "--resume"],
+                  ("--max-restarts=1",) if kill_first else ())
+    started = time.time()
+    deadline = started + cfg.timeout
+    log = open(cfg.runs / f"{program}-{mode}.log", "w")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    checkpoint = out / "checkpoint.pt"
+    try:
+        if not _wait(lambda: checkpoint.exists(), agent, deadline):
+            return Row(program, mode, None, time.time() - started, None, None, False, "no checkpoint written")
+        since = time.time()
+        if kill_first:
+            first = _children(agent.pid)
+            for pid in first:
+                os.kill(pid, signal.SIGKILL)
+            restarted = _wait(lambda: bool(set(_children(agent.pid)) - set(first))
+                              and _mtime(checkpoint) > since, agent, deadline)
+            if not restarted:
+                return Row(program, mode, None, time.time() - started, None, None, False,
+                           "no checkpoint after the restart")
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        return Row(program, mode, None, time.time() - started, None, None, False,
+                   f"timed out after {cfg.timeout:.0f}s, killed")
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+        log.close()
+    saved = f"step {_saved_step(checkpoint)}"
+    result, wall, note = _run_logged(f"{program}-{mode}-resume", command(
+        program, "torchrun", [*program_args(program, cfg, out), "--resume"]), cfg, run)
+    wall += time.time() - started
+    if result is None or not (out / "summary.json").exists():
+        return Row(program, mode, None, wall, None, None, False, note or "no summary after --resume")
+    value = metric_of(program, json.loads((out / "summary.json").read_text()))
+    return _compared(program, mode, value, wall, reference, f"stopped at {saved}, resumed")
+
+
+def _wait(condition: Callable[[], bool], agent: subprocess.Popen, deadline: float) -> bool:
+    """Poll ``condition`` until it holds (True), the agent exits or the deadline passes (False)."""
+    while time.time() < deadline and agent.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (torchrun's agent: its workers), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # briefly, while the checkpoints rotate
+        return 0.0
+
+
+def _saved_step(checkpoint: Path) -> str:
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return f"{state.get('step_in_epoch', 0)} of epoch {state['epoch'] + 2}"
+
+
+def run_predict(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
+    """anomaly/predict.py on the device, with the torchrun run's detector, over the partition."""
+    rows = partition_csv(cfg)
+    out = cfg.runs / "anomaly-predict.csv"
+    cmd = [sys.executable, str(REPO / "anomaly" / "predict.py"), str(rows), "--detector",
+           str(cfg.runs / "anomaly-torchrun" / "detector.pt"), "--device", cfg.device, "--out", str(out)]
+    result, wall, note = _run_logged("anomaly-predict", cmd, cfg, run)
+    if result is None:
+        return Row("anomaly", "predict", None, wall, None, None, False, note)
+    return Row("anomaly", "predict", None, wall, None, None, out.exists(), result.stdout.strip().splitlines()[0][-60:])
+
+
+def partition_csv(cfg: argparse.Namespace) -> Path:
+    """The UNSW-NB15 training partition in DATA_DIR as a plain CSV (taken out of its zip)."""
+    from anomaly.data import TRAIN_FILE
+
+    plain = cfg.data_dir / TRAIN_FILE
+    if plain.exists():
+        return plain
+    for archive in sorted(cfg.data_dir.glob("*.zip")):
+        with zipfile.ZipFile(archive) as zf:
+            if TRAIN_FILE in zf.namelist():
+                zf.extract(TRAIN_FILE, cfg.runs)
+                return cfg.runs / TRAIN_FILE
+    raise FileNotFoundError(f"no {TRAIN_FILE} in {cfg.data_dir}")
+
+
+def run_bench(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     args = [sys.executable, str(REPO / "bench" / "bench.py"), "--data-dir", str(cfg.data_dir),
             "--device", cfg.device, "--world-sizes", "1", "--tables", "throughput",
             "--out", str(cfg.runs / "bench")]
@@ -141,7 +325,7 @@ def _env() -> dict[str, str]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| program | mode | metric | wall s | samples/s | peak GPU MiB | result |",
+    lines = ["| program | row | metric | wall s | samples/s | peak GPU MiB | result |",
              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if r.metric is None:
@@ -186,20 +370,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "gpu.md",
                         help="the markdown report (default docs/gpu.md)")
     parser.add_argument("--programs", default="housing,anomaly,cifar")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
+    parser.add_argument("--timeout", type=float, default=120,
+                        help="seconds per command; past them it is killed with all it started")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, run: Runner = subprocess.run) -> int:
-    """Run every row with ``run`` (``subprocess.run`` unless a test passes its own), write the report."""
+def main(argv: list[str] | None = None, run: Runner = run_in_group) -> int:
+    """Run every row with ``run`` (``run_in_group`` unless a test passes its own), write the report."""
     cfg = parse_args(argv)
     cfg.runs.mkdir(parents=True, exist_ok=True)
     started, rows = time.time(), []
-    for program in cfg.programs.split(","):
-        for mode in MODES:
-            rows.append(run_program(program, mode, cfg, run))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-    rows.append(run_bench(cfg, run))
+
+    def add(row: Row) -> Row:
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        return row
+
+    programs = cfg.programs.split(",")
+    for program in programs:
+        reference = {mode: add(run_program(program, mode, cfg, run)) for mode in MODES}["torchrun"]
+        add(run_eval_only(program, cfg, reference, run))
+        if program == "housing":
+            add(run_interrupted(program, cfg, reference, kill_first=True, run=run))
+        if program == "cifar":
+            add(run_interrupted(program, cfg, reference, kill_first=False, run=run))
+        if program == "anomaly":
+            add(run_predict(cfg, run))
+    add(run_bench(cfg, run))
     text = report(rows, cfg, time.time() - started)
     cfg.report.parent.mkdir(parents=True, exist_ok=True)
     cfg.report.write_text(text)

@@ -14,7 +14,6 @@ import os
 import runpy
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +27,6 @@ from tests.standin import DEVICE, standin_device  # noqa: E402
 def main() -> None:
     script, sys.argv = str(REPO / sys.argv[1]), sys.argv[1:]
     common_dist.resolve_device = lambda requested, local_rank: DEVICE
-    # The stand-in's device is meta, and torch warns about loading into meta parameters (it
-    # copies all the same); a GPU's device draws no such warning.
-    warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
     if os.environ.get("STANDIN_SIGTERM_AT_STEP") and os.environ.get("RANK", "0") == "0":
         signal_before_check(int(os.environ["STANDIN_SIGTERM_AT_STEP"]))
     report, real_exit = os.environ.get("STANDIN_SYNCS"), os._exit

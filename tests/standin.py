@@ -28,6 +28,7 @@ values inside (``c10d`` ops are unwrapped like any other op).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -187,12 +188,11 @@ def standin_device() -> Iterator[StandInDevice]:
     mode = StandInDevice()
     torch.Generator = _Generator
     try:
-        with _HostCalls(mode), mode:
+        with warnings.catch_warnings(), _HostCalls(mode), mode:
+            # The stand-in's device type is meta, and loading a state dict into meta parameters
+            # draws a warning (torch copies all the same); loading onto a GPU draws none.
+            warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model")
             yield mode
     finally:
         torch.Generator = _RealGenerator
 
-
-def to_host(tree: Any) -> Any:
-    """A copy of ``tree`` with every stand-in tensor replaced by its CPU values (for asserts)."""
-    return tree_map(lambda x: x.elem.clone() if isinstance(x, StandInTensor) else x, tree)

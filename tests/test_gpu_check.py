@@ -1,16 +1,23 @@
 """scripts/gpu_check.sh, the GPU acceptance run, dry-run on the CPU so it cannot rot.
 
-Every command the GPU check runs (3 programs x plain / torchrun / fsdp, then the benchmark) runs
-here on tiny synthetic data with ``--device cpu --quick``; the table and the report must list
-every row as passing. The real figures come from a GPU (docs/gpu.md).
+Every command the GPU check runs (3 programs x plain / torchrun / fsdp / eval-only, a killed and
+pre-empted housing job, a pre-empted cifar job, anomaly/predict.py, then the benchmark) runs here
+on tiny synthetic data with ``--device cpu --quick``; the table and the report must list every
+row as passing. The real figures come from a GPU (docs/gpu.md).
 
 The check runs in this process with tests/forkrun.py as its runner: each command line it builds
 is run end to end, its torchrun options read by torchrun's own parser, with the ranks forked
-instead of ten fresh interpreters (about 100 CPU-seconds of start-up on the 2-core CI machine).
+instead of fresh interpreters (about 100 CPU-seconds of start-up on the 2-core CI machine). The
+two interrupted jobs launch real torchrun: its restart is what they check.
 """
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from anomaly.data import TRAIN_FILE
 from anomaly.synthetic import make_partition, write_partition
@@ -41,14 +48,33 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     assert "CPU (dry run)" in text and "torch " in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows] == [
-        (program, mode) for program in ("housing", "anomaly", "cifar")
-        for mode in ("plain", "torchrun", "fsdp")] + [("bench", "ws1")]
+        (program, mode) for program, extra in (("housing", "kill+term"), ("anomaly", "predict"), ("cifar", "term"))
+        for mode in ("plain", "torchrun", "fsdp", "eval-only", extra)] + [("bench", "ws1")]
     assert all("| pass" in row for row in rows), text
+    for row in rows[3], rows[4], rows[8], rows[13], rows[14]:  # the torchrun row's metric again
+        assert "the torchrun row's metric" in row, row
+    assert "resumed" in rows[4] and "resumed" in rows[14]
     # The table is the last thing printed, as a person reading the terminal expects.
     assert stdout.rstrip().splitlines()[-2].startswith("| bench | ws1 |")
-    # The launch modes are the commands a GPU box runs: torchrun (one process) for two of three.
-    assert sum("torch.distributed.run" in cmd for cmd in commands) == 6
+    # The launch modes are the commands a GPU box runs: torchrun (one process) for the torchrun,
+    # fsdp and eval-only rows and the two resumes after an interruption.
+    assert sum("torch.distributed.run" in cmd for cmd in commands) == 11
     assert sum("fsdp" in cmd for cmd in commands) == 3
+
+
+def test_a_command_past_its_time_is_killed_with_what_it_started(tmp_path):
+    """A hung row (torchrun's agent and its workers) is killed whole after --timeout."""
+    pid_file = tmp_path / "child.pid"
+    script = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+              f"'import time; time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+              f"time.sleep(60)")
+    started = time.time()
+    with pytest.raises(subprocess.TimeoutExpired):
+        gpu_check.run_in_group([sys.executable, "-c", script], cwd=tmp_path, env=child_env(), timeout=3)
+    assert time.time() - started < 15
+    stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    time.sleep(0.2)  # killed: gone, or a zombie until whoever adopted it reaps it
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_gpu_check_script_is_the_python_check():

@@ -19,7 +19,7 @@ import torch
 from common.dist import DistInfo
 from common.preempt import EpochProgress
 from tests.launch import SAME_WEIGHTS, assert_same_weights, checkpoint_weights, run_program
-from tests.standin import DEVICE, standin_device, to_host
+from tests.standin import DEVICE, standin_device
 
 ON_STANDIN = "tests/on_standin.py"
 STANDIN = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=DEVICE)
@@ -260,3 +260,16 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
             h.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(1), STANDIN)
             syncs.append(device.syncs[before:])
     assert len(syncs[1]) == len(syncs[0]), f"a resumed epoch syncs more than a fresh one: {syncs}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rng_state_is_this_ranks_gpu_only():
+    from common.rng import capture_rng, restore_rng
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    state = capture_rng(device)
+    assert isinstance(state["cuda"], torch.Tensor)  # one generator, not one per visible GPU
+    first = torch.rand(4, device=device)
+    restore_rng(state, device)
+    assert torch.equal(torch.rand(4, device=device), first)
+    assert "cuda" not in capture_rng(torch.device("cpu"))  # a CPU run leaves CUDA alone

@@ -37,7 +37,8 @@ from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches
 from common.dist import DistInfo, agreed, distributed
-from common.errors import FiniteLossWatch, UserError, run_main
+from common.errors import UserError, run_main
+from common.finite import FiniteLossWatch
 from common.evaluation import run_eval_only
 from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
@@ -45,6 +46,7 @@ from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger, optional_extra, progress
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
+from common.rundir import claim_run_dir
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"
 DETECTORS = tuple(PARTS)
@@ -61,6 +63,7 @@ class Config(RunConfig):
     PROGRAM: ClassVar[str] = "anomaly"
     # --eval-only takes these from its command line (how to score), the rest from the checkpoint.
     EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ("novelty_alarms", "score")
+    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ("novelty_alarms", "score")  # thresholds only
 
     weight_decay: float
     detector: str  # "autoencoder", "classifier" or "hybrid" (anomaly/model.py)
@@ -213,7 +216,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial:
     # for the GPU every step. A pre-emption checkpoint saves them (``partial.sums``).
     loss_sum = torch.as_tensor(partial.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
     seen = partial.sums.get("n", 0)
-    finite = FiniteLossWatch(dist.device)
+    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
     for xb, yb in progress(batches.epoch(epoch, partial.step), dist, len(batches) - partial.step,
                            f"epoch {epoch}"):
         loss = training_loss(detector, model(xb), xb, yb, normal_share)  # mean over this rank's rows
@@ -260,7 +263,9 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
     optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
     meta = {"program": "anomaly", "arch": cfg.arch}
-    state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
+    # The data is valid: now this launch becomes the one writer of --out-dir, or stops.
+    claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
+    state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler, cfg)
     start_epoch = state["epoch"] + 1 if state else 0
     if state and start_epoch > cfg.epochs:
         raise UserError(f"--resume: the checkpoint finished epoch {start_epoch}, more than "

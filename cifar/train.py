@@ -25,13 +25,15 @@ from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed, on_local_rank_zero_first, stop_unless_all_ranks_agree, tensor_digest
-from common.errors import FiniteLossWatch, UserError, run_main
+from common.errors import UserError, run_main
+from common.finite import FiniteLossWatch
 from common.evaluation import run_eval_only
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
 from common.report import RunRecorder, get_logger, optional_extra, progress
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
+from common.rundir import claim_run_dir
 from common.timing import DeviceClock
 
 EXAMPLES = """examples:
@@ -48,6 +50,9 @@ class Config(RunConfig):
     PROGRAM: ClassVar[str] = "cifar"
     # --eval-only takes these from its command line (how to evaluate), the rest from the checkpoint.
     EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ("tta", "amp", "eval_batch_size", "test_limit", "download")
+    # The preset's name (its settings are compared one by one), and what only evaluation uses.
+    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ("preset", "target_accuracy", "tta", "eval_batch_size",
+                                                 "test_limit", "download")
 
     preset: str
     arch: str  # "airnet" or "resnet18"
@@ -226,7 +231,7 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
     loss_sum = sums.get("loss", torch.zeros((), dtype=torch.float64)).to(dist.device)
     correct = sums.get("correct", torch.zeros((), dtype=torch.int64)).to(dist.device)
     seen = sums.get("n", 0)
-    finite = FiniteLossWatch(dist.device)  # per step; on a GPU without a host sync per step
+    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
     for images, labels in progress(batches.epoch(epoch, partial.step), dist, total=len(batches) - partial.step,
                                    desc=f"epoch {epoch + 1}"):
         x = prepare_batch(images, cfg, aug, generator)
@@ -331,7 +336,9 @@ def main() -> None:
             log.warning("--compile on CPU: running in fp32 (inductor's bf16 gradients are not finite)")
         meta = {"program": "cifar", "arch": cfg.arch if cfg.arch != "airnet" else
                 f"airnet-{'-'.join(map(str, cfg.widths))}-d{cfg.depth}{'' if cfg.residual else '-plain'}"}
-        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
+        # The data is valid: now this launch becomes the one writer of --out-dir, or stops.
+        claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
+        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler, cfg)
         lookahead = Lookahead(unwrap(model), cfg.epochs * steps_per_epoch) if cfg.lookahead else None
         if lookahead is not None and state and state.get("lookahead") is not None:
             lookahead.average = shard_like(state["lookahead"], unwrap(model).state_dict())

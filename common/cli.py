@@ -36,6 +36,9 @@ def make_parser(description: str, *, epochs: int, batch_size: int, lr: float,
     shared.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                         help="continue from a checkpoint: alone, the one in --out-dir if any "
                              "(safe to pass on every torchrun restart); or a file / run dir")
+    shared.add_argument("--overwrite", action="store_true",
+                        help="replace the run --out-dir holds (its checkpoints, metrics, summary, "
+                             "plots); without it a launch into a run directory needs --resume")
     shared.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = CUDA if available (NCCL), else CPU (gloo)")
     shared.add_argument("--strategy", default="ddp", choices=list(STRATEGIES),

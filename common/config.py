@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from common.checkpoint import config_dict
 from common.dist import DEFAULT_TIMEOUT_S
 from common.errors import UserError
 from common.report import tensorboard_available
 
-# Where and how this launch runs, not what it trains: an --eval-only run keeps its own.
-RUN_OPTIONS = ("data_dir", "out_dir", "resume", "device", "strategy", "dist_timeout", "tensorboard")
+# Where and how this launch runs, not what it trains: an --eval-only run keeps its own, and a
+# --resume may change them.
+RUN_OPTIONS = ("data_dir", "out_dir", "resume", "device", "strategy", "dist_timeout", "tensorboard",
+               "overwrite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +37,9 @@ class RunConfig:
 
     PROGRAM: ClassVar[str] = "program"  # names the program in checkpoints and messages
     EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ()  # fields --eval-only takes from its command line
+    # Fields a --resume may change besides RUN_OPTIONS: they touch no training (every other
+    # field must equal the resumed run's, common/resume.py).
+    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     data_dir: Path
     out_dir: Path
@@ -47,6 +53,7 @@ class RunConfig:
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective waits for the other ranks
     tensorboard: bool = False  # rank 0 also writes metrics.jsonl's scalars for TensorBoard
     eval_only: bool = False  # evaluate the checkpoint named by --resume; no training
+    overwrite: bool = False  # replace the run --out-dir holds (common/rundir.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -62,11 +69,27 @@ class RunConfig:
                             "(or pip install -e '.[tensorboard]')")
         if self.eval_only and self.resume is None:
             raise UserError("--eval-only needs --resume (a run directory or checkpoint file)")
+        if self.overwrite and self.resume is not None:
+            raise UserError("--overwrite replaces the run in --out-dir and --resume continues it: pass one")
         _check_writable(Path(self.out_dir))
         self.check()
 
     def check(self) -> None:
         """The program's own constraints (override): raise UserError saying what to change."""
+
+    def settings_changed_from(self, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """``(field, this value, saved value)`` for every field that differs from ``saved`` (a
+        checkpoint's ``config_dict``) and that a --resume may not change: the ones that shape
+        the data or the optimisation."""
+        free = {*RUN_OPTIONS, *self.RESUME_OPTIONS, "eval_only"}
+        changed = []
+        for name, value in config_dict(self).items():
+            if name in free or name not in saved:
+                continue
+            old = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+            if value != old:
+                changed.append((name, value, old))
+        return changed
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Self:

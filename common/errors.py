@@ -1,13 +1,11 @@
 """User-facing errors: one clear line, a non-zero exit on every rank, no hang."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 import traceback
 from typing import Callable
 
-import torch
 
 
 class UserError(Exception):
@@ -19,42 +17,7 @@ class UserError(Exception):
 
 
 class NonFiniteLossError(UserError):
-    """Training produced a NaN or infinite loss."""
-
-
-def ensure_finite(value: float, step: int) -> None:
-    """Raise NonFiniteLossError when a loss value is NaN or infinite."""
-    if not math.isfinite(value):
-        raise NonFiniteLossError(
-            f"loss became {value} at step {step}; lower --lr or check the input data"
-        )
-
-
-class FiniteLossWatch:
-    """The non-finite loss check of every training step, reporting the real global step.
-
-    On the CPU each ``update`` checks at once (``loss.item()`` costs nothing there). On an
-    accelerator (``defer``) it records the first bad step and value on the device, with no
-    host sync per step, and ``check()`` (call it at the end of the epoch, or before a
-    pre-emption checkpoint) raises NonFiniteLossError naming that step.
-    """
-
-    def __init__(self, device: torch.device, defer: bool | None = None) -> None:
-        self.defer = device.type != "cpu" if defer is None else defer
-        self.first_step = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_value = torch.zeros((), dtype=torch.float32, device=device)
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        if not self.defer:
-            ensure_finite(loss.item(), step)
-            return
-        bad = ~torch.isfinite(loss.detach()) & (self.first_step < 0)
-        self.first_step = torch.where(bad, step, self.first_step)
-        self.first_value = torch.where(bad, loss.detach().float(), self.first_value)
-
-    def check(self) -> None:
-        if self.defer and int(self.first_step) >= 0:
-            ensure_finite(float(self.first_value), int(self.first_step))
+    """Training produced a NaN or infinite loss (``common.finite.FiniteLossWatch``)."""
 
 
 def write_error_line(message: str, rank: int) -> None:

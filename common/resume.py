@@ -23,6 +23,7 @@ import torch
 
 from common.checkpoint import (CHECKPOINT, PREVIOUS, _check_meta, _full_state_options, _try_load,
                                load_model_state, require_keys, restore_rng_for_rank)
+from common.config import RunConfig
 from common.dist import DistInfo, all_gather_object, broadcast_object, stop_unless_all_ranks_agree, tensor_digest
 from common.errors import UserError
 from common.parallel import full_tensors, is_sharded, unwrap
@@ -66,8 +67,8 @@ def _newest_local(resume: str, out_dir: Path) -> tuple[dict[str, Any] | None, by
     return None, None, found
 
 
-def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
-                      expect_meta: dict[str, Any]) -> dict[str, Any] | None:
+def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo, expect_meta: dict[str, Any],
+                      config: RunConfig | None = None) -> dict[str, Any] | None:
     """The one checkpoint every rank resumes from; call on every rank (it is a collective).
 
     Each rank looks where ``--resume`` says (``auto``: its own ``out_dir``, newest that loads:
@@ -81,7 +82,9 @@ def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
     Returns the loaded state (on the CPU; ``state["loaded_from"]`` names the chosen
     file, ``state["sent_by"]`` the rank it came from), or None when there is nothing to resume
     (``--resume`` absent, or ``auto`` and no rank has a checkpoint). Raises UserError on every
-    rank when an explicit ``--resume PATH`` exists nowhere or does not load anywhere.
+    rank when an explicit ``--resume PATH`` exists nowhere or does not load anywhere, and when
+    the checkpoint is another program's, or (with ``config``) a run with other settings
+    (``check_same_settings``), or another model (``expect_meta``).
     """
     if resume is None:
         return None
@@ -111,6 +114,9 @@ def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo,
     state = _try_load(io.BytesIO(blob), "cpu")
     if state is None:  # it loaded on the source: only a transfer gone wrong ends here
         raise UserError(f"--resume: the checkpoint sent by rank {source} did not load on rank {dist.rank}")
+    _check_meta(state, {"program": expect_meta["program"]}, chosen["path"])
+    if config is not None:
+        check_same_settings(config, state, chosen["path"])
     _check_meta(state, expect_meta, chosen["path"])
     state["loaded_from"], state["sent_by"] = chosen["path"], source
     return state
@@ -143,17 +149,19 @@ def check_ranks_agree(state: dict[str, Any] | None, model: torch.nn.Module, dist
 
 def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[str, Any],
                 model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any = None) -> dict[str, Any] | None:
+                scheduler: Any = None, config: RunConfig | None = None) -> dict[str, Any] | None:
     """Apply ``--resume``: load weights, optimizer, scheduler and RNG in place, on every rank.
 
     The checkpoint is the one ``agreed_checkpoint`` chose for the whole job, and before this
     returns the ranks have checked that they hold the same weights (``check_ranks_agree``).
+    With ``config`` (this launch's), a checkpoint whose run had other settings for the data or
+    the optimisation is refused (``check_same_settings``) before anything is loaded.
     Returns the checkpoint (read ``state["epoch"] + 1`` to continue, and any extra keys), or
     None when there is nothing to resume from (``--resume`` absent, or ``auto`` with no file).
     """
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    state = agreed_checkpoint(resume, out_dir, dist, meta)
+    state = agreed_checkpoint(resume, out_dir, dist, meta, config)
     if state is not None:
         path = state["loaded_from"]
         require_keys(state, ("model", "optimizer", "epoch"), meta["program"])
@@ -172,6 +180,24 @@ def resume_from(resume: str | None, out_dir: Path, dist: DistInfo, meta: dict[st
         restore_rng_for_rank(state, dist)
     check_ranks_agree(state, model, dist)
     return state
+
+
+def check_same_settings(config: RunConfig, state: dict[str, Any], path: Path | str) -> None:
+    """Refuse to continue a run with settings that change its data or optimisation (the seed,
+    the split, the batch size, the epochs, the model): the same run is continued or none.
+
+    The line names the first such setting, its value here and the value the run was started
+    with; only the options in ``RUN_OPTIONS`` and the program's ``RESUME_OPTIONS`` may change.
+    """
+    if not isinstance(state.get("config"), dict):
+        return  # a checkpoint that records no settings: its program's own checks apply
+    changed = config.settings_changed_from(state["config"])
+    if changed:
+        name, value, saved = changed[0]
+        more = f" (and {', '.join('--' + n.replace('_', '-') for n, _, _ in changed[1:])})" if changed[1:] else ""
+        raise UserError(f"--resume {path}: --{name.replace('_', '-')} is {value!r} here but {saved!r} in the "
+                        f"run being resumed{more}; resume with the run's settings, or start a new run "
+                        "in another --out-dir")
 
 
 def _check_schedule_length(saved: dict[str, Any], scheduler: Any, path: Path) -> None:

@@ -21,7 +21,8 @@ from common.cli import make_parser
 from common.config import RunConfig
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, agreed, distributed
-from common.errors import FiniteLossWatch, UserError, run_main
+from common.errors import UserError, run_main
+from common.finite import FiniteLossWatch
 from common.evaluation import run_eval_only
 from common.metrics import gather_tensors, reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
@@ -29,6 +30,7 @@ from common.preempt import EpochProgress, Preemption, progress_from
 from common.report import RunRecorder, get_logger, optional_extra
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
+from common.rundir import claim_run_dir
 from housing import data as hdata
 from housing.loss import criterion_for, loss_fn
 from housing.model import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, MLP, NORMS, describe
@@ -49,6 +51,7 @@ class Config(RunConfig):
     """The shared fields (common/config.py) and housing's: data, model, optimiser, baselines."""
 
     PROGRAM: ClassVar[str] = "housing"
+    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ("baselines", "download_url")  # no effect on training
 
     weight_decay: float  # AdamW decoupled weight decay
     width: int  # hidden units per layer
@@ -185,7 +188,7 @@ def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, sc
     # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
     loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
     seen = progress.sums.get("n", 0)
-    finite = FiniteLossWatch(dist.device)
+    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
     for x, y in batches.epoch(progress.epoch, progress.step):
         loss = criterion(model(x), y)  # mean over this rank's share
         finite.update(loss, progress.epoch * len(batches) + progress.step)
@@ -337,7 +340,9 @@ def main() -> None:
                  f"{dist.world_size} process(es), global batch {cfg.batch_size}")
         model, optimizer, scheduler, batches = prepare(cfg, data, dist)
         meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
-        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler)
+        # The data is valid: now this launch becomes the one writer of --out-dir, or stops.
+        claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
+        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler, cfg)
         if state:
             require_keys(state, ("early_stopping",), "housing")
         stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)

@@ -232,3 +232,18 @@ def agreed_data(dist: DistInfo) -> dict:
     except SystemExit as stop:
         code = stop.code
     return {"good": good, "exit": code}
+
+
+def nan_loss_on_rank_1(dist: DistInfo) -> str:
+    """Steps 0-9 with a finite loss, except rank 1's at step 5; the epoch-end check's message."""
+    from common.errors import NonFiniteLossError
+    from common.finite import FiniteLossWatch
+
+    watch = FiniteLossWatch(dist)
+    for step in range(10):
+        watch.update(torch.tensor(float("nan") if (dist.rank, step) == (1, 5) else 0.5), step)
+    try:
+        watch.check()
+    except NonFiniteLossError as err:
+        return str(err)
+    return "no error"

@@ -12,10 +12,13 @@ from common.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint, save_checkp
 from common.cli import check_shared_args, make_parser
 from common.data import TrainBatches, eval_shard
 from common.dist import DistInfo
-from common.errors import FiniteLossWatch, NonFiniteLossError, UserError, ensure_finite
+from common.errors import NonFiniteLossError, UserError
+from common.finite import FiniteLossWatch
 from common.metrics import confusion_matrix, reduce_sums
 from common.report import RunRecorder
 from common.resume import resume_from
+from common.launch import free_port
+from tests import dist_workers
 from tests.launch import run_program
 
 CPU = torch.device("cpu")
@@ -128,28 +131,25 @@ def test_out_dir_below_a_file_is_not_writable(tmp_path):
         check_shared_args(_args("--out-dir", str(tmp_path / "file" / "run")))
 
 
-def test_non_finite_loss_names_the_step():
-    ensure_finite(1.0, step=3)
-    with pytest.raises(NonFiniteLossError, match="at step 7"):
-        ensure_finite(float("nan"), step=7)
-
-
-
-@pytest.mark.parametrize("defer", [False, True])
-def test_finite_loss_watch_names_the_first_bad_step(defer):
-    """At once on the CPU; deferred (as on a GPU, no host sync per step) it still names the
+def test_finite_loss_watch_names_the_first_bad_step():
+    """Nothing is read per step (no host sync on a GPU): the check at the epoch's end names the
     first non-finite step, not the epoch or the last step."""
-    watch = FiniteLossWatch(torch.device("cpu"), defer=defer)
+    watch = FiniteLossWatch(rank_info(0, 1))
     watch.update(torch.tensor(0.5), 10)
-    if not defer:
-        with pytest.raises(NonFiniteLossError, match="loss became nan at step 11"):
-            watch.update(torch.tensor(float("nan")), 11)
-        return
+    watch.check()
     watch.update(torch.tensor(float("nan")), 11)
     watch.update(torch.tensor(float("inf")), 12)
     watch.update(torch.tensor(0.25), 13)
-    with pytest.raises(NonFiniteLossError, match="loss became nan at step 11"):
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 11; check the training data"):
         watch.check()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_line(tmp_path):
+    """Rank 1's batch gives a NaN loss at step 5: both ranks raise the same error, naming the
+    step and the rank (before, rank 1 stopped alone and rank 0 died in its next collective)."""
+    messages = dist_workers.spawn(dist_workers.nan_loss_on_rank_1, 2, free_port(), tmp_path)
+    assert messages[0] == messages[1]
+    assert "loss became nan at step 5 on rank 1 only" in messages[0]
 
 
 def test_recorder_drops_epochs_after_the_resumed_checkpoint(tmp_path):

@@ -220,6 +220,24 @@ def test_extras_outlasting_the_collective_timeout_cost_no_results(tmp_path, data
     assert all((out / "plots" / name).stat().st_size > 0 for name in PLOTS)
 
 
+def test_a_non_finite_loss_in_one_ranks_batch_stops_both_ranks_with_one_line(tmp_path):
+    """One price of $1e200 makes the dollar loss infinite in one rank's share of a batch: both
+    ranks stop with the same line, naming the step and that rank (before: that rank alone
+    stopped, and the other died in its next collective with a gloo traceback)."""
+    frame = synthetic_frame()
+    frame.loc[5, "median_house_value"] = 1e200
+    frame.to_csv(tmp_path / "housing.csv", index=False)
+    result = run_program("housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"),
+                                              *TRAIN_ARGS], nproc=2, timeout=90)
+    assert result.returncode != 0
+    errors = error_messages(result.stderr)
+    assert sorted(rank for rank, _ in errors) == ["0", "1"], result.stderr[-3000:]
+    assert errors[0][1] == errors[1][1] and "loss became inf at step" in errors[0][1], errors
+    assert "only (its share of that batch); check the training data" in errors[0][1]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 @pytest.mark.xdist_group("housing-ddp-runs")
 def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, ddp_runs):
     runs = {nproc: summary(out) for nproc, out in ddp_runs.items()}

@@ -112,7 +112,76 @@ def test_resume_from_another_programs_checkpoint(datasets, tmp_path):
         expect_clean_failure(program, [*program_args(program, datasets, out), "--resume", str(housing_ckpt)],
                              f"program is 'housing', expected '{program}'", out)
     # Same program, other architecture: refused before any weight is touched.
-    other_arch = foreign_checkpoint(tmp_path / "anomaly-run", {"program": "anomaly", "arch": "autoencoder-512"})
+    other_arch = foreign_checkpoint(tmp_path / "anomaly-other-arch", {"program": "anomaly", "arch": "autoencoder-512"})
     out = tmp_path / "anomaly-resumed"
     expect_clean_failure("anomaly", [*program_args("anomaly", datasets, out), "--resume", str(other_arch)],
                          "checkpoint does not match this run", out)
+
+
+# ---------------------------------------------------------------- run directories are never lost
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".run.lock"}
+
+
+def _train(program: str, data: dict[str, Path], out: Path, *extra: str) -> None:
+    result = run_program(f"{program}/train.py", [*program_args(program, data, out), *extra], nproc=2, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_run_directory_is_written_only_by_the_run_it_holds(datasets, tmp_path):
+    """A finished housing run: launching housing again without --resume, or anomaly with or
+    without --resume, into its --out-dir is refused and changes no byte; --overwrite replaces it."""
+    out = tmp_path / "run"
+    _train("housing", datasets, out)
+    before = _files(out)
+    assert {"summary.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt"} <= set(before)
+    expect_clean_failure("housing", program_args("housing", datasets, out),
+                         "already holds a housing run (checkpoint.pt, checkpoint.prev.pt, metrics.jsonl, "
+                         "summary.json); pass --resume to continue it, --overwrite to replace it")
+    expect_clean_failure("anomaly", program_args("anomaly", datasets, out), "already holds a housing run")
+    expect_clean_failure("anomaly", [*program_args("anomaly", datasets, out), "--resume"],
+                         "holds a housing run, not a anomaly one")
+    assert _files(out) == before
+    _train("anomaly", datasets, out, "--overwrite")
+    assert _files(out)["summary.json"] != before["summary.json"] and (out / "detector.pt").exists()
+
+
+def test_a_second_launch_into_a_directory_in_use_is_refused(datasets, tmp_path):
+    import json
+    import threading
+
+    out = tmp_path / "run"
+    first: dict = {}
+    args = [*program_args("housing", datasets, out), "--epochs", "12"]
+    running = threading.Thread(target=lambda: first.update(
+        result=run_program("housing/train.py", args, nproc=2, timeout=120)))
+    running.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / ".run.lock").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and "pid" not in (out / ".run.lock").read_text():
+        time.sleep(0.05)
+    holder = json.loads((out / ".run.lock").read_text())
+    expect_clean_failure("housing", [*program_args("housing", datasets, out), "--resume"],
+                         f"is being written by another launch (housing, pid {holder['pid']}")
+    running.join()
+    assert first["result"].returncode == 0, first["result"].stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 12  # one writer: no line twice
+
+
+@pytest.mark.parametrize("program,changed,message", [
+    ("housing", ["--seed", "1"], "--seed is 1 here but 0 in the run being resumed"),
+    ("cifar", ["--epochs", "1"], "--epochs is 1 here but 2 in the run being resumed"),
+    ("cifar", ["--batch-size", "6"], "--batch-size is 6 here but 12 in the run being resumed"),
+    ("anomaly", ["--seed", "1"], "--seed is 1 here but 0 in the run being resumed"),
+    ("anomaly", ["--hidden", "16,4"], "--hidden is (16, 4) here but (32, 8) in the run being resumed"),
+])
+def test_resume_refuses_settings_that_change_the_run(datasets, tmp_path, program, changed, message):
+    out = tmp_path / "run"
+    two_epochs = ["--epochs", "2"] if program == "cifar" else []
+    _train(program, datasets, out, *two_epochs)
+    before = _files(out)
+    expect_clean_failure(program, [*program_args(program, datasets, out), *two_epochs, "--resume", *changed],
+                         message)
+    assert _files(out) == before

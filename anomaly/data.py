@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _find_in_dir(data_dir: Path, name: str) -> tuple[str, bytes] | None:
     plain = data_dir / name
     if plain.is_file():
         return str(plain), plain.read_bytes()
-    for archive in sorted(data_dir.glob("*.zip")):
+    for archive in sorted(p for p in data_dir.glob("*.zip") if p.is_file()):  # a folder named x.zip is not one
         try:
             with zipfile.ZipFile(archive) as zf:
                 for member in zf.namelist():
@@ -104,6 +105,10 @@ def _find_in_dir(data_dir: Path, name: str) -> tuple[str, bytes] | None:
                         return f"{archive}:{member}", zf.read(member)
         except zipfile.BadZipFile:
             raise UserError(f"{archive}: not a readable zip file; expected a zip holding {name}") from None
+        except (zlib.error, EOFError, OSError) as err:  # the index reads, the compressed data is damaged
+            detail = str(err).splitlines()[0] if str(err) else "it ends too soon"
+            raise UserError(f"{archive}: damaged, {name} cannot be read from it ({detail}); "
+                            "download it again") from None
     return None
 
 
@@ -154,12 +159,24 @@ def validate_partition(frame: pd.DataFrame, display: str, required: tuple[str, .
     return _convert(frame, display, first_line=2, need_labels=need_labels)
 
 
+# Byte, packet and load columns: counts and rates, whose log1p the features take
+# (anomaly/features.py), so a negative value would become NaN inside the network.
+NON_NEGATIVE = ("sbytes", "dbytes", "spkts", "dpkts", "sload", "dload")
+
+
 def _convert(frame: pd.DataFrame, display: str, first_line: int, need_labels: bool) -> pd.DataFrame:
     """Numbers to float64, categories stripped and lower-cased, labels checked."""
     out = frame.copy()
     numeric = [c for c in (*NUMERIC, *PARTITION_ONLY, "stime", "ltime", "id") if c in out.columns]
     for column in numeric:
         out[column] = _to_number(out, column, display, first_line)
+    for column in (c for c in NON_NEGATIVE if c in out.columns):
+        negative = (out[column] < 0).to_numpy()
+        if negative.any():
+            i = int(np.flatnonzero(negative)[0])
+            raise UserError(f"{display}: column '{column}' row {i + 1} (line {i + first_line}): value "
+                            f"{frame[column].iloc[i]!r}; expected a count or rate, 0 or more "
+                            "(the features take its log1p)")
     for column in CATEGORICAL:
         out[column] = out[column].str.strip().str.lower()
     if need_labels or "label" in out.columns:

@@ -297,6 +297,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                  epoch + 1, cfg.epochs, train["train_loss"], val_loss, time.time() - t0)
         checkpoint(epoch)
 
+    preempt.release()  # training is over: SIGTERM now stops the process at once
     result = evaluate(model, data, cfg, dist)
     log_result(result, cfg, log)
     rows = recorder.read_metrics()

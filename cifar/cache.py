@@ -1,8 +1,9 @@
 """CIFAR-10 decoded once: a uint8 tensor file beside the data (or in the user's cache folder).
 
 Decoding 60,000 images takes seconds, not minutes, but is still done once: the result is saved as
-one uint8 tensor file (about 185 MB) keyed by the source's path, size and modification time, in
-the data dir when it is writable, else in ``$XDG_CACHE_HOME/torchdist-reference`` (``~/.cache``).
+one uint8 tensor file (about 185 MB) keyed by the size and modification time of every file it is
+read from, in the data dir when it is writable, else in ``$XDG_CACHE_HOME/torchdist-reference``
+(``~/.cache``).
 Later runs load it in well under a second. When the data dir holds no CIFAR-10 at all, the
 canonical ``cifar-10-python.tar.gz`` is downloaded into it first (``common.files.verified_download``:
 a temporary file, SHA-256 checked, then renamed into place) unless ``download=False``.
@@ -59,19 +60,21 @@ def download_archive(data_dir: Path, url: str | None = None, sha256: str | None 
 
 
 def _fingerprint(source: Source) -> str:
-    """Cheap identity of a source: path plus size and mtime of the archive, of the batch files,
-    or of the split and class folders (which change when images are added or removed)."""
+    """Cheap identity of a source: its path, and the size and modification time of every file
+    it is read from (the archive, the batch files, or each image of the class folders: an image
+    replaced in place changes neither its folder's size nor its time)."""
     if source.kind == "archive":
         paths = [source.path]
     elif source.kind == "batches":
         paths = sorted(source.path.iterdir())
     else:
         splits = [source.path / s for s in ("train", "test") if (source.path / s).is_dir()]
-        paths = splits + sorted(d for s in splits for d in s.iterdir() if d.is_dir())
+        paths = sorted(p.relative_to(source.path) for s in splits for p in s.rglob("*") if p.is_file())
+        paths = [source.path / p for p in paths]
     parts = [str(CACHE_VERSION), source.kind, str(source.path.resolve())]
     for p in paths:
         st = p.stat()
-        parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{p.relative_to(source.path) if p != source.path else p.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -398,6 +398,7 @@ def main() -> None:
                      " (flip TTA)" if cfg.tta and last else "", row["train_images_per_s"], elapsed)
             checkpoint(epoch, elapsed)
 
+        preempt.release()  # training is over: SIGTERM now stops the process at once
         final = evaluate(model, data, cfg, dist, bf16, cfg.tta) if start_epoch >= cfg.epochs else test
         wall_s = time.time() - wall_start
         summary = {

@@ -62,6 +62,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in 0 .. 2**32 - 1 (NumPy's range), got {self.seed}")
         if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.tensorboard and not tensorboard_available():

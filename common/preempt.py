@@ -67,9 +67,18 @@ class Preemption:
         self.group = None
         if dist.is_distributed and dist.device.type != "cpu":
             self.group = tdist.new_group(backend="gloo")
+        self._previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def release(self) -> None:
+        """Give the signals back their earlier handlers (call when training is over): a
+        SIGTERM during the final evaluation or the plots then stops the process at once instead
+        of setting a flag no step will read."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum: int, _frame: Any) -> None:
         # Only note it: the step in progress finishes, then every rank learns of it together.

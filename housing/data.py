@@ -53,6 +53,9 @@ NUMERIC = ["longitude", "latitude", "housing_median_age", "total_rooms", "total_
 COLUMNS = NUMERIC + [TARGET, CATEGORICAL]
 # Only this column is known to have gaps (207 rows); the imputer fills it from the training split.
 MAY_BE_MISSING = {"total_bedrooms"}
+# Columns the features take a log or a ratio of: each value must be above zero.
+POSITIVE = ["housing_median_age", "total_rooms", "total_bedrooms", "population", "households",
+            "median_income", TARGET]
 PRICE_MIN, PRICE_CAP = 14_999.0, 500_001.0  # dollars; the file's floor and top-code
 
 TEST_SIZE, TEST_SEED = 0.2, 42  # the standard split of this file
@@ -110,10 +113,21 @@ def read_housing(path: Path) -> pd.DataFrame:
             row = int(np.flatnonzero(blank.to_numpy())[0])
             raise UserError(f"{path}: column {column!r}, row {row + 2}: empty value; "
                             f"expected a number (only total_bedrooms may be empty)")
+        if np.isinf(values).any():
+            row = int(np.flatnonzero(np.isinf(values).to_numpy())[0])
+            raise UserError(f"{path}: column {column!r}, row {row + 2}: value {frame[column].iloc[row]!r} "
+                            "is not finite; expected a finite number")
+        if blank.all():
+            raise UserError(f"{path}: column {column!r} is empty in every row; expected at least one value")
         out[column] = values.astype("float64")
-    if (out[TARGET] <= 0).any():
-        row = int(np.flatnonzero((out[TARGET] <= 0).to_numpy())[0])
-        raise UserError(f"{path}: column {TARGET!r}, row {row + 2}: price must be positive")
+    for column in POSITIVE:
+        if (out[column] <= 0).any():
+            row = int(np.flatnonzero((out[column] <= 0).to_numpy())[0])
+            raise UserError(f"{path}: column {column!r}, row {row + 2}: value {out[column].iloc[row]:g}; "
+                            f"expected a number above 0 (the features take its log or divide by it)")
+    if out[TARGET].nunique() < 2:
+        raise UserError(f"{path}: every row has the same {TARGET} ({out[TARGET].iloc[0]:g}); "
+                        "expected prices that vary")
     out[CATEGORICAL] = frame[CATEGORICAL].str.strip().replace("", np.nan)
     return out
 
@@ -368,6 +382,9 @@ def load_housing(data_dir: Path, seed: int, groups: Sequence[str] = tuple(FEATUR
     if len(frame) < 50:
         raise UserError(f"{path}: only {len(frame)} data rows; expected the 20,640 housing rows")
     train_rows, val_rows, test_rows = split_rows(len(frame), seed)
+    if preprocessor is None and len(train_rows) < n_clusters:
+        raise UserError(f"--n-clusters {n_clusters} needs at least {n_clusters} training rows (one per "
+                        f"location cluster); {path} gives {len(train_rows)}: lower --n-clusters or use more rows")
     train_frame = frame.iloc[train_rows]
     log_price = np.log(train_frame[TARGET].to_numpy())
     if preprocessor is None:

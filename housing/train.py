@@ -376,6 +376,7 @@ def main() -> None:
                      f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
             recorder.log_epoch(row)
             checkpoint(epoch)
+        preempt.release()  # training is over: SIGTERM now stops the process at once
         stopper.restore_best(model)
         train_s = time.time() - train_started
         test = evaluate(model, data.test, data, dist, keep_predictions=True)

@@ -87,6 +87,16 @@ def test_folders_decode_once_then_cache(folders: Path, monkeypatch) -> None:
     assert torch.equal(cdata.load_cache(cache).train_images, train)
 
 
+def test_an_image_replaced_in_place_is_decoded_again(folders: Path) -> None:
+    """Overwriting one image (same name, same folder sizes) must not leave the cache stale."""
+    first = cdata.load(folders)
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(folders / "train" / "cat" / "0000.png")
+    again = cdata.load(folders)
+    replaced = (again.train_images == 7).flatten(1).all(dim=1)
+    assert replaced.sum() == 1  # the new image, and only it, is what the run now reads
+    assert torch.equal(again.train_images[~replaced], first.train_images[~replaced])
+
+
 def test_class_folders_inside_tar_gz_and_subfolder(tmp_path: Path) -> None:
     src = make_folders(tmp_path / "src" / "cifar10-png")
     data_dir = tmp_path / "data"

@@ -116,3 +116,32 @@ def test_slurm_script_passes_the_warning_on_and_requeues(tmp_path):
     assert "pre-empted by SIGUSR1: stopped after step" in stdout, stderr[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step_in_epoch"] > 0
+
+
+def test_sigterm_once_training_is_over_stops_the_process_at_once(tmp_path):
+    """After the last step nothing reads the pre-emption flag, so the signal handler is given
+    back: a SIGTERM during the extras (here a baseline fit that sleeps a minute) ends the
+    process at once, the results already on disk (before, it was noted and ignored)."""
+    import sys
+
+    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+
+    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    out = tmp_path / "run"
+    args = ["--data-dir", str(tmp_path), "--out-dir", str(out), *TRAIN_ARGS[:-1]]
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "slow_extras.py"), *args], cwd=REPO,
+                               env=child_env({"SLOW_BASELINES_S": "120"}), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while not (out / "summary.json").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert (out / "summary.json").exists(), process.communicate(timeout=5)
+    time.sleep(2)  # into the baseline fit
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    try:
+        process.communicate(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGTERM and time.time() - sent < 10
+    assert json.loads((out / "summary.json").read_text())["test"]["rmse"] > 0

@@ -185,3 +185,78 @@ def test_resume_refuses_settings_that_change_the_run(datasets, tmp_path, program
     expect_clean_failure(program, [*program_args(program, datasets, out), *two_epochs, "--resume", *changed],
                          message)
     assert _files(out) == before
+
+
+# ---------------------------------------------------------------- values that passed validation
+
+def _housing_dir(tmp_path: Path, change) -> Path:
+    folder = tmp_path / "housing-data"
+    folder.mkdir()
+    frame = synthetic_frame()
+    frame = change(frame) if change is not None else frame
+    frame.to_csv(folder / "housing.csv", index=False)
+    return folder
+
+
+def _set(column: str, value, row: int = 3):
+    def change(frame):
+        frame = frame.astype({column: object}) if isinstance(value, str) else frame
+        frame.loc[row, column] = value
+        return frame
+    return change
+
+
+@pytest.mark.parametrize("change,flags,message", [
+    (lambda f: f.iloc[:60], ["--n-clusters", "48"], "--n-clusters 48 needs at least 48 training rows"),
+    (lambda f: f.assign(median_house_value=250_000.0), [], "every row has the same median_house_value"),
+    (_set("median_income", 0.0), [], "column 'median_income', row 5: value 0; expected a number above 0"),
+    (_set("median_income", "inf"), [], "column 'median_income', row 5: value 'inf' is not finite"),
+    (_set("households", -3.0), [], "column 'households', row 5: value -3; expected a number above 0"),
+    (lambda f: f.assign(total_bedrooms=float("nan")), [], "column 'total_bedrooms' is empty in every row"),
+    (None, ["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),
+    (None, ["--n-clusters", "5000"], "--n-clusters 5000 needs at least 5000 training rows"),
+], ids=["60-rows", "one-price", "zero-income", "inf-income", "negative-count", "blank-column",
+        "negative-seed", "more-clusters-than-rows"])
+def test_housing_values_a_library_would_crash_on(tmp_path, change, flags, message):
+    data = _housing_dir(tmp_path, change)
+    out = tmp_path / "run"
+    expect_clean_failure("housing", ["--data-dir", str(data), "--out-dir", str(out), *HOUSING_SMALL, *flags],
+                         message, out)
+    assert not out.exists()
+
+
+def _anomaly_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "anomaly-data"
+    folder.mkdir()
+    return folder
+
+
+def test_anomaly_negative_byte_count_is_refused_before_training(tmp_path):
+    data = _anomaly_dir(tmp_path)
+    frame = make_partition(600, seed=1)
+    frame.loc[9, "sbytes"] = -512
+    write_partition(frame, data / TRAIN_FILE)
+    out = tmp_path / "run"
+    expect_clean_failure("anomaly", ["--data-dir", str(data), "--out-dir", str(out), *ANOMALY_SMALL],
+                         "column 'sbytes' row 10 (line 11): value '-512'; expected a count or rate, 0 or more", out)
+
+
+def test_anomaly_damaged_zip_is_one_line(tmp_path):
+    data = _anomaly_dir(tmp_path)
+    archive = write_partition(make_partition(600, seed=1), data / TRAIN_FILE, zip_name="unsw.zip")
+    blob = bytearray(archive.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = b"\xff" * 64  # an invalid deflate block (zlib.error), the index intact
+    archive.write_bytes(bytes(blob))
+    expect_clean_failure("anomaly", ["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *ANOMALY_SMALL],
+                         f"{archive}: damaged, {TRAIN_FILE} cannot be read from it", tmp_path / "run")
+
+
+def test_anomaly_folder_named_like_a_zip_is_not_read_as_one(tmp_path):
+    """A folder called backup.zip beside the real zip: the data is found and the run trains."""
+    data = _anomaly_dir(tmp_path)
+    (data / "a-backup.zip").mkdir()
+    write_partition(make_partition(600, seed=1), data / TRAIN_FILE, zip_name="unsw.zip")
+    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(tmp_path / "run"),
+                                              *ANOMALY_SMALL], nproc=2, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -265,15 +265,16 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
 def evaluate(model, data: CifarData, cfg: Config, dist: DistInfo, bf16: bool, tta: bool) -> dict:
     """Loss, accuracy and confusion matrix over every test image exactly once (any world size)."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
+    # Summed on the device: the host reads them once, after the last batch, not once a batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64, device=dist.device)
     for xb, yb in eval_batches([data.test_images, data.test_labels], cfg.eval_batch_size, dist):
         x = prepare_batch(xb, cfg)
         with bf16_autocast(dist.device, bf16):
             logits = model(x).float()
             if tta:
                 logits = (logits + model(x.flip(3)).float()) / 2
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double().cpu()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
         confusion += confusion_matrix(logits.argmax(1), yb, data.num_classes)
     confusion = all_reduce_tensor(confusion, dist)
     loss = reduce_sums({"loss": loss_sum}, dist)["loss"]

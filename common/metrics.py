@@ -41,10 +41,11 @@ def all_reduce_tensor(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
 def confusion_matrix(
     predictions: torch.Tensor, targets: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
-    """Counts ``[true_class, predicted_class]`` for one batch or shard, as int64."""
+    """Counts ``[true_class, predicted_class]`` for one batch or shard, as int64, on the inputs'
+    device (add batches up there; ``all_reduce_tensor`` brings the total to the host once)."""
     flat = targets.long().reshape(-1) * num_classes + predictions.long().reshape(-1)
     counts = torch.bincount(flat, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).cpu()
+    return counts.reshape(num_classes, num_classes)
 
 
 def gather_tensors(local: torch.Tensor, dist: DistInfo) -> torch.Tensor:

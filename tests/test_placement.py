@@ -227,6 +227,16 @@ def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
 
     _assert_syncs_do_not_grow(prepare_epoch, (12, 4))
 
+    def prepare_evaluation(eval_batch_size: int):  # the final flip-TTA evaluation is timed too
+        cfg = c.parse_args(["--data-dir", str(tmp_path / "data"), "--eval-batch-size", str(eval_batch_size),
+                            "--amp", "off", "--widths", "8", "16", "16", "--no-download"])
+        data = c.build_data(cfg, STANDIN)
+        model = wrap_model(c.build_model(cfg, data), STANDIN)
+        return -(-len(data.test_labels) // eval_batch_size), lambda: c.evaluate(model, data, cfg, STANDIN,
+                                                                                False, tta=True)
+
+    _assert_syncs_do_not_grow(prepare_evaluation, (8, 4))
+
 
 def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
     """After --resume (here at another world size than the checkpoint's), AdamW's moments are

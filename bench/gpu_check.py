@@ -60,10 +60,15 @@ QUICK_ARGS = {"housing": ["--epochs", "3", "--batch-size", "96", "--width", "32"
               "cifar": ["--epochs", "3", "--batch-size", "12", "--widths", "8", "16", "16",
                         "--eval-batch-size", "4", "--no-download"]}
 MODES = ("plain", "torchrun", "fsdp")
-# A metric computed again from a checkpoint, or by a resumed run, must be the torchrun row's:
-# exactly on the CPU; on a GPU within what kernel choice can move (cuDNN's benchmark mode may
-# pick another convolution algorithm in another process: a few of 10,000 test images).
+# A metric computed again from a checkpoint must be the torchrun row's: exactly on the CPU; on a
+# GPU within what kernel choice can move (cuDNN's benchmark mode may pick another convolution
+# algorithm in another process: a few of 10,000 test images).
 SAME = {"housing": {"rel_tol": 1e-6}, "anomaly": {"rel_tol": 1e-6}, "cifar": {"abs_tol": 2e-3}}
+# A run interrupted and resumed: exactly the same on the CPU (the dry run), but a GPU's
+# atomically accumulated gradients differ in the last bits from run to run and training grows
+# that. These bounds are guesses, not measurements (no GPU has run this yet): about a seed's
+# spread; tighten them once a GPU run shows how far a resumed run really lands.
+RESUMED = {"housing": {"rel_tol": 5e-3}, "anomaly": {"abs_tol": 5e-3}, "cifar": {"abs_tol": 5e-3}}
 
 
 @dataclass
@@ -175,9 +180,12 @@ def run_eval_only(program: str, cfg: argparse.Namespace, reference: Row, run: Ru
     return _compared(program, "eval-only", value, wall, reference)
 
 
-def _compared(program: str, mode: str, value: float, wall: float, reference: Row, note: str = "") -> Row:
-    """A row whose metric must equal ``reference``'s (the uninterrupted torchrun run's)."""
-    same = reference.metric is not None and math.isclose(value, reference.metric, **SAME[program])
+def _compared(program: str, mode: str, value: float, wall: float, reference: Row, note: str = "",
+              tolerance: dict[str, float] | None = None) -> Row:
+    """A row whose metric must equal ``reference``'s (the uninterrupted torchrun run's), within
+    ``tolerance`` (``SAME[program]`` unless given)."""
+    same = reference.metric is not None and math.isclose(value, reference.metric,
+                                                         **(tolerance or SAME[program]))
     return Row(program, mode, value, wall, None, None, same,
                ", ".join(filter(None, [note, "the torchrun row's metric" if same else
                                        f"differs from the torchrun row's {reference.metric}"])))
@@ -230,7 +238,8 @@ def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_
     if result is None or not (out / "summary.json").exists():
         return Row(program, mode, None, wall, None, None, False, note or "no summary after --resume")
     value = metric_of(program, json.loads((out / "summary.json").read_text()))
-    return _compared(program, mode, value, wall, reference, f"stopped at {saved}, resumed")
+    return _compared(program, mode, value, wall, reference, f"stopped at {saved}, resumed",
+                     RESUMED[program] if cfg.device == "cuda" else None)
 
 
 def _wait(condition: Callable[[], bool], agent: subprocess.Popen, deadline: float) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -44,26 +45,44 @@ class Augment:
         return self.translate > 0 or self.flip or self.cutout > 0
 
 
-def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | None) -> torch.Tensor:
-    """Randomly translate, flip and cut out a float batch [B, C, H, W] (same device)."""
+def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | None,
+            share: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Randomly translate, flip and cut out a float batch [B, C, H, W] (same device).
+
+    With ``share = (rank, world_size, global_n)`` the batch is this rank's share of a global
+    batch of ``global_n`` images (its positions ``rank, rank + world_size, ...``): every draw is
+    made for the whole global batch, from a generator seeded alike on every rank, and this rank
+    keeps its positions, so each image is augmented the same way at any world size.
+    """
     b, _, h, w = images.shape
     dev = images.device
+
+    def draw(sample: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """``sample(k)`` draws k values: one per image of this batch, or of the global one."""
+        if share is None:
+            return sample(b)
+        rank, world_size, global_n = share
+        return sample(global_n)[rank::world_size]
+
+    def randint(high: int) -> torch.Tensor:
+        return draw(lambda k: torch.randint(0, high, (k,), generator=generator, device=dev))
+
     if aug.translate > 0:
         r = aug.translate
         padded = torch.nn.functional.pad(images, (r, r, r, r), mode="reflect")
-        dy = torch.randint(0, 2 * r + 1, (b,), generator=generator, device=dev)
-        dx = torch.randint(0, 2 * r + 1, (b,), generator=generator, device=dev)
+        dy = randint(2 * r + 1)
+        dx = randint(2 * r + 1)
         rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
         images = padded.gather(2, rows.expand(b, padded.shape[1], h, padded.shape[3]))
         images = images.gather(3, cols.expand(b, images.shape[1], h, w))
     if aug.flip:
-        flip = torch.rand(b, generator=generator, device=dev) < 0.5
+        flip = draw(lambda k: torch.rand(k, generator=generator, device=dev)) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     if aug.cutout > 0:
         size = aug.cutout
-        cy = torch.randint(0, h, (b,), generator=generator, device=dev)
-        cx = torch.randint(0, w, (b,), generator=generator, device=dev)
+        cy = randint(h)
+        cx = randint(w)
         ys = torch.arange(h, device=dev)[None, :]
         xs = torch.arange(w, device=dev)[None, :]
         in_y = ((ys - cy[:, None]).abs() <= size // 2)[:, None, :, None]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar.data import Augment, CifarData, augment, load, normalize, subset
-from cifar.model import AirNet, bf16_autocast, resnet18, use_bf16
+from cifar.model import AirNet, BatchNorm, bf16_autocast, resnet18, use_bf16
 from cifar.optim import Lookahead, triangular
 from cifar.plots import plot_run
 from cifar.presets import PRESETS, resolve_preset
@@ -81,6 +81,9 @@ class Config(RunConfig):
     test_limit: int | None  # use the first N test images
     target_accuracy: float | None  # report when test accuracy first reaches this
     download: bool
+    # BatchNorm statistics and augmentation draws over the global batch, not each rank's share
+    # of it: the same optimisation at any world size (one all-reduce per BatchNorm layer).
+    world_size_invariant: bool = False
 
     def check(self) -> None:
         checks = [
@@ -97,6 +100,8 @@ class Config(RunConfig):
             (self.train_per_class is None or self.train_per_class >= 1, "--train-per-class must be >= 1"),
             (self.test_limit is None or self.test_limit >= 1, "--test-limit must be >= 1"),
             (self.weights is None or self.arch == "resnet18", "--weights applies to --arch resnet18 only"),
+            (not self.world_size_invariant or self.arch == "airnet",
+             "--world-size-invariant applies to --arch airnet only"),
         ]
         for ok, message in checks:
             if not ok:
@@ -147,6 +152,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--test-limit", type=int, default=None, metavar="N")
     p.add_argument("--target-accuracy", type=float, default=None, metavar="FRACTION")
     p.add_argument("--no-download", dest="download", action="store_false")
+    p.add_argument("--world-size-invariant", action="store_true",
+                   help="BatchNorm statistics and augmentation draws over the whole global batch "
+                        "instead of each process's share: 1 or 8 processes then train alike (one "
+                        "small all-reduce per BatchNorm layer and step)")
     known, _ = parser.parse_known_args(argv)
     preset = resolve_preset(known.preset, known.device)
     parser.set_defaults(**PRESETS[preset])
@@ -182,6 +191,9 @@ def build_model(cfg: Config, data: CifarData) -> torch.nn.Module:
     else:
         model = AirNet(cfg.widths, cfg.depth, data.num_classes, cfg.residual)
         model.init_whitening(normalize(data.train_images[:5000]))
+        for norm in model.modules():
+            if isinstance(norm, BatchNorm):
+                norm.across_ranks = cfg.world_size_invariant
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
@@ -207,9 +219,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
 
 
 def prepare_batch(images: torch.Tensor, cfg: Config, aug: Augment | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Normalised (and augmented, with ``aug``) images in the model's memory format."""
-    x = normalize(images) if aug is None else augment(normalize(images), aug, generator)
+                  generator: torch.Generator | None = None, share: tuple[int, int, int] | None = None
+                  ) -> torch.Tensor:
+    """Normalised (and augmented, with ``aug``; ``share``: see ``augment``) images in the
+    model's memory format."""
+    x = normalize(images) if aug is None else augment(normalize(images), aug, generator, share)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
@@ -221,10 +235,12 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
     model.train()
     epoch, sums = partial.epoch, partial.sums
     aug = Augment(cfg.translate, cfg.flip, cfg.cutout)
-    # Augmentation draws from its own generator on the device, seeded per epoch and rank:
-    # resumable exactly (mid-epoch, from the state a pre-emption checkpoint saved). With nothing
-    # to draw (no augmentation) there is no generator.
-    generator = (torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
+    # Augmentation draws from its own generator on the device, seeded per epoch and rank (per
+    # epoch alone with --world-size-invariant, which draws for the global batch): resumable
+    # exactly (mid-epoch, from the state a pre-emption checkpoint saved). With nothing to draw
+    # (no augmentation) there is no generator.
+    stream = 0 if cfg.world_size_invariant else dist.rank
+    generator = (torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + stream)
                  if aug.draws_random else None)
     if generator is not None and "_augment_rng" in sums:
         generator.set_state(sums["_augment_rng"])
@@ -234,7 +250,9 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
     finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
     for images, labels in progress(batches.epoch(epoch, partial.step), dist, total=len(batches) - partial.step,
                                    desc=f"epoch {epoch + 1}"):
-        x = prepare_batch(images, cfg, aug, generator)
+        share = ((dist.rank, dist.world_size, batches.global_size(partial.step))
+                 if cfg.world_size_invariant else None)
+        x = prepare_batch(images, cfg, aug, generator, share)
         with bf16_autocast(dist.device, bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)

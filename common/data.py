@@ -92,6 +92,12 @@ class TrainBatches:
         stop = self.n if step == len(self) - 1 else start + self.global_batch_size
         return order[start:stop][self.dist.rank :: self.dist.world_size]
 
+    def global_size(self, step: int) -> int:
+        """How many samples global batch ``step`` holds, over all ranks (the last takes the
+        remainder); this rank holds positions ``rank, rank + world_size, ...`` of it."""
+        start = step * self.global_batch_size
+        return (self.n if step == len(self) - 1 else start + self.global_batch_size) - start
+
     def global_mean(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """This rank's *mean* loss over its share of global batch ``step``, weighted so that
         the average over ranks (what DDP and FSDP do to gradients) is the mean over the whole
@@ -102,8 +108,7 @@ class TrainBatches:
         the ranks unequal shares (at 3 ranks a last batch of 8 rows splits 3/3/2), where an
         unweighted average would count the rows of the smaller share more.
         """
-        start = step * self.global_batch_size
-        global_n = (self.n if step == len(self) - 1 else start + self.global_batch_size) - start
+        global_n = self.global_size(step)
         local_n = len(range(self.dist.rank, global_n, self.dist.world_size))
         return loss * (local_n * self.dist.world_size / global_n)
 

@@ -376,3 +376,22 @@ def test_augment_study_runs_each_variant_and_tabulates(tmp_path: Path, monkeypat
     assert "| no horizontal flip | 0.7500 | -5.00 |" in table
     assert "| no test-time flip | 0.7900 | -1.00 |" in table
     assert "| no cutout | 0.8100 | +1.00 |" in table
+
+
+def test_world_size_invariant_training_is_the_same_at_1_2_and_4_processes(tmp_path, folders):
+    """--world-size-invariant: BatchNorm statistics and augmentation draws over the global batch,
+    so 2 epochs (6 steps) at 1, 2 and 4 processes end with the same weights (the float
+    tolerance of the other programs' world-size tests); without it 1 and 2 already differ."""
+    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", "--amp", "off",
+            "--cutout", "4", *SMALL]
+    runs = {}
+    for flags, sizes in ((["--world-size-invariant"], (1, 2, 4)), ([], (1, 2))):
+        for nproc in sizes:
+            out = tmp_path / f"{'inv' if flags else 'per-rank'}-{nproc}"
+            result = run_program("cifar/train.py", [*args, *flags, "--out-dir", str(out)], nproc=nproc, timeout=120)
+            assert result.returncode == 0, result.stderr[-2000:]
+            runs[bool(flags), nproc] = out
+    assert_same_weights(runs[True, 2], runs[True, 1])
+    assert_same_weights(runs[True, 4], runs[True, 1])
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_weights(runs[False, 2], runs[False, 1])

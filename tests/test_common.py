@@ -279,3 +279,18 @@ def test_eval_only_config_comes_from_the_checkpoint_but_run_options_from_the_com
         now.for_evaluation({**saved, "depth": 2}, "run/checkpoint.pt")
     with pytest.raises(UserError, match="--width must be >= 1, got 0"):  # the program's check runs too
         now.for_evaluation({**saved, "width": 0}, "run/checkpoint.pt")
+
+
+def test_device_clock_adds_up_only_the_timed_sections():
+    import time as clock
+
+    from common.timing import DeviceClock
+
+    timer = DeviceClock(torch.device("cpu"), seconds=1.0)  # a resumed run's earlier time
+    with timer.timed():
+        clock.sleep(0.05)
+    clock.sleep(1.0)  # not timed
+    with timer.timed():
+        clock.sleep(0.1)
+    assert 0.1 <= timer.last_section < 1.0
+    assert 1.15 <= timer.seconds < 2.15  # the untimed second is not in it

@@ -13,11 +13,10 @@ import contextlib
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
-import torch.distributed.nn.functional as tdist_nn
 import torch.nn.functional as F
 from torch import nn
 
+from common.dist import sum_over_ranks
 from common.errors import UserError
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
@@ -40,9 +39,9 @@ class BatchNorm(nn.BatchNorm2d):
 
     ``across_ranks`` (``--world-size-invariant``): in training, the statistics are those of
     the whole global batch, not of this rank's share of it: each rank's per-channel sums are
-    all-reduced (``torch.distributed.nn``'s all_reduce, whose backward all-reduces the
-    gradients too), so 1 process with 1024 images and 8 with 128 each normalise alike. It costs
-    one small all-reduce per layer and step each way.
+    summed over the ranks (``common.dist.sum_over_ranks``, whose backward sums the gradients
+    too), so 1 process with 1024 images and 8 with 128 each normalise alike. It costs one small
+    all-reduce per layer and step each way.
     """
 
     across_ranks = False
@@ -59,8 +58,7 @@ class BatchNorm(nn.BatchNorm2d):
         count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
         sums = torch.cat([x.sum(dim=(0, 2, 3), dtype=torch.float64),
                           (x * x).sum(dim=(0, 2, 3), dtype=torch.float64), count])
-        if tdist.is_available() and tdist.is_initialized():
-            sums = tdist_nn.all_reduce(sums)
+        sums = sum_over_ranks(sums)
         c, n = x.shape[1], sums[-1]
         mean = sums[:c] / n
         var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)

@@ -217,6 +217,31 @@ def broadcast_object(obj: object, dist: DistInfo, src: int = 0) -> object:
     return box[0]
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) in the forward pass; in the backward, the gradients every rank received
+    for the sum are summed too (each rank's loss depends on every rank's part)."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor) -> torch.Tensor:
+        total = part.clone()
+        tdist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(part: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's ``part``, differentiable (e.g. batch statistics over the global
+    batch); ``part`` itself outside a process group. Call on every rank (a collective)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return part
+    return _SumOverRanks.apply(part)
+
+
 def all_gather_object(obj: object, dist: DistInfo) -> list[object]:
     """Every rank's picklable ``obj``, in rank order, on every rank (``[obj]`` for one process).
 

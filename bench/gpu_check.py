@@ -287,7 +287,8 @@ def run_predict(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     result, wall, note = _run_logged("anomaly-predict", cmd, cfg, run)
     if result is None:
         return Row("anomaly", "predict", None, wall, None, None, False, note)
-    return Row("anomaly", "predict", None, wall, None, None, out.exists(), result.stdout.strip().splitlines()[0][-60:])
+    said = result.stdout.strip().splitlines()[0].rsplit(": ", 1)[-1]  # "N rows, M flagged as attacks (x%)"
+    return Row("anomaly", "predict", None, wall, None, None, out.exists(), said)
 
 
 def partition_csv(cfg: argparse.Namespace) -> Path:

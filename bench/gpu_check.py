@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,6 +123,13 @@ def run_in_group(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: flo
 Runner = Callable[..., subprocess.CompletedProcess]
 
 
+def fresh(out: Path) -> Path:
+    """``out``, emptied: the programs refuse to start a run in a folder that holds one (a run
+    an earlier check left there)."""
+    shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
 def program_args(program: str, cfg: argparse.Namespace, out: Path) -> list[str]:
     """The program's arguments in every row (a run of ``out``)."""
     return ["--data-dir", str(cfg.data_dir), "--out-dir", str(out), "--device", cfg.device,
@@ -151,7 +159,7 @@ def _text(output: str | bytes | None) -> str:
 
 
 def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
-    out = cfg.runs / f"{program}-{mode}"
+    out = fresh(cfg.runs / f"{program}-{mode}")
     result, wall, note = _run_logged(f"{program}-{mode}", command(program, mode, program_args(program, cfg, out)),
                                      cfg, run)
     if result is None:
@@ -170,7 +178,7 @@ def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = 
 
 def run_eval_only(program: str, cfg: argparse.Namespace, reference: Row, run: Runner = run_in_group) -> Row:
     """``--eval-only`` of the torchrun row's run, under torchrun: its metric again."""
-    out = cfg.runs / f"{program}-eval-only"
+    out = fresh(cfg.runs / f"{program}-eval-only")
     args = ["--eval-only", "--resume", str(cfg.runs / f"{program}-torchrun"), "--data-dir", str(cfg.data_dir),
             "--out-dir", str(out), "--device", cfg.device]
     result, wall, note = _run_logged(f"{program}-eval-only", command(program, "torchrun", args), cfg, run)
@@ -199,7 +207,7 @@ def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_
     scheduler pre-empting the job sends it. ``--resume`` then finishes the run, which must end
     at ``reference``'s metric. Real torchrun (its restarts are what is checked)."""
     mode = "kill+term" if kill_first else "term"
-    out = cfg.runs / f"{program}-{mode}"
+    out = fresh(cfg.runs / f"{program}-{mode}")
     cmd = command(program, "torchrun", [*program_args(program, cfg, out), "--resume"],
                   ("--max-restarts=1",) if kill_first else ())
     started = time.time()

@@ -211,8 +211,8 @@ def test_extras_outlasting_the_collective_timeout_cost_no_results(tmp_path, data
     waits on them: a baseline fit longer than --dist-timeout still ends with summary.json, the
     baselines and exit 0 (it was fitted on the last rank while rank 0 waited to receive it)."""
     out = tmp_path / "run"
-    args = ["--data-dir", str(data_dir), "--out-dir", str(out), *TRAIN_ARGS[:-1], "--dist-timeout", "5"]
-    result = run_program("tests/slow_extras.py", args, nproc=2, timeout=120, env={"SLOW_BASELINES_S": "9"})
+    args = ["--data-dir", str(data_dir), "--out-dir", str(out), *TRAIN_ARGS[:-1], "--dist-timeout", "10"]
+    result = run_program("tests/slow_extras.py", args, nproc=2, timeout=120, env={"SLOW_BASELINES_S": "14"})
     assert result.returncode == 0, result.stderr[-2000:]
     written = summary(out)
     assert written["test"]["rmse"] > 0 and written["world_size"] == 2

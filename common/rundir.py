@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 from typing import IO
 
@@ -58,6 +59,9 @@ def _claim(out_dir: Path, program: str, resume: bool, overwrite: bool) -> str | 
             return (f"--out-dir {out_dir} is being written by another launch ({holder.get('program', '?')}, "
                     f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to end or "
                     "choose another --out-dir")
+        except OSError as err:  # a filesystem without locks (some network mounts): run unlocked
+            print(f"warning: --out-dir {out_dir} cannot be locked ({err.strerror}); a second launch "
+                  "into it would not be refused", file=sys.stderr, flush=True)
         handle.seek(0)
         owner = _read_owner(handle.read()).get("program")
         _held[out_dir] = handle

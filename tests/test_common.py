@@ -294,3 +294,22 @@ def test_device_clock_adds_up_only_the_timed_sections():
         clock.sleep(0.1)
     assert 0.1 <= timer.last_section < 1.0
     assert 1.15 <= timer.seconds < 2.15  # the untimed second is not in it
+
+
+def test_run_dir_on_a_filesystem_without_locks_still_runs(tmp_path, capsys, monkeypatch):
+    """Some network mounts refuse flock: the run goes on unlocked, with a warning, and a folder
+    holding a run is still refused without --resume."""
+    import errno
+
+    from common import rundir
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    rundir.claim_run_dir(tmp_path / "run", "housing", rank_info(0, 1), resume=False, overwrite=False)
+    assert "cannot be locked (No locks available)" in capsys.readouterr().err
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        rundir.claim_run_dir(tmp_path / "held", "housing", rank_info(0, 1), resume=False, overwrite=False)

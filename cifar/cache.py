@@ -64,17 +64,16 @@ def _fingerprint(source: Source) -> str:
     it is read from (the archive, the batch files, or each image of the class folders: an image
     replaced in place changes neither its folder's size nor its time)."""
     if source.kind == "archive":
-        paths = [source.path]
+        paths, named_from = [source.path], source.path.parent
     elif source.kind == "batches":
-        paths = sorted(source.path.iterdir())
+        paths, named_from = sorted(source.path.iterdir()), source.path
     else:
         splits = [source.path / s for s in ("train", "test") if (source.path / s).is_dir()]
-        paths = sorted(p.relative_to(source.path) for s in splits for p in s.rglob("*") if p.is_file())
-        paths = [source.path / p for p in paths]
+        paths, named_from = sorted(p for s in splits for p in s.rglob("*") if p.is_file()), source.path
     parts = [str(CACHE_VERSION), source.kind, str(source.path.resolve())]
     for p in paths:
         st = p.stat()
-        parts.append(f"{p.relative_to(source.path) if p != source.path else p.name}:{st.st_size}:{st.st_mtime_ns}")
+        parts.append(f"{p.relative_to(named_from)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

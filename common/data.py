@@ -89,8 +89,7 @@ class TrainBatches:
     def _local_part(self, order: torch.Tensor, step: int) -> torch.Tensor:
         """This rank's share of global batch ``step``; the last batch takes the remainder."""
         start = step * self.global_batch_size
-        stop = self.n if step == len(self) - 1 else start + self.global_batch_size
-        return order[start:stop][self.dist.rank :: self.dist.world_size]
+        return order[start:start + self.global_size(step)][self.dist.rank :: self.dist.world_size]
 
     def global_size(self, step: int) -> int:
         """How many samples global batch ``step`` holds, over all ranks (the last takes the

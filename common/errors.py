@@ -7,7 +7,6 @@ import traceback
 from typing import Callable
 
 
-
 class UserError(Exception):
     """A problem the user can fix (bad argument, missing or malformed file).
 

@@ -10,7 +10,6 @@ The sync tests count what a training step asks of the host.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 
 from common.dist import DistInfo
 from common.preempt import EpochProgress
-from tests.launch import SAME_WEIGHTS, assert_same_weights, checkpoint_weights, run_program
+from tests.launch import SAME_WEIGHTS, assert_same_weights, checkpoint_weights, resume_copy, run_program
 from tests.standin import DEVICE, standin_device
 
 ON_STANDIN = "tests/on_standin.py"
@@ -78,8 +77,7 @@ def _check_every_path(program: str, args: list[str], tmp_path: Path, sigterm_at_
     assert metric(runs["device"]) == metric(runs["cpu"])
     assert_same_weights(runs["device"], runs["cpu"])
 
-    runs["other_size"].mkdir()
-    shutil.copy(runs["cpu"] / "checkpoint.prev.pt", runs["other_size"] / "checkpoint.pt")
+    resume_copy(runs["cpu"], runs["other_size"])
     other = _launch([program, *args, "--out-dir", str(runs["other_size"]), "--resume"], 1)
     assert other.returncode == 0, other.stderr[-3000:]
     got, want = checkpoint_weights(runs["other_size"]), checkpoint_weights(runs["cpu"])
@@ -251,8 +249,7 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
     result = run_program("housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(trained), *TRAIN_ARGS],
                          nproc=2, timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
-    run.mkdir()
-    shutil.copy(trained / "checkpoint.prev.pt", run / "checkpoint.pt")  # epochs left to train
+    resume_copy(trained, run)  # epochs left to train
     cfg = h.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(run), *TRAIN_ARGS, "--resume"])
     with standin_device() as device:
         data = h.build_data(cfg, STANDIN)

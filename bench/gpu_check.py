@@ -54,8 +54,10 @@ CIFAR_TARGET = 0.90
 PROGRAM_ARGS = {"housing": ["--no-baselines"], "anomaly": [],
                 "cifar": ["--preset", "airbench94", "--target-accuracy", str(CIFAR_TARGET)]}
 # --quick: a few epochs on whatever (tiny) data is given; only the mechanics are checked.
-QUICK_ARGS = {"housing": ["--epochs", "3", "--batch-size", "96", "--width", "32", "--depth", "1",
-                          "--n-clusters", "4"],
+# housing's epochs are a few milliseconds each: enough of them (no early stop) that the kill+term
+# row's SIGKILL, sent when the first checkpoint appears, still lands mid-training on a loaded machine.
+QUICK_ARGS = {"housing": ["--epochs", "100", "--patience", "100", "--batch-size", "96", "--width", "32",
+                          "--depth", "1", "--n-clusters", "4"],
               "anomaly": ["--epochs", "2", "--batch-size", "48", "--hidden", "16,4",
                           "--min-frequency", "5"],
               "cifar": ["--epochs", "3", "--batch-size", "12", "--widths", "8", "16", "16",
@@ -219,13 +221,13 @@ def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_
     try:
         if not _wait(lambda: checkpoint.exists(), agent, deadline):
             return Row(program, mode, None, time.time() - started, None, None, False, "no checkpoint written")
-        since = time.time()
         if kill_first:
             first = _children(agent.pid)
             for pid in first:
                 os.kill(pid, signal.SIGKILL)
-            restarted = _wait(lambda: bool(set(_children(agent.pid)) - set(first))
-                              and _mtime(checkpoint) > since, agent, deadline)
+            _wait(lambda: not any(_alive(pid) for pid in first), agent, deadline)
+            since = time.time()  # the killed workers write nothing more: a newer checkpoint is the restart's
+            restarted = _wait(lambda: _mtime(checkpoint) > since, agent, deadline)
             if not restarted:
                 return Row(program, mode, None, time.time() - started, None, None, False,
                            "no checkpoint after the restart")
@@ -251,12 +253,13 @@ def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_
 
 
 def _wait(condition: Callable[[], bool], agent: subprocess.Popen, deadline: float) -> bool:
-    """Poll ``condition`` until it holds (True), the agent exits or the deadline passes (False)."""
+    """Poll ``condition`` until it holds (True), the agent exits or the deadline passes (False).
+    An agent that has exited is asked once more: what it did just before exiting counts."""
     while time.time() < deadline and agent.poll() is None:
         if condition():
             return True
         time.sleep(0.05)
-    return False
+    return agent.poll() is not None and condition()
 
 
 def _children(pid: int) -> list[int]:
@@ -270,6 +273,14 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:  # the field after the state is the parent's pid
             found.append(int(stat.parent.name))
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _mtime(path: Path) -> float:

@@ -31,9 +31,9 @@ from common.report import RunRecorder, get_logger, optional_extra
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 from common.rundir import claim_run_dir
+from common.tabular import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, NORMS, TabularMLP, describe
 from housing import data as hdata
 from housing.loss import criterion_for, loss_fn
-from housing.model import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, MLP, NORMS, describe
 
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/train.py --data-dir ../shared/data
@@ -64,7 +64,7 @@ class Config(RunConfig):
     n_clusters: int  # k-means centres for the location-cluster features
     baselines: bool = False  # also fit LinearRegression and HistGradientBoosting on the same split
     download_url: str = hdata.DOWNLOAD_URL
-    # The tabular-DL ingredients (housing/model.py); defaults here (not the CLI's) are the plain
+    # The tabular-DL ingredients (common/tabular.py); defaults here (not the CLI's) are the plain
     # MLP, so a saved config from before they existed still parses.
     quantile: bool = False  # inputs through their training quantiles to a normal
     embedding: str = "none"  # numeric-feature embedding: none, ple, periodic
@@ -155,13 +155,13 @@ def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None
                                              target_stats=target_stats), dist)
 
 
-def build_model(cfg: Config, data: hdata.HousingData) -> MLP:
-    """The model; the training split's features fit its quantile / PLE buffers (a checkpoint's
-    weights then replace them in --eval-only)."""
-    return MLP(data.train.x.shape[1], cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
-               quantile=cfg.quantile, embedding=cfg.embedding, embed_bins=cfg.embed_bins,
-               embed_dim=cfg.embed_dim, ensemble=cfg.ensemble, ensemble_mode=cfg.ensemble_mode,
-               train_x=data.train.x)
+def build_model(cfg: Config, data: hdata.HousingData) -> TabularMLP:
+    """The network (common/tabular.py); the training split's features fit its quantile / PLE
+    buffers (a checkpoint's weights then replace them in --eval-only)."""
+    return TabularMLP(data.train.x.shape[1], cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
+                      quantile=cfg.quantile, embedding=cfg.embedding, embed_bins=cfg.embed_bins,
+                      embed_dim=cfg.embed_dim, ensemble=cfg.ensemble, ensemble_mode=cfg.ensemble_mode,
+                      train_x=data.train.x)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):

@@ -29,7 +29,7 @@ EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/tune.py --grid "width=128,256 lr=0.002,0.004" --epochs 20
   torchrun --nproc_per_node=2 housing/tune.py --grid "ensemble=1,8 ensemble_mode=mini,packed width=128 depth=2"
 """
-# The ingredients of housing/model.py on and off, around the default (PLE embedding).
+# The ingredients of common/tabular.py on and off, around the default (PLE embedding).
 DEFAULT_GRID = "embedding=none,ple,periodic quantile=0,1 ensemble=1,8"
 
 

@@ -1,5 +1,5 @@
 """housing/: data validation, download, splits, features, and real multi-process runs (the
-network's ingredients: tests/test_housing_model.py).
+network's ingredients: tests/test_tabular.py).
 
 Multi-process runs use a small synthetic ``housing.csv`` (same columns as the real file) so the
 whole file stays fast; the download test serves the real file when ../shared/data exists.

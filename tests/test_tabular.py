@@ -1,4 +1,4 @@
-"""housing/model.py and the loss: each ingredient of the network (#16), in-process."""
+"""common/tabular.py, each ingredient of the network, and housing's loss; in-process."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch
 def test_quantile_inputs_match_scikit_learns_quantile_transformer():
     from sklearn.preprocessing import QuantileTransformer
 
-    from housing.model import QUANTILES, QuantileNormal
+    from common.tabular import QUANTILES, QuantileNormal
 
     rng = np.random.default_rng(0)
     train = np.column_stack([rng.lognormal(size=2000), rng.integers(0, 2, 2000), rng.normal(size=2000)])
@@ -33,7 +33,7 @@ def scipy_norm_ppf(p: float) -> float:
 
 
 def test_piecewise_linear_encoding_fills_bins_up_to_the_value():
-    from housing.model import PiecewiseLinear
+    from common.tabular import PiecewiseLinear
 
     ple = PiecewiseLinear(torch.arange(0.0, 5.0).unsqueeze(1), 1, n_bins=4, dim=2)  # edges 0,1,2,3,4
     assert ple.edges.tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0]]
@@ -51,11 +51,11 @@ def test_piecewise_linear_encoding_fills_bins_up_to_the_value():
 def test_every_ingredient_predicts_each_row_on_its_own(options):
     """k predictions per row that differ by member, whatever batch the row is in (no batch statistics),
     in float64 too; the buffers are saved with the weights."""
-    from housing.model import MLP
+    from common.tabular import TabularMLP
 
     torch.manual_seed(0)
     x = torch.randn(64, 5)
-    model = MLP(5, width=16, depth=2, train_x=x, **options).eval()
+    model = TabularMLP(5, width=16, depth=2, train_x=x, **options).eval()
     k = options["ensemble"]
     out = model(x)
     assert out.shape == (64, k) and (out.std(dim=1) > 0).all()
@@ -63,7 +63,7 @@ def test_every_ingredient_predicts_each_row_on_its_own(options):
     whole = double(x.double())
     parts = torch.cat([double(x[i:i + 7].double()) for i in range(0, 64, 7)])
     assert torch.allclose(whole, parts, rtol=0, atol=1e-12)
-    again = MLP(5, width=16, depth=2, **options).double()  # no train_x: buffers come from the state
+    again = TabularMLP(5, width=16, depth=2, **options).double()  # no train_x: buffers come from the state
     again.load_state_dict(double.state_dict())
     assert torch.equal(again(x.double()), whole)
 

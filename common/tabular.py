@@ -1,6 +1,7 @@
-"""The housing regressor: numeric-feature inputs -> an MLP -> k ensemble members' predictions.
+"""A tabular network: numeric features -> an MLP -> k ensemble members' outputs.
 
-Three optional ingredients from the tabular deep-learning literature, each a flag:
+housing regresses the standardised log price with it (``housing.train.build_model``). Three optional
+ingredients from the tabular deep-learning literature, each a flag:
 
 - ``quantile``: every input feature mapped through its training-split quantiles to a standard
   normal (what scikit-learn's ``QuantileTransformer(output_distribution="normal")`` does), so
@@ -140,11 +141,11 @@ class PackedLinear(nn.Module):
         return torch.einsum("bki,kio->bko", x, self.weight) + self.bias
 
 
-class MLP(nn.Module):
+class TabularMLP(nn.Module):
     """``[inputs] -> [Linear -> norm -> activation -> dropout] * depth -> k heads``.
 
-    ``forward`` returns [batch, k]: one prediction of the standardised log price per ensemble
-    member (k = 1 is a plain MLP). Train each column against the target; predict their mean.
+    ``forward`` returns [batch, k]: one output per ensemble member (k = 1 is a plain MLP): a
+    regression target or a logit. Train each column against the target; predict their mean.
     ``train_x`` (the training split's features) fits the quantile transform and the PLE bins;
     leave it None when the weights and buffers will be loaded from a checkpoint.
     """
@@ -196,7 +197,7 @@ class MLP(nn.Module):
         self.head_bias = nn.Parameter(torch.empty(ensemble).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[batch, n_features] -> [batch, k] predictions of the standardised log price."""
+        """[batch, n_features] -> [batch, k]: each member's output."""
         if self.quantile is not None:
             x = self.quantile(x)
         if self.embed is not None:

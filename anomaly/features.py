@@ -187,6 +187,12 @@ class FeatureTransform:
     def n_components(self) -> int:
         return int(self.pca.n_components_)
 
+    def indicator_columns(self) -> list[int]:
+        """The one-hot columns (0/1 before scaling): they follow the numeric block."""
+        numeric = self.pipeline.named_steps["columns"].named_transformers_["numeric"]
+        n_numeric = len(numeric.named_steps["scale"].mean_)
+        return list(range(n_numeric, self.n_features))
+
     def pca_tensors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, components)``: ``z = (x - mean) @ components.T``, ``x ≈ z @ components + mean``."""
         return self.pca.mean_.astype(np.float32), self.pca.components_.astype(np.float32)

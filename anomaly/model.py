@@ -2,7 +2,8 @@
 
 - ``Autoencoder`` (semi-supervised): trained on normal rows only; flags what it cannot
   reconstruct, including attacks of a kind no label has shown.
-- ``Classifier`` (supervised): an MLP from features to an attack probability, trained on every
+- ``Classifier`` (supervised): a tabular network (``common.tabular``: piecewise-linear feature
+  embeddings, k TabM-mini members) from features to an attack probability, trained on every
   labelled training row; catches the attacks it was shown.
 - ``Hybrid``: both in one module, trained together (the loss is the sum of the two; their
   parameters are disjoint, so each part learns exactly what it would alone). A row is an attack
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 from anomaly.features import COUNTED, FeatureTransform
+from common.errors import UserError
+from common.tabular import TabularMLP
 
 
 class Autoencoder(nn.Module):
@@ -74,27 +77,42 @@ class Autoencoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """MLP from the scaled features in ``input_index`` to an attack logit.
+    """``common.tabular.TabularMLP`` from the scaled features in ``input_index`` to k attack
+    logits, one per ensemble member; the attack probability is the members' mean probability.
+
+    The numeric features enter through piecewise-linear embeddings (bins cut at the training
+    quantiles, like a tree's splits) and k TabM-mini members share one MLP: the parts that let
+    housing's network beat gradient boosting (``--embedding``, ``--ensemble``).
 
     ``input_index`` lets it skip the exact-size frequency columns: they count normal *training*
     flows, so for a model trained on those same flows they act as a memory of its training rows
     (measured: gradient boosting's test F1 0.857 with them, 0.976 without).
+    ``plain``: positions in ``input_index`` of the one-hot columns, which skip the embedding.
+    ``train_x`` (every scaled feature of the training rows) fits the embedding's bins; leave it
+    None when weights and buffers come from a checkpoint.
     """
 
-    def __init__(self, input_index: torch.Tensor, hidden: tuple[int, ...] = (256, 256),
-                 dropout: float = 0.1) -> None:
+    def __init__(self, input_index: torch.Tensor, hidden: tuple[int, ...] = (128, 128, 128),
+                 dropout: float = 0.1, *, embedding: str = "ple", embed_bins: int = 96,
+                 embed_dim: int = 8, ensemble: int = 8, plain: tuple[int, ...] = (),
+                 train_x: torch.Tensor | None = None) -> None:
         super().__init__()
+        if len(set(hidden)) != 1:
+            raise UserError(f"--classifier-hidden {','.join(map(str, hidden))}: the layers of the "
+                            "classifier share one width (for example 256,256)")
         self.register_buffer("input_index", input_index.clone().long())
-        widths = [len(input_index), *hidden, 1]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(widths) - 2:
-                layers += [nn.GELU(), nn.Dropout(dropout)]
-        self.net = nn.Sequential(*layers)
+        self.net = TabularMLP(len(input_index), hidden[0], len(hidden), "gelu", dropout,
+                              embedding=embedding, embed_bins=embed_bins, embed_dim=embed_dim,
+                              ensemble=ensemble, plain=plain,
+                              train_x=None if train_x is None else train_x[:, input_index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x[:, self.input_index]).squeeze(1)
+        """[batch, features] -> [batch, k] logits."""
+        return self.net(x[:, self.input_index])
+
+    def probability(self, x: torch.Tensor) -> torch.Tensor:
+        """The attack probability of each row: the mean of the members' probabilities."""
+        return torch.sigmoid(self(x)).mean(dim=1)
 
 
 class Hybrid(nn.Module):
@@ -118,19 +136,26 @@ def training_loss(detector: str, out, x: torch.Tensor, y: torch.Tensor,
                   normal_share: float) -> torch.Tensor:
     """Mean loss over this rank's rows (so ``TrainBatches.global_mean`` applies).
 
-    The autoencoder learns from normal rows only: alone it is only given those; in the hybrid
-    its squared error is masked to the normal rows and divided by their share of the training
-    set, so it keeps the scale of a mean over normal rows while staying a mean over *all* rows
-    of the batch, which is what makes the gradient exact whatever the ranks' shares.
+    The classifier's k members each learn from their own binary cross-entropy (their mean over
+    members and rows). The autoencoder learns from normal rows only: alone it is only given
+    those; in the hybrid its squared error is masked to the normal rows and divided by their
+    share of the training set, so it keeps the scale of a mean over normal rows while staying a
+    mean over *all* rows of the batch, which is what makes the gradient exact whatever the
+    ranks' shares.
     """
     if detector == "autoencoder":
         return nn.functional.mse_loss(out, x)
     if detector == "classifier":
-        return nn.functional.binary_cross_entropy_with_logits(out, y.float())
+        return _members_bce(out, y)
     logits, recon = out
     normal = (y == 0).float()
     reconstruction = (((recon - x) ** 2).mean(dim=1) * normal).mean() / normal_share
-    return nn.functional.binary_cross_entropy_with_logits(logits, y.float()) + reconstruction
+    return _members_bce(logits, y) + reconstruction
+
+
+def _members_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each member's [batch, k] logits against the labels, averaged."""
+    return nn.functional.binary_cross_entropy_with_logits(logits, y.to(logits.dtype)[:, None].expand_as(logits))
 
 
 def raw_scores(detector: str, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -138,8 +163,8 @@ def raw_scores(detector: str, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if detector == "autoencoder":
         return net.score(x)[:, None]
     if detector == "classifier":
-        return torch.sigmoid(net(x))[:, None]
-    return torch.stack([torch.sigmoid(net.classifier(x)), net.autoencoder.score(x)], dim=1)
+        return net.probability(x)[:, None]
+    return torch.stack([net.classifier.probability(x), net.autoencoder.score(x)], dim=1)
 
 
 def combined_score(raw: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -155,11 +180,19 @@ def classifier_inputs(transform: FeatureTransform) -> list[int]:
 
 
 def make_detector(detector: str, transform: FeatureTransform, hidden: tuple[int, ...],
-                  classifier_hidden: tuple[int, ...]) -> torch.nn.Module:
-    """Build a detector network (also used by ``anomaly.predict`` to load ``detector.pt``)."""
+                  classifier_hidden: tuple[int, ...], classifier_options: dict,
+                  train_x: torch.Tensor | None = None) -> torch.nn.Module:
+    """Build a detector network (also used by ``anomaly.predict`` to load ``detector.pt``).
+
+    ``classifier_options``: the classifier's ``embedding``, ``embed_bins``, ``embed_dim`` and
+    ``ensemble``; ``train_x``, the training rows' features, fits its embedding (None: the
+    buffers come from a checkpoint)."""
     mean, components = transform.pca_tensors()
     autoencoder = Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), hidden)
-    classifier = Classifier(torch.tensor(classifier_inputs(transform)), classifier_hidden)
+    inputs, indicators = classifier_inputs(transform), set(transform.indicator_columns())
+    plain = tuple(position for position, column in enumerate(inputs) if column in indicators)
+    classifier = Classifier(torch.tensor(inputs), classifier_hidden, plain=plain, train_x=train_x,
+                            **classifier_options)
     return {"autoencoder": autoencoder, "classifier": classifier,
             "hybrid": Hybrid(autoencoder, classifier)}[detector]
 

@@ -34,6 +34,7 @@ def write_detector(path: Path, net: torch.nn.Module, cfg, transform: FeatureTran
     """
     torch_save_atomic(path, {"detector": cfg.detector, "model": net.state_dict(),
                              "hidden": list(cfg.hidden), "classifier_hidden": list(cfg.classifier_hidden),
+                             "classifier_options": cfg.classifier_options,
                              "transform": transform_to_plain(transform), "thresholds": thresholds,
                              "score": cfg.score})
 
@@ -54,7 +55,8 @@ def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dic
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read means an unusable file
         raise UserError(f"{path}: not a readable detector ({type(err).__name__})") from None
-    needed = ("detector", "model", "hidden", "classifier_hidden", "transform", "thresholds")
+    needed = ("detector", "model", "hidden", "classifier_hidden", "classifier_options", "transform",
+              "thresholds")
     if not isinstance(bundle, dict) or any(k not in bundle for k in needed):
         raise UserError(f"{path}: not an anomaly detector of this version (lacks "
                         f"{', '.join(k for k in needed if k not in bundle) if isinstance(bundle, dict) else 'everything'}); "
@@ -62,7 +64,7 @@ def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dic
     transform = transform_from_plain(bundle["transform"], str(path))
     bundle["transform"] = transform
     model = make_detector(bundle["detector"], transform, tuple(bundle["hidden"]),
-                          tuple(bundle["classifier_hidden"]))
+                          tuple(bundle["classifier_hidden"]), bundle["classifier_options"])
     try:
         model.load_state_dict(bundle["model"])
     except RuntimeError as err:

@@ -47,12 +47,13 @@ from common.report import RunRecorder, get_logger, optional_extra, progress
 from common.resume import check_ranks_agree, resume_from
 from common.rng import seed_everything
 from common.rundir import claim_run_dir
+from common.tabular import EMBEDDINGS
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"
 DETECTORS = tuple(PARTS)
 # Per detector: (epochs, global batch, peak lr); --epochs, --batch-size, --lr override them.
 # The autoencoder's epochs pass over the normal training rows only (about 45% of them).
-DEFAULTS = {"autoencoder": (100, 240, 3e-3), "classifier": (30, 512, 3e-3), "hybrid": (30, 512, 3e-3)}
+DEFAULTS = {"autoencoder": (100, 240, 3e-3), "classifier": (30, 256, 3e-3), "hybrid": (30, 256, 3e-3)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +70,13 @@ class Config(RunConfig):
     detector: str  # "autoencoder", "classifier" or "hybrid" (anomaly/model.py)
     split: str  # "grouped" (identical rows on one side) or "random"
     hidden: tuple[int, ...]  # autoencoder encoder widths; the last is the code size
-    classifier_hidden: tuple[int, ...]  # classifier MLP widths
+    classifier_hidden: tuple[int, ...]  # classifier MLP widths (one width, repeated)
+    # The classifier's tabular-network parts (common/tabular.py). Defaults here (not the CLI's)
+    # are the plain MLP, so a saved config from before they existed still parses.
+    embedding: str = "none"  # numeric-feature embedding: none, ple, periodic
+    embed_bins: int = 16  # PLE bins / periodic frequencies per feature
+    embed_dim: int = 8  # embedding size per feature
+    ensemble: int = 1  # k TabM-mini members in one classifier; probabilities averaged
     novelty_alarms: float  # hybrid: share of normal validation rows the autoencoder may flag
     holdout: str | None  # attack_cat removed from train and validation (novel-attack study)
     val_fraction: float  # of all rows (one file) or of the training file (two files)
@@ -93,10 +100,20 @@ class Config(RunConfig):
             raise UserError(f"--max-rows must be at least 100, got {self.max_rows}")
         if self.weight_decay < 0:
             raise UserError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if self.ensemble < 1 or self.embed_bins < 1 or self.embed_dim < 1:
+            raise UserError("--ensemble, --embed-bins and --embed-dim must be >= 1")
+
+    @property
+    def classifier_options(self) -> dict:
+        """The classifier's ``common.tabular`` options (``anomaly.model.Classifier``)."""
+        return {"embedding": self.embedding, "embed_bins": self.embed_bins, "embed_dim": self.embed_dim,
+                "ensemble": self.ensemble}
 
     @property
     def arch(self) -> str:
-        return f"{self.detector}-ae{'-'.join(map(str, self.hidden))}-clf{'-'.join(map(str, self.classifier_hidden))}"
+        parts = f"-{self.embedding}{self.embed_bins}x{self.embed_dim}" if self.embedding != "none" else ""
+        return (f"{self.detector}-ae{'-'.join(map(str, self.hidden))}-clf{'-'.join(map(str, self.classifier_hidden))}"
+                f"{parts}-k{self.ensemble}")
 
 
 def _widths(flag: str, text: str) -> tuple[int, ...]:
@@ -128,7 +145,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
                        help="grouped: identical feature rows stay on one side (no test row has a "
                             "copy in train); random: rows split independently")
     group.add_argument("--hidden", default="128,64,16", help="autoencoder encoder widths")
-    group.add_argument("--classifier-hidden", default="256,256", help="classifier MLP widths")
+    group.add_argument("--classifier-hidden", default="128,128,128",
+                       help="classifier MLP widths (one width per layer, all equal)")
+    group.add_argument("--embedding", default="ple", choices=EMBEDDINGS,
+                       help="classifier: per-feature embedding, piecewise-linear over training "
+                            "quantile bins (ple) or periodic, or none (common/tabular.py)")
+    group.add_argument("--embed-bins", type=int, default=96, help="PLE bins / periodic frequencies")
+    group.add_argument("--embed-dim", type=int, default=8, help="embedding size per feature")
+    group.add_argument("--ensemble", type=int, default=8,
+                       help="classifier: k TabM-mini members sharing one MLP (1 = a single MLP)")
     group.add_argument("--novelty-alarms", type=float, default=0.01,
                        help="hybrid: the autoencoder flags at most this share of normal "
                             "validation rows; the classifier's threshold is tuned given that")
@@ -191,8 +216,10 @@ def build_data(cfg: Config, dist: DistInfo, transform: FeatureTransform | None =
 
 
 def build_model(cfg: Config, data: Data) -> torch.nn.Module:
-    """The network ``cfg.detector`` names, with the fitted PCA and input columns as buffers."""
-    return make_detector(cfg.detector, data.transform, cfg.hidden, cfg.classifier_hidden)
+    """The network ``cfg.detector`` names, with the fitted PCA, input columns and embedding bins
+    (cut on the training rows) as buffers."""
+    return make_detector(cfg.detector, data.transform, cfg.hidden, cfg.classifier_hidden,
+                         cfg.classifier_options, train_x=data.x["train"])
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):

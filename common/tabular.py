@@ -1,6 +1,7 @@
 """A tabular network: numeric features -> an MLP -> k ensemble members' outputs.
 
-housing regresses the standardised log price with it (``housing.train.build_model``). Three optional
+housing regresses the standardised log price with it (``housing.train.build_model``); anomaly's
+classifier predicts attack logits with it (``anomaly.model.Classifier``). Three optional
 ingredients from the tabular deep-learning literature, each a flag:
 
 - ``quantile``: every input feature mapped through its training-split quantiles to a standard
@@ -153,7 +154,8 @@ class TabularMLP(nn.Module):
     def __init__(self, n_features: int, width: int = 256, depth: int = 3, activation: str = "silu",
                  dropout: float = 0.0, norm: str = "none", *, quantile: bool = False,
                  embedding: str = "none", embed_bins: int = 16, embed_dim: int = 8,
-                 ensemble: int = 1, ensemble_mode: str = "mini", train_x: torch.Tensor | None = None) -> None:
+                 ensemble: int = 1, ensemble_mode: str = "mini", plain: tuple[int, ...] = (),
+                 train_x: torch.Tensor | None = None) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise UserError(f"--activation {activation!r}: choose from {', '.join(ACTIVATIONS)}")
@@ -172,10 +174,24 @@ class TabularMLP(nn.Module):
             train_x = self.quantile(train_x.float())  # PLE bins cut in the space it sees
         self.embed: nn.Module | None = None
         size = n_features
+        # ``plain`` columns (0/1 indicators: a piecewise-linear code of one is a step the first
+        # layer draws anyway) skip the embedding and join its output as they are.
+        self.split = bool(plain) and embedding != "none"
+        if self.split:
+            embedded = [i for i in range(n_features) if i not in set(plain)]
+            self.register_buffer("embedded_index", torch.tensor(embedded, dtype=torch.long))
+            self.register_buffer("plain_index", torch.tensor(sorted(plain), dtype=torch.long))
+            if train_x is not None:
+                train_x = train_x[:, self.embedded_index]
+            n_embedded = len(embedded)
+        else:
+            n_embedded = n_features
         if embedding == "ple":
-            self.embed, size = PiecewiseLinear(train_x, n_features, embed_bins, embed_dim), n_features * embed_dim
+            self.embed = PiecewiseLinear(train_x, n_embedded, embed_bins, embed_dim)
         elif embedding == "periodic":
-            self.embed, size = Periodic(n_features, embed_bins, embed_dim), n_features * embed_dim
+            self.embed = Periodic(n_embedded, embed_bins, embed_dim)
+        if self.embed is not None:
+            size = n_embedded * embed_dim + (n_features - n_embedded)
         self.ensemble = ensemble
         self.packed = ensemble > 1 and ensemble_mode == "packed"
         # TabM-mini's adapter: member i sees its input multiplied element-wise by r_i, random
@@ -200,7 +216,9 @@ class TabularMLP(nn.Module):
         """[batch, n_features] -> [batch, k]: each member's output."""
         if self.quantile is not None:
             x = self.quantile(x)
-        if self.embed is not None:
+        if self.split:
+            x = torch.cat([self.embed(x[:, self.embedded_index]).flatten(1), x[:, self.plain_index]], dim=1)
+        elif self.embed is not None:
             x = self.embed(x).flatten(1)
         if self.adapter is not None and len(self.net) > 0:
             h = self.net[1:](self._first_layer_mini(x))

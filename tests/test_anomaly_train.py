@@ -339,3 +339,46 @@ def test_best_f1_threshold_counts_rows_that_are_always_flagged():
     thresholds, _ = calibrate("hybrid", raw, labels, novelty_alarms=0.05)
     alarms = (errors[labels == 0] >= thresholds["autoencoder"]).mean()
     assert 0.05 <= alarms < 0.05 + 2 / (labels == 0).sum()
+
+
+def test_classifier_members_each_learn_their_own_loss_and_the_probability_is_their_mean():
+    """The classifier is common.tabular's network with k members: each member's BCE counts
+    alone (a gradient that reaches one member's head leaves the others'), and a row's attack
+    probability is the mean of the members' sigmoids, whatever batch it is scored in."""
+    from anomaly.model import Classifier, training_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    net = Classifier(torch.tensor([0, 2, 3, 5]), (16, 16), 0.0, embed_bins=4, ensemble=3, train_x=x).double()
+    logits = net(x.double())
+    assert logits.shape == (64, 3) and (logits.std(dim=1) > 0).all()
+    expected = torch.sigmoid(logits).mean(dim=1)
+    assert torch.equal(net.probability(x.double()), expected)
+    parts = torch.cat([net.probability(x[i:i + 5].double()) for i in range(0, 64, 5)])
+    torch.testing.assert_close(parts, expected, rtol=0, atol=1e-12)
+    y = (x[:, 0] > 0).long()
+    loss = training_loss("classifier", logits, x.double(), y, 1.0)
+    per_member = [torch.nn.functional.binary_cross_entropy_with_logits(logits[:, m], y.double())
+                  for m in range(3)]
+    torch.testing.assert_close(loss, torch.stack(per_member).mean())
+    # The dropped columns are not read: changing them changes nothing.
+    changed = x.clone()
+    changed[:, [1, 4]] = 99.0
+    assert torch.equal(net(changed.double()), logits)
+    with pytest.raises(UserError, match="share one width"):
+        Classifier(torch.arange(6), (16, 8))
+
+
+@SHARES_TRAINED
+def test_predict_refuses_a_detector_without_the_classifier_options(trained, tmp_path):
+    """A detector.pt of the version before the classifier had an embedding and members lacks
+    its options: refused with one line that says to train again, not a shape error."""
+    from anomaly.predict import load_detector
+
+    _, run = trained
+    bundle = torch.load(run / "detector.pt", weights_only=True)
+    del bundle["classifier_options"]
+    old = tmp_path / "old.pt"
+    torch.save(bundle, old)
+    with pytest.raises(UserError, match="lacks classifier_options.*train again"):
+        load_detector(old)

@@ -47,6 +47,7 @@ def test_piecewise_linear_encoding_fills_bins_up_to_the_value():
 @pytest.mark.parametrize("options", [
     dict(quantile=True, embedding="ple", ensemble=4),
     dict(embedding="periodic", ensemble=3, ensemble_mode="packed"),
+    dict(embedding="ple", ensemble=4, plain=(1, 3)),  # columns 1 and 3 skip the embedding
 ])
 def test_every_ingredient_predicts_each_row_on_its_own(options):
     """k predictions per row that differ by member, whatever batch the row is in (no batch statistics),
@@ -66,6 +67,8 @@ def test_every_ingredient_predicts_each_row_on_its_own(options):
     again = TabularMLP(5, width=16, depth=2, **options).double()  # no train_x: buffers come from the state
     again.load_state_dict(double.state_dict())
     assert torch.equal(again(x.double()), whole)
+    if options.get("plain"):  # the embedding sees the other three columns only
+        assert model.embed.edges.shape[0] == 3 and model.net[0].in_features == 3 * 8 + 2
 
 
 def test_dollar_loss_adds_the_squared_error_in_dollars_of_each_member():

@@ -118,8 +118,16 @@ class AirNet(nn.Module):
         k = self.whiten.kernel_size[0]
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # N, C, H', W', k, k
         patches = patches.transpose(1, 3).reshape(-1, 3 * k * k)
-        patches = patches - patches.mean(0)
-        covariance = patches.T @ patches / len(patches)
+        # One thread: a CPU's matrix product sums in an order that depends on the thread count,
+        # and eigenvectors of nearly equal eigenvalues turn with the last bits, so a process of
+        # a 2-process run (1 thread each) would fit other filters than a 1-process run.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            patches = patches - patches.mean(0)
+            covariance = patches.T @ patches / len(patches)
+        finally:
+            torch.set_num_threads(threads)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
         filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).float()
         filters = filters.reshape(-1, 3, k, k)  # rows are (channel, dy, dx), like conv weights

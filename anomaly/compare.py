@@ -14,6 +14,10 @@ Rows of the table (threshold on the validation split by best F1 unless said othe
   summary.json. The first run's config sets the split and feature settings here, and every run
   must share them, so every row is measured on the same rows.
 
+Runs of several seeds (``--seed`` of train.py, which seeds the split too) give one table per
+seed, every method measured on that seed's split, then each method's test F1 over the seeds:
+per seed, mean and spread. That is the table to read before calling a winner.
+
 Writes ``compare.md`` and ``compare.json`` into --out-dir.
 Example: ``python anomaly/compare.py --data-dir ../shared/data --runs runs/anomaly-ae runs/anomaly runs/anomaly-hybrid``
 """
@@ -59,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where compare.md and compare.json go")
     parser.add_argument("--runs", type=Path, nargs="*", default=[Path("runs/anomaly")],
                         help="train.py run directories whose summary.json gives a row each; the "
-                             "first sets the split and feature settings (none: defaults)")
+                             "first sets the split and feature settings (none: defaults); runs "
+                             "of several seeds: a table per seed and F1 mean and spread over them")
     parser.add_argument("--seed", type=int, default=None,
                         help="split seed when there is no --runs summary (default 0)")
     parser.add_argument("--max-rows", type=int, default=None,
@@ -67,8 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[Path, dict]]]:
-    """Split/feature settings (from the first run when there is one) and every run's summary."""
+def settings(args: argparse.Namespace) -> list[tuple[dict[str, Any], list[tuple[Path, dict]]]]:
+    """One (split/feature settings, runs) group per seed, in the order the seeds first appear.
+
+    The settings come from the first run when there is one; runs of other seeds form groups of
+    their own (each measured on its own split), and every other setting must be shared."""
     runs = []
     for run in args.runs:
         path = run / "summary.json"
@@ -76,22 +84,24 @@ def settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[tuple[Path,
             raise UserError(f"--runs {run}: no summary.json there; expected an anomaly/train.py run directory")
         runs.append((run, json.loads(path.read_text())))
     chosen = dict(DEFAULTS)
-    if runs:
-        first = runs[0][1]["config"]
-        chosen.update({k: first.get(k, DEFAULTS[k]) for k in SPLIT_KEYS})
-        for run, summary in runs[1:]:
-            differs = [k for k in SPLIT_KEYS if summary["config"].get(k, DEFAULTS[k]) != chosen[k]]
-            if differs:
-                raise UserError(f"--runs {run}: its {', '.join(differs)} differ from {runs[0][0]}; "
-                                "compare runs of the same split and features")
-        for flag in ("seed", "max_rows"):
-            given = getattr(args, flag)
-            if given is not None and given != chosen[flag]:
-                raise UserError(f"--{flag.replace('_', '-')} {given} differs from the run "
-                                f"{runs[0][0]} ({chosen[flag]}); drop it so both use the same split")
-    else:
+    if not runs:
         chosen.update({k: getattr(args, k) for k in ("seed", "max_rows") if getattr(args, k) is not None})
-    return chosen, runs
+        return [(chosen, [])]
+    first = runs[0][1]["config"]
+    chosen.update({k: first.get(k, DEFAULTS[k]) for k in SPLIT_KEYS})
+    groups: dict[int, list[tuple[Path, dict]]] = {}
+    for run, summary in runs:
+        differs = [k for k in SPLIT_KEYS if k != "seed" and summary["config"].get(k, DEFAULTS[k]) != chosen[k]]
+        if differs:
+            raise UserError(f"--runs {run}: its {', '.join(differs)} differ from {runs[0][0]}; "
+                            "compare runs of the same split and features")
+        groups.setdefault(summary["config"].get("seed", DEFAULTS["seed"]), []).append((run, summary))
+    for flag in ("seed", "max_rows"):
+        given = getattr(args, flag)
+        if given is not None and given != chosen[flag]:
+            raise UserError(f"--{flag.replace('_', '-')} {given} differs from the run "
+                            f"{runs[0][0]} ({chosen[flag]}); drop it so both use the same split")
+    return [({**chosen, "seed": seed}, group) for seed, group in groups.items()]
 
 
 def metrics(y: np.ndarray, scores: np.ndarray, predicted: np.ndarray, unseen: np.ndarray) -> dict[str, float]:
@@ -152,9 +162,8 @@ def pca_detector(x_normal: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
     return best[2], best[1]
 
 
-def main() -> None:
-    args = parse_args()
-    chosen, runs = settings(args)
+def compare_one(args: argparse.Namespace, chosen: dict[str, Any], runs: list[tuple[Path, dict]]) -> dict:
+    """Every method of the module docstring on the split ``chosen`` describes: the report."""
     splits = split_data(args.data_dir, chosen["val_fraction"], chosen["test_fraction"],
                         chosen["seed"], chosen["max_rows"], chosen["split"])
     if chosen["holdout"] is not None:
@@ -216,14 +225,52 @@ def main() -> None:
                      "f1_unseen": unseen_part["f1"], "fit_time_s": summary["train_time_s"],
                      "threshold": summary["thresholds"]})
 
+    return {"settings": chosen, "data": splits.source, "test_rows": len(y_test),
+            "test_attack_share": float(y_test.mean()), "test_unseen_rows": int(unseen.sum()),
+            "rows": rows}
+
+
+def main() -> None:
+    args = parse_args()
+    reports = [compare_one(args, chosen, runs) for chosen, runs in settings(args)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"settings": chosen, "data": splits.source, "test_rows": len(y_test),
-              "test_attack_share": float(y_test.mean()), "test_unseen_rows": int(unseen.sum()),
-              "rows": rows}
+    if len(reports) == 1:
+        report, table = reports[0], markdown(reports[0])
+    else:  # several seeds: each one's table, then every method's F1 over the seeds
+        report = {"seeds": reports, "summary": over_seeds(reports)}
+        table = "\n".join([*(f"## Seed {r['settings']['seed']}\n\n{markdown(r)}" for r in reports),
+                           seeds_markdown(report["summary"])])
     write_json_atomic(args.out_dir / "compare.json", report)
-    table = markdown(report)
     write_text_atomic(args.out_dir / "compare.md", table)
     print(table)
+
+
+def over_seeds(reports: list[dict]) -> list[dict[str, Any]]:
+    """Test F1 per seed, mean and spread (max - min) of each method every seed has. A method is
+    its name without what varies by seed (the settings chosen, the run's folder); a second run
+    of one detector in a seed is a method of its own ("classifier network #2")."""
+    per_method: dict[str, list[float]] = {}
+    for report in reports:
+        seen: dict[str, int] = {}
+        for row in report["rows"]:
+            name = row["method"].split(" (")[0]
+            seen[name] = seen.get(name, 0) + 1
+            per_method.setdefault(name + (f" #{seen[name]}" if seen[name] > 1 else ""), []).append(row["f1"])
+    return [{"method": name, "f1": values, "mean": float(np.mean(values)),
+             "spread": float(max(values) - min(values))}
+            for name, values in per_method.items() if len(values) == len(reports)]
+
+
+def seeds_markdown(summary: list[dict[str, Any]]) -> str:
+    n = len(summary[0]["f1"]) if summary else 0
+    lines = [f"## Test F1 over {n} seeds (each seed its own split)", "",
+             "| method | F1 per seed | mean | spread (max - min) |", "| --- | --- | ---: | ---: |"]
+    for r in sorted(summary, key=lambda r: -r["mean"]):
+        lines.append(f"| {r['method']} | {', '.join(f'{v:.4f}' for v in r['f1'])} | {r['mean']:.5f} | "
+                     f"{r['spread']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 
 
 def markdown(report: dict[str, Any]) -> str:

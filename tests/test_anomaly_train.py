@@ -244,6 +244,37 @@ def test_compare_table_has_every_method_and_the_run_rows(trained, tmp_path):
     assert "| all-attack baseline |" in (out / "compare.md").read_text()
 
 
+@SHARES_TRAINED
+def test_compare_over_seeds_measures_each_seed_on_its_own_split_then_mean_and_spread(trained, tmp_path):
+    """Runs of two seeds: a table per seed (each its own split, boosting fitted on it), then
+    each method's F1 per seed, mean and spread; a run with other split settings is refused."""
+    data, run = trained
+    other = tmp_path / "seed1"
+    seed1 = _train(data, other, 1, *HYBRID, "--seed", "1")
+    out = tmp_path / "compare"
+    result = run_program("anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run), str(other),
+                                                "--out-dir", str(out)], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["settings"]["seed"] for r in report["seeds"]] == [0, 1]
+    assert report["seeds"][0]["test_rows"] == report["seeds"][1]["test_rows"]  # same size, other rows
+    summary = {r["method"]: r for r in report["summary"]}
+    hybrid = summary["hybrid network"]
+    assert hybrid["f1"] == [_summary(run)["test"]["f1"], seed1["test"]["f1"]]
+    assert hybrid["mean"] == pytest.approx(sum(hybrid["f1"]) / 2)
+    assert hybrid["spread"] == pytest.approx(abs(hybrid["f1"][0] - hybrid["f1"][1]))
+    boosting = summary["gradient boosting, tuned"]["f1"]
+    assert boosting == [next(r["f1"] for r in report["seeds"][i]["rows"] if r["method"].startswith("gradient"))
+                        for i in (0, 1)]
+    text = (out / "compare.md").read_text()
+    assert "## Seed 0" in text and "## Seed 1" in text and "| hybrid network |" in text
+    random_split = tmp_path / "random"
+    _train(data, random_split, 1, *HYBRID, "--split", "random")
+    refused = run_program("anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run), str(random_split),
+                                                 "--out-dir", str(tmp_path / "no")], timeout=120)
+    assert refused.returncode != 0 and "its split differ" in refused.stderr
+
+
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 def test_real_data_subset_trains_and_beats_the_trivial_baseline(tmp_path):
     out = tmp_path / "run"

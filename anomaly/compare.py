@@ -271,8 +271,6 @@ def seeds_markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-
-
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"Test split: {report['test_rows']:,} rows, {report['test_attack_share']:.1%} attacks "
              f"({report['data']}); F1 unseen = on the {report['test_unseen_rows']:,} test rows with "

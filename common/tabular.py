@@ -178,7 +178,8 @@ class TabularMLP(nn.Module):
         # layer draws anyway) skip the embedding and join its output as they are.
         self.split = bool(plain) and embedding != "none"
         if self.split:
-            embedded = [i for i in range(n_features) if i not in set(plain)]
+            skipped = set(plain)
+            embedded = [i for i in range(n_features) if i not in skipped]
             self.register_buffer("embedded_index", torch.tensor(embedded, dtype=torch.long))
             self.register_buffer("plain_index", torch.tensor(sorted(plain), dtype=torch.long))
             if train_x is not None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anomaly.model import PARTS
+from anomaly.model import NOVELTY_PARTS, combined_score
 from common.data import eval_shard
 from common.dist import DistInfo
 from common.metrics import all_reduce_tensor, confusion_matrix
@@ -36,21 +36,32 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray,
     return float(ordered[last_of_value][best]), float(f1[best])
 
 
-def calibrate(detector: str, raw: np.ndarray, labels: np.ndarray,
+def calibrate(parts: tuple[str, ...], raw: np.ndarray, labels: np.ndarray,
               novelty_alarms: float) -> tuple[dict[str, float], float]:
-    """Thresholds per part, chosen on validation; and the validation F1 they give.
+    """Thresholds per part (``parts``, e.g. ``PARTS[detector]``: ``raw``'s columns), chosen on
+    validation; and the validation F1 they give.
 
-    One part: the threshold with the best F1. Hybrid: the autoencoder's threshold lets through
-    ``novelty_alarms`` of the normal rows (its job is what the classifier was never shown, which
-    validation F1 cannot see); the classifier's threshold is then the best F1 given those alarms.
+    One part: the threshold with the best F1. With a classifier: each novelty part's threshold
+    (``NOVELTY_PARTS``) lets through an equal share of ``novelty_alarms`` of the normal rows
+    (their job is what the classifier was never shown, which validation F1 cannot see); the
+    classifier's threshold is then the best F1 given those alarms.
     """
-    if detector != "hybrid":
+    if len(parts) == 1:
         threshold, f1 = best_f1_threshold(raw[:, 0], labels)
-        return {PARTS[detector][0]: threshold}, f1
-    errors = raw[:, 1]
-    novelty = float(np.quantile(errors[labels == 0], 1 - novelty_alarms, method="higher"))
-    threshold, f1 = best_f1_threshold(raw[:, 0], labels, always=errors >= novelty)
-    return {"classifier": threshold, "autoencoder": novelty}, f1
+        return {parts[0]: threshold}, f1
+    novelty = [part for part in parts if part in NOVELTY_PARTS]
+    share = novelty_alarms / len(novelty)
+    thresholds, alarms = {}, np.zeros(len(labels), dtype=bool)
+    for part in novelty:
+        column = raw[:, parts.index(part)]
+        thresholds[part] = float(np.quantile(column[labels == 0], 1 - share, method="higher"))
+        # The rule combined_score applies, so a score that never varies (the disagreement of
+        # a single member: always 0, threshold 0) flags no row.
+        alarms |= combined_score(torch.from_numpy(column[:, None]),
+                                 torch.tensor([thresholds[part]], dtype=torch.float64)).numpy() >= 1
+    thresholds["classifier"], f1 = best_f1_threshold(raw[:, parts.index("classifier")], labels,
+                                                     always=alarms)
+    return {part: thresholds[part] for part in parts}, f1
 
 
 def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:

@@ -7,11 +7,13 @@
   labelled training row; catches the attacks it was shown.
 - ``Hybrid``: both in one module, trained together (the loss is the sum of the two; their
   parameters are disjoint, so each part learns exactly what it would alone). A row is an attack
-  if the classifier says so *or* the autoencoder finds it unlike normal traffic.
+  if the classifier says so, *or* the classifier's members disagree on it (a row unlike those
+  it was taught), *or* the autoencoder finds it unlike normal traffic.
 
-Every detector exposes ``raw_scores(x)``: one column per part (classifier probability,
-reconstruction error). ``calibrate`` (in ``train.py``) picks one threshold per column on
-validation; the final score is ``max_j raw_j / threshold_j`` and a row is flagged at >= 1.
+Every detector exposes ``raw_scores(x)``: one column per part (``PARTS``: classifier
+probability, members' disagreement, reconstruction error). ``calibrate`` (``anomaly.metrics``)
+picks one threshold per column on validation; the final score is ``max_j raw_j / threshold_j``
+and a row is flagged at >= 1.
 
 The autoencoder:
 
@@ -114,6 +116,17 @@ class Classifier(nn.Module):
         """The attack probability of each row: the mean of the members' probabilities."""
         return torch.sigmoid(self(x)).mean(dim=1)
 
+    def probability_and_disagreement(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attack probability and the members' disagreement: the standard deviation of their
+        probabilities (0 with one member).
+
+        The members share most weights and agree on rows like those they were trained on; a
+        row of a kind no label has shown leaves them free to differ. On a held-out attack
+        category this flags more of it than the autoencoder at fewer false alarms
+        (anomaly/README.md, novel attacks)."""
+        members = torch.sigmoid(self(x))
+        return members.mean(dim=1), members.std(dim=1, correction=0)
+
 
 class Hybrid(nn.Module):
     """An ``Autoencoder`` and a ``Classifier`` side by side; ``forward`` returns both outputs."""
@@ -129,7 +142,10 @@ class Hybrid(nn.Module):
 
 # The parts of each detector, in the order of raw_scores' columns.
 PARTS = {"autoencoder": ("autoencoder",), "classifier": ("classifier",),
-         "hybrid": ("classifier", "autoencoder")}
+         "hybrid": ("classifier", "disagreement", "autoencoder")}
+# Parts that watch for what no label has shown: beside a classifier their thresholds come from
+# a false-alarm budget (--novelty-alarms), not from validation F1.
+NOVELTY_PARTS = ("disagreement", "autoencoder")
 
 
 def training_loss(detector: str, out, x: torch.Tensor, y: torch.Tensor,
@@ -164,7 +180,7 @@ def raw_scores(detector: str, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net.score(x)[:, None]
     if detector == "classifier":
         return net.probability(x)[:, None]
-    return torch.stack([net.classifier.probability(x), net.autoencoder.score(x)], dim=1)
+    return torch.stack([*net.classifier.probability_and_disagreement(x), net.autoencoder.score(x)], dim=1)
 
 
 def combined_score(raw: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -197,5 +213,6 @@ def make_detector(detector: str, transform: FeatureTransform, hidden: tuple[int,
             "hybrid": Hybrid(autoencoder, classifier)}[detector]
 
 
-def thresholds_tensor(detector: str, thresholds: dict[str, float]) -> torch.Tensor:
-    return torch.tensor([thresholds[part] for part in PARTS[detector]], dtype=torch.float64)
+def thresholds_tensor(parts: tuple[str, ...], thresholds: dict[str, float]) -> torch.Tensor:
+    """``thresholds`` in the order of ``parts`` (raw_scores' columns), for ``combined_score``."""
+    return torch.tensor([thresholds[part] for part in parts], dtype=torch.float64)

@@ -3,10 +3,12 @@
 For each attack category, train the hybrid detector with that category removed from train and
 validation (``train.py --holdout CAT``), choose the thresholds on that validation split, and
 measure on the full test split the share of the held-out category detected and the share of
-normal test rows flagged (false alarms). Three detectors come out of each run: the hybrid, and
-its two parts each at its own best-F1 validation threshold: the classifier and the autoencoder.
-The parts train on disjoint parameters with a summed loss, so each learns what it would alone
-(the autoencoder never sees an attack row, held out or not).
+normal test rows flagged (false alarms). Four detectors come out of each run: the hybrid, and
+what it holds, each calibrated as a detector of those parts alone would be: the classifier with
+its members' disagreement as the one novelty watcher, the classifier alone, and the autoencoder
+alone (best-F1 validation thresholds). The parts train on disjoint parameters with a summed
+loss, so each learns what it would alone (the autoencoder never sees an attack row, held out or
+not).
 
     torchrun --nproc_per_node=2 anomaly/novel.py --data-dir ../shared/data
 
@@ -33,7 +35,7 @@ from common.files import write_text_atomic
 from common.report import get_logger, write_json_atomic
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/novel.py --data-dir ../shared/data"
-DETECTORS = ("hybrid", "classifier", "autoencoder")
+DETECTORS = ("hybrid", "classifier+disagreement", "classifier", "autoencoder")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[train.Config, list[str] | None]:
@@ -74,8 +76,9 @@ def held_out_rates(summary: dict, category: str) -> dict[str, dict[str, float]]:
 def markdown(rows: dict[str, dict], novelty_alarms: float) -> str:
     lines = ["Each row: that attack category removed from train and validation; test keeps it. "
              "Detected = share of the held-out category's test rows flagged; false alarms = share "
-             "of normal test rows flagged; thresholds from validation (hybrid: autoencoder at "
-             f"{novelty_alarms:g} of normal validation rows).", "",
+             "of normal test rows flagged; thresholds from validation (the novelty watchers flag "
+             f"{novelty_alarms:g} of normal validation rows: the hybrid's members' disagreement "
+             "and autoencoder half each, classifier+disagreement's all of it).", "",
              "| held out | test rows | " + " | ".join(f"{d} detected | {d} false alarms"
                                                       for d in DETECTORS) + " |",
              "| --- | ---: | " + " | ".join("---: | ---:" for _ in DETECTORS) + " |"]
@@ -95,7 +98,7 @@ def bar_chart(rows: dict[str, dict], path: Path) -> None:
     for i, detector in enumerate(DETECTORS):
         rates = [rows[n]["rates"][detector]["detected"] for n in names]
         alarms = np.mean([rows[n]["rates"][detector]["false_alarms"] for n in names])
-        ax.bar(np.arange(len(names)) + (i - 1) * width, rates, width,
+        ax.bar(np.arange(len(names)) + (i - (len(DETECTORS) - 1) / 2) * width, rates, width,
                label=f"{detector} (false alarms {alarms:.1%} of normal rows, mean)")
     ax.set_xticks(np.arange(len(names)), names, rotation=20)
     ax.set_ylim(0, 1.05)

@@ -18,7 +18,7 @@ import torch
 
 from anomaly.data import read_csv_file
 from anomaly.features import FeatureTransform, transform_from_plain, transform_to_plain
-from anomaly.model import combined_score, make_detector, raw_scores, thresholds_tensor
+from anomaly.model import PARTS, combined_score, make_detector, raw_scores, thresholds_tensor
 from common.checkpoint import load_tensors_file
 from common.dist import resolve_device
 from common.errors import UserError, run_main
@@ -61,6 +61,11 @@ def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dic
         raise UserError(f"{path}: not an anomaly detector of this version (lacks "
                         f"{', '.join(k for k in needed if k not in bundle) if isinstance(bundle, dict) else 'everything'}); "
                         "expected the detector.pt of an anomaly/train.py run: train again")
+    parts = PARTS.get(bundle["detector"], ())
+    if not parts or set(bundle["thresholds"]) != set(parts):
+        raise UserError(f"{path}: thresholds for {', '.join(bundle['thresholds']) or 'nothing'}, where a "
+                        f"{bundle['detector']} detector of this version has {', '.join(parts) or 'none'} "
+                        "(written by an earlier version); train again")
     transform = transform_from_plain(bundle["transform"], str(path))
     bundle["transform"] = transform
     model = make_detector(bundle["detector"], transform, tuple(bundle["hidden"]),
@@ -71,7 +76,7 @@ def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dic
         raise UserError(f"{path}: its weights do not fit a {bundle['detector']} detector "
                         f"({str(err).splitlines()[0]})") from None
     bundle["net"] = model.double().eval().to(device)
-    bundle["cut"] = thresholds_tensor(bundle["detector"], bundle["thresholds"]).to(device)
+    bundle["cut"] = thresholds_tensor(parts, bundle["thresholds"]).to(device)
     return bundle
 
 

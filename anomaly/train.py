@@ -4,8 +4,10 @@
 - ``classifier`` (default, best F1 on the honest split): supervised, every labelled training row;
 - ``autoencoder``: semi-supervised, normal training rows only; its score is the reconstruction
   error, so it can flag attacks of a kind no label has shown;
-- ``hybrid``: both, trained together; an attack if the classifier says so *or* the autoencoder
-  finds the row unlike normal traffic (at most ``--novelty-alarms`` of normal validation rows).
+- ``hybrid``: both, trained together; an attack if the classifier says so, *or* the classifier's
+  ensemble members disagree on the row (one unlike any it was taught), *or* the autoencoder finds
+  it unlike normal traffic; the two novelty watchers flag at most ``--novelty-alarms`` of the
+  normal validation rows, half each.
 
 Thresholds are chosen on the validation split (never on test). By default the split keeps every
 group of identical feature rows on one side (``--split grouped``), so no test row has a copy in
@@ -28,7 +30,7 @@ import torch
 
 from anomaly.data import SPLITS, Splits, hold_out, split_data
 from anomaly.features import FeatureTransform, make_features, transform_from_plain, transform_to_plain
-from anomaly.metrics import best_f1_threshold, calibrate, metrics_at, per_category
+from anomaly.metrics import calibrate, metrics_at, per_category
 from anomaly.model import PARTS, combined_score, make_detector, thresholds_tensor, training_loss
 from anomaly.predict import write_detector
 from anomaly.scoring import autoencoder_part, normal_feature_error, score_rows, validation_loss
@@ -77,7 +79,7 @@ class Config(RunConfig):
     embed_bins: int = 16  # PLE bins / periodic frequencies per feature
     embed_dim: int = 8  # embedding size per feature
     ensemble: int = 1  # k TabM-mini members in one classifier; probabilities averaged
-    novelty_alarms: float  # hybrid: share of normal validation rows the autoencoder may flag
+    novelty_alarms: float  # hybrid: share of normal validation rows its novelty watchers may flag
     holdout: str | None  # attack_cat removed from train and validation (novel-attack study)
     val_fraction: float  # of all rows (one file) or of the training file (two files)
     test_fraction: float  # of all rows when one file is split
@@ -155,8 +157,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     group.add_argument("--ensemble", type=int, default=8,
                        help="classifier: k TabM-mini members sharing one MLP (1 = a single MLP)")
     group.add_argument("--novelty-alarms", type=float, default=0.01,
-                       help="hybrid: the autoencoder flags at most this share of normal "
-                            "validation rows; the classifier's threshold is tuned given that")
+                       help="hybrid: the novelty watchers (the classifier members' disagreement "
+                            "and the autoencoder, half each) flag at most this share of normal "
+                            "validation rows; the classifier's threshold is tuned given those alarms")
     group.add_argument("--holdout", default=None, metavar="ATTACK_CAT",
                        help="remove this attack category from train and validation (test keeps "
                             "it): how well is a never-seen kind of attack caught?")
@@ -368,10 +371,10 @@ def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
         # A buffer: every rank holds it whole under either strategy.
         autoencoder.error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
     val_raw = score_rows(model, data.x["val"], dist, cfg.detector)
-    thresholds, val_f1 = calibrate(cfg.detector, val_raw.numpy(), data.y["val"].numpy(),
+    thresholds, val_f1 = calibrate(PARTS[cfg.detector], val_raw.numpy(), data.y["val"].numpy(),
                                    cfg.novelty_alarms)
     test_raw = score_rows(model, data.x["test"], dist, cfg.detector)
-    cut = thresholds_tensor(cfg.detector, thresholds)
+    cut = thresholds_tensor(PARTS[cfg.detector], thresholds)
     val_scores, test_scores = combined_score(val_raw, cut), combined_score(test_raw, cut)
     unseen = torch.from_numpy(~data.splits.test_seen_in_train)
     return {"thresholds": thresholds, "val_f1": val_f1,
@@ -379,7 +382,7 @@ def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
             "test_unseen": metrics_at(test_scores, data.y["test"], 1.0, dist, unseen),
             "per_attack_cat": per_category(test_scores, data.splits.test["attack_cat"].to_numpy(),
                                            1.0, dist),
-            "parts": part_metrics(cfg.detector, val_raw, test_raw, data, dist),
+            "parts": part_metrics(cfg.detector, val_raw, test_raw, data, dist, cfg.novelty_alarms),
             "val_scores": val_scores, "test_scores": test_scores}
 
 
@@ -418,25 +421,35 @@ def evaluate_checkpoint(cfg: Config, state: dict, dist: DistInfo) -> dict:
             "novelty_alarms": cfg.novelty_alarms, **figures(result)}
 
 
+# What the hybrid holds, each calibrated as a detector of those parts alone would be.
+ALONE = {"classifier": ("classifier",), "classifier+disagreement": ("classifier", "disagreement"),
+         "autoencoder": ("autoencoder",)}
+
+
 def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data: Data,
-                 dist: DistInfo) -> dict[str, dict]:
-    """The hybrid's parts each measured alone, at their own best-F1 validation threshold.
+                 dist: DistInfo, novelty_alarms: float) -> dict[str, dict]:
+    """The hybrid's parts measured as detectors of their own (``ALONE``): the classifier, the
+    classifier with its members' disagreement, and the autoencoder; each calibrated on
+    validation as that detector would be (``calibrate``), so each novelty watcher's share is
+    read off one run.
 
     The parts train on disjoint parameters with a summed loss (AdamW updates each parameter from
     its own gradient), so with the same epochs, batch and learning rate the classifier part is
     the classifier trained alone, and the autoencoder part never sees an attack row: one hybrid
-    run measures all three kinds of detector (what ``anomaly.novel`` relies on).
+    run measures every kind of detector (what ``anomaly.novel`` relies on).
     """
     if detector != "hybrid":
         return {}
     out = {}
-    for column, part in enumerate(PARTS[detector]):
-        threshold, val_f1 = best_f1_threshold(val_raw[:, column].numpy(), data.y["val"].numpy())
-        scores = test_raw[:, column]
-        out[part] = {"threshold": threshold, "val_f1": val_f1,
-                     "test": metrics_at(scores, data.y["test"], threshold, dist),
+    for name, parts in ALONE.items():
+        columns = [PARTS[detector].index(part) for part in parts]
+        thresholds, val_f1 = calibrate(parts, val_raw[:, columns].numpy(), data.y["val"].numpy(),
+                                       novelty_alarms)
+        scores = combined_score(test_raw[:, columns], thresholds_tensor(parts, thresholds))
+        out[name] = {"thresholds": thresholds, "val_f1": val_f1,
+                     "test": metrics_at(scores, data.y["test"], 1.0, dist),
                      "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(),
-                                                    threshold, dist)}
+                                                    1.0, dist)}
     return out
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from anomaly.data import TRAIN_FILE
+from anomaly.model import PARTS, combined_score, thresholds_tensor
 from anomaly.predict import predict_csv
 from anomaly.synthetic import make_partition, write_partition
 from common.dist import DistInfo
@@ -55,8 +56,8 @@ def test_two_process_training_writes_everything(trained):
     assert summary["test"]["n"] == summary["data"]["test_rows"]
     assert summary["data"]["test_seen_in_train"] == 0  # the grouped split: no copies in train
     assert summary["test_unseen"]["n"] == summary["data"]["test_rows"]
-    assert set(summary["thresholds"]) == {"classifier", "autoencoder"}
-    assert set(summary["parts"]) == {"classifier", "autoencoder"}
+    assert set(summary["thresholds"]) == {"classifier", "disagreement", "autoencoder"}
+    assert set(summary["parts"]) == {"classifier", "classifier+disagreement", "autoencoder"}
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     for name in ("loss", "scores_val", "scores_test", "pr_curve", "confusion", "per_attack_cat", "timeline"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
@@ -325,7 +326,7 @@ def test_novel_study_holds_each_category_out_and_reports_every_detector(trained,
         summary = _summary(out / f"holdout-{category}")
         assert summary["holdout"] == category and summary["detector"] == "hybrid"
         assert row["rows"] == summary["per_attack_cat"][category]["rows"] > 0
-        assert set(row["rates"]) == {"hybrid", "classifier", "autoencoder"}
+        assert set(row["rates"]) == {"hybrid", "classifier+disagreement", "classifier", "autoencoder"}
         assert row["rates"]["hybrid"]["detected"] == summary["per_attack_cat"][category]["detection_rate"]
         assert row["rates"]["hybrid"]["false_alarms"] == summary["test"]["false_alarm_rate"]
         assert row["rates"]["classifier"]["detected"] == \
@@ -350,7 +351,7 @@ def test_held_out_category_is_absent_from_train_and_validation(tmp_path):
 
 
 def test_best_f1_threshold_counts_rows_that_are_always_flagged():
-    from anomaly.train import best_f1_threshold, calibrate
+    from anomaly.metrics import best_f1_threshold
 
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
     labels = np.array([1, 1, 0, 0, 1, 0])
@@ -362,14 +363,46 @@ def test_best_f1_threshold_counts_rows_that_are_always_flagged():
     # A normal row always flagged is a false alarm at every threshold.
     always = np.array([0, 0, 0, 0, 0, 1], dtype=bool)
     assert best_f1_threshold(scores, labels, always) == (0.8, pytest.approx(4 / 6))
-    # The hybrid: the autoencoder's threshold lets through the budget of normal rows.
+
+
+def test_novelty_parts_flag_their_share_of_the_budget_and_the_probability_is_tuned_given_them():
+    """In the hybrid the classifier members' disagreement and the autoencoder each flag half of
+    --novelty-alarms of the normal validation rows (one watcher alone: all of it); the
+    probability's threshold is the best F1 given those alarms. One member (no disagreement)
+    flags nothing."""
+    from anomaly.metrics import best_f1_threshold, calibrate
+
     rng = np.random.default_rng(0)
-    errors = rng.exponential(size=1000)
-    labels = (rng.random(1000) < 0.5).astype(int)
-    raw = np.stack([labels * 0.8 + 0.1, errors], axis=1)
-    thresholds, _ = calibrate("hybrid", raw, labels, novelty_alarms=0.05)
-    alarms = (errors[labels == 0] >= thresholds["autoencoder"]).mean()
-    assert 0.05 <= alarms < 0.05 + 2 / (labels == 0).sum()
+    n = 4000
+    labels = (rng.random(n) < 0.5).astype(int)
+    probability = np.clip(labels * 0.6 + rng.random(n) * 0.4, 0, 1)
+    disagreement, errors = rng.exponential(size=n), rng.exponential(size=n)
+    normal = labels == 0
+
+    def share(column, threshold):
+        return (column[normal] >= threshold).mean()
+
+    raw = np.stack([probability, disagreement, errors], axis=1)
+    thresholds, f1 = calibrate(PARTS["hybrid"], raw, labels, novelty_alarms=0.05)
+    assert list(thresholds) == ["classifier", "disagreement", "autoencoder"]
+    for column, part in ((disagreement, "disagreement"), (errors, "autoencoder")):
+        assert 0.025 <= share(column, thresholds[part]) < 0.025 + 2 / normal.sum(), part
+    alarms = (disagreement >= thresholds["disagreement"]) | (errors >= thresholds["autoencoder"])
+    assert (thresholds["classifier"], f1) == best_f1_threshold(probability, labels, alarms)
+
+    with_disagreement = ("classifier", "disagreement")
+    thresholds, f1 = calibrate(with_disagreement, raw[:, :2], labels, novelty_alarms=0.05)
+    assert list(thresholds) == ["classifier", "disagreement"]
+    assert 0.05 <= share(disagreement, thresholds["disagreement"]) < 0.05 + 2 / normal.sum()
+    alarms = disagreement >= thresholds["disagreement"]
+    assert (thresholds["classifier"], f1) == best_f1_threshold(probability, labels, alarms)
+
+    one_member = np.stack([probability, np.zeros(n)], axis=1)
+    thresholds, f1 = calibrate(with_disagreement, one_member, labels, novelty_alarms=0.05)
+    assert thresholds["disagreement"] == 0.0
+    assert (thresholds["classifier"], f1) == best_f1_threshold(probability, labels)
+    flagged = combined_score(torch.from_numpy(one_member), thresholds_tensor(with_disagreement, thresholds)) >= 1
+    assert torch.equal(flagged, torch.from_numpy(probability >= thresholds["classifier"]))
 
 
 def test_classifier_members_each_learn_their_own_loss_and_the_probability_is_their_mean():
@@ -385,6 +418,11 @@ def test_classifier_members_each_learn_their_own_loss_and_the_probability_is_the
     assert logits.shape == (64, 3) and (logits.std(dim=1) > 0).all()
     expected = torch.sigmoid(logits).mean(dim=1)
     assert torch.equal(net.probability(x.double()), expected)
+    probability, disagreement = net.probability_and_disagreement(x.double())
+    assert torch.equal(probability, expected)
+    members = torch.sigmoid(logits)
+    torch.testing.assert_close(disagreement, ((members - expected[:, None]) ** 2).mean(dim=1).sqrt(),
+                               rtol=0, atol=1e-12)
     parts = torch.cat([net.probability(x[i:i + 5].double()) for i in range(0, 64, 5)])
     torch.testing.assert_close(parts, expected, rtol=0, atol=1e-12)
     y = (x[:, 0] > 0).long()
@@ -412,4 +450,21 @@ def test_predict_refuses_a_detector_without_the_classifier_options(trained, tmp_
     old = tmp_path / "old.pt"
     torch.save(bundle, old)
     with pytest.raises(UserError, match="lacks classifier_options.*train again"):
+        load_detector(old)
+
+
+@SHARES_TRAINED
+def test_predict_refuses_a_detector_whose_thresholds_lack_a_part(trained, tmp_path):
+    """A hybrid detector.pt of the version before the members' disagreement had thresholds for
+    the classifier and the autoencoder only: refused with one line, not a KeyError."""
+    from anomaly.predict import load_detector
+
+    _, run = trained
+    bundle = torch.load(run / "detector.pt", weights_only=True)
+    del bundle["thresholds"]["disagreement"]
+    old = tmp_path / "old.pt"
+    torch.save(bundle, old)
+    with pytest.raises(UserError, match="thresholds for classifier, autoencoder, where a hybrid "
+                                        "detector of this version has classifier, disagreement, "
+                                        "autoencoder.*train again"):
         load_detector(old)

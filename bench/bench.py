@@ -27,6 +27,14 @@ What is measured, per program, on its real model, optimizer and data (built by t
   on-device batch augmentation) and by torchvision's ImageFolder + DataLoader + PIL transforms
   on the same JPEG files, in the same run.
 
+``--tables peer`` (not in the default set: whole training runs, about 15 minutes each on a
+2-core CPU) races ``cifar/train.py --preset airbench94`` at each world size against its peer,
+``bench/airbench94.py`` (airbench94's published recipe on the same images, one process), per
+``--seeds``: time to ``--target-accuracy`` and final accuracy, written to
+``<out>/cifar-vs-airbench94.md`` and ``.json`` (``bench/peer.py``):
+
+  python bench/bench.py --data-dir ../shared/data --tables peer --seeds 0,1,2 --out docs/
+
 Modules: ``bench/workloads.py`` (each program's data, model, optimizer, loss), ``timing.py``
 (the measuring workers), ``pipeline.py`` (the CIFAR data-path study), ``render.py`` (the
 Markdown report); this file parses the command line, launches the workers and writes the files.
@@ -49,6 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from bench.peer import race, render_race
 from bench.pipeline import worker_pipeline
 from bench.render import _command, render
 from bench.timing import DEFAULT_STEPS, DEFAULT_WARMUP, cpu_model, summarize, worker_memory, worker_program
@@ -62,11 +71,13 @@ __all__ = ["main", "render", "summarize"]  # render and summarize: what tests/te
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRAMS = ("housing", "cifar", "anomaly")
-TABLES = ("throughput", "memory", "pipeline")
+TABLES = ("throughput", "memory", "pipeline")  # the default set, for benchmarks.md
+PEER_TABLE = "peer"  # cifar against bench/airbench94.py: cifar-vs-airbench94.md
 EXAMPLE = """examples:
   python bench/bench.py --data-dir ../shared/data --out docs/
   python bench/bench.py --data-dir ../shared/data --programs housing --steps 20 --out /tmp/bench
   python bench/bench.py --data-dir data --device cuda --out docs/      # needs 2 GPUs for world size 2
+  python bench/bench.py --data-dir ../shared/data --tables peer --seeds 0,1,2 --out docs/
 """
 
 
@@ -116,7 +127,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"warm-up steps of each kind (default per program: {DEFAULT_WARMUP})")
     parser.add_argument("--tables", default=",".join(TABLES),
                         help="which tables: throughput (per program and world size), memory "
-                             "(ddp vs fsdp at the largest world size), pipeline (cifar data paths)")
+                             "(ddp vs fsdp at the largest world size), pipeline (cifar data "
+                             "paths); or peer (cifar --preset airbench94 against bench/"
+                             "airbench94.py, whole training runs: not in the default set)")
+    parser.add_argument("--seeds", default="0", help="peer: comma-separated seeds, one race each")
+    parser.add_argument("--target-accuracy", type=float, default=0.90,
+                        help="peer: the flip-TTA test accuracy whose time is compared")
+    parser.add_argument("--train-per-class", type=int, default=None, metavar="N",
+                        help="peer, quick trials only: a class-balanced subset of training images")
+    parser.add_argument("--test-limit", type=int, default=None, metavar="N",
+                        help="peer, quick trials only: the first N test images")
+    parser.add_argument("--peer-epochs", type=float, default=None, metavar="E",
+                        help="peer, quick trials only: the peer's epochs instead of 9.9 (the "
+                             "project trains the next whole number)")
     parser.add_argument("--pipeline-epochs", type=int, default=2,
                         help="timed passes over the comparison images per data path")
     parser.add_argument("--loader-workers", type=lambda s: [int(v) for v in s.split(",")],
@@ -134,8 +157,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--programs: unknown or empty ({', '.join(sorted(unknown))}); "
                         f"choose from {', '.join(WORKLOADS)}")
     args.table_list = [t.strip() for t in args.tables.split(",") if t.strip()]
-    if set(args.table_list) - set(TABLES) or not args.table_list:
-        raise UserError(f"--tables {args.tables!r}: choose from {', '.join(TABLES)}")
+    if set(args.table_list) - {*TABLES, PEER_TABLE} or not args.table_list:
+        raise UserError(f"--tables {args.tables!r}: choose from {', '.join((*TABLES, PEER_TABLE))}")
+    try:
+        args.seed_list = [int(v) for v in args.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    if not 0 < args.target_accuracy <= 1:
+        raise UserError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
     try:
         args.world_size_list = sorted({int(w) for w in args.world_sizes.split(",")})
     except ValueError:
@@ -205,6 +234,37 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("run bench/bench.py with plain python: it launches torchrun itself for "
                         "each world size (--world-sizes)")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if PEER_TABLE in args.table_list:
+        run_peer(args, argv)
+    if set(args.table_list) & set(TABLES):
+        write_benchmarks(args, argv)
+
+
+def run_peer(args: argparse.Namespace, argv: list[str]) -> None:
+    """The cifar race against bench/airbench94.py: printed, and written to --out."""
+    quick = [*(["--train-per-class", str(args.train_per_class)] if args.train_per_class else []),
+             *(["--test-limit", str(args.test_limit)] if args.test_limit else [])]
+    result = race(args.data_dir, args.seed_list, args.world_size_list, args.device,
+                  args.target_accuracy, args.timeout, quick, args.peer_epochs)
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_model(),
+           "cpu_count": os.cpu_count(), "torch_version": torch.__version__, "git_commit": git_commit()}
+    report = {"command": _command(argv), "environment": env, **result}
+    text = "\n".join([f"# cifar/train.py against airbench94 ({args.device})", "",
+                      f"Generated by `{report['command']}` on {env['date']}: {env['device_name']}, "
+                      f"{env['cpu_count']} logical CPUs, torch {env['torch_version']}, "
+                      f"commit {env['git_commit']}.", "", *render_race(result)])
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = "cifar-vs-airbench94" + ("-cuda" if args.device == "cuda" else "")
+        write_json_atomic(args.out / f"{stem}.json", report)
+        write_text_atomic(args.out / f"{stem}.md", text)
+        print(f"wrote {args.out / (stem + '.md')} and {stem}.json", file=sys.stderr)
+
+
+def write_benchmarks(args: argparse.Namespace, argv: list[str]) -> None:
+    """The default tables: benchmarks.md and benchmarks.json (-cuda on a GPU)."""
     results = run_all(args)
     runs = next(iter(results["programs"].values()), {})
     base = ["--data-dir", str(args.data_dir)] + (["--device", "cuda"] if args.device == "cuda" else [])

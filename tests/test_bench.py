@@ -66,3 +66,36 @@ def test_bad_arguments_give_one_line_errors():
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: --programs") and "\n" not in done.stderr.strip()
+
+
+def test_peer_race_runs_both_systems_on_the_same_images_side_by_side(tmp_path):
+    """--tables peer: bench/airbench94.py and cifar/train.py --preset airbench94 at 1 and 2
+    processes on the same (synthetic, easy) images; the ratio is the project's time to the
+    target over the peer's of the same seed; benchmarks.md is not touched."""
+    from bench.peer import render_race
+    from tests.test_cifar import make_folders
+
+    data = make_folders(tmp_path / "data", n_train=345, n_test=20)  # 1,035 images: one batch
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "bench" / "bench.py"), "--tables", "peer", "--data-dir", str(data),
+           "--seeds", "0", "--world-sizes", "1,2", "--target-accuracy", "0.25", "--peer-epochs", "2",
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "cifar-vs-airbench94.json").read_text())
+    rows = report["rows"]
+    assert [(r["system"], r["processes"]) for r in rows] == [
+        ("airbench94 peer", 1), ("cifar/train.py --preset airbench94", 1),
+        ("cifar/train.py --preset airbench94", 2)]
+    peer = rows[0]
+    assert peer["epochs"] == 2 and rows[1]["epochs"] == rows[2]["epochs"] == 2
+    for row in rows:
+        # Two steps of airbench's learning rate on 3 classes: the machinery is under test here,
+        # not the accuracy (the target is below chance, so every run reaches it).
+        assert row["test_accuracy_flip_tta"] >= 0.25 and row["time_to_target_s"] > 0, row
+        assert row["time_to_target_s"] < row["wall_time_s"] and row["timed_s"] < row["wall_time_s"]
+        assert row["ratio_to_peer"] == pytest.approx(row["time_to_target_s"] / peer["time_to_target_s"])
+    assert peer["ratio_to_peer"] == 1.0 and 0 < peer["test_accuracy_flip_translate_tta"] <= 1
+    text = (out / "cifar-vs-airbench94.md").read_text()
+    assert "\n".join(render_race(report)) in text and text.strip() in done.stdout
+    assert not (out / "benchmarks.md").exists()

@@ -26,6 +26,7 @@ PROGRAMS = {
     "cifar/augment_study.py": "cifar.augment_study", "anomaly/train.py": "anomaly.train",
     "anomaly/compare.py": "anomaly.compare", "anomaly/explore.py": "anomaly.explore",
     "anomaly/predict.py": "anomaly.predict", "bench/bench.py": "bench.bench",
+    "bench/airbench94.py": "bench.airbench94",
 }
 DOCS = [REPO / "README.md", *sorted(REPO.glob("*/README.md")), *sorted((REPO / "docs").glob("*.md"))]
 SOURCES = [*(REPO / p for p in PROGRAMS), *sorted((REPO / "scripts").glob("*"))]

@@ -45,9 +45,20 @@ class Augment:
         return self.translate > 0 or self.flip or self.cutout > 0
 
 
+def alternating_flips(n: int, seed: int, device: torch.device | None = None) -> torch.Tensor:
+    """airbench's alternating flip: which of ``n`` training images are flipped in even epochs (a
+    random half, fixed by ``seed``); odd epochs flip the others. Over any two epochs each image
+    is seen both ways, where independent coin flips show a quarter of them one way only."""
+    return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5).to(device)
+
+
 def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | None,
-            share: tuple[int, int, int] | None = None) -> torch.Tensor:
+            share: tuple[int, int, int] | None = None, flips: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """Randomly translate, flip and cut out a float batch [B, C, H, W] (same device).
+
+    ``flips`` (bool per image): which images to flip, instead of a coin flip each (the
+    alternating scheme, ``alternating_flips``).
 
     With ``share = (rank, world_size, global_n)`` the batch is this rank's share of a global
     batch of ``global_n`` images (its positions ``rank, rank + world_size, ...``): every draw is
@@ -77,7 +88,7 @@ def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | Non
         images = padded.gather(2, rows.expand(b, padded.shape[1], h, padded.shape[3]))
         images = images.gather(3, cols.expand(b, images.shape[1], h, w))
     if aug.flip:
-        flip = draw(lambda k: torch.rand(k, generator=generator, device=dev)) < 0.5
+        flip = flips if flips is not None else draw(lambda k: torch.rand(k, generator=generator, device=dev)) < 0.5
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
     if aug.cutout > 0:
         size = aug.cutout

@@ -9,11 +9,12 @@ PRESETS: dict[str, dict] = {
     # inside 15 minutes; see cifar/README.md for the measured figures.
     "cpu": dict(arch="airnet", widths=[64, 256, 256], depth=2, epochs=5, batch_size=512,
                 lr=0.75, amp="auto", tta=True, compile=False),
-    # airbench94's recipe for one or more GPUs; 12 epochs instead of its 9.9 to make up for the
-    # extras left out here (translation TTA, alternating flips). Not measured on a GPU yet.
-    # torch.compile stays opt-in (--compile): it was not tried on a GPU here.
-    "airbench94": dict(arch="airnet", widths=[64, 256, 256], depth=2, epochs=12, batch_size=1024,
-                       lr=1.5, amp="auto", tta=True, compile=False, target_accuracy=0.94),
+    # airbench94's recipe for one or more GPUs: its plain (not residual) network and alternating
+    # flips, 10 whole epochs for its 9.9; bench/airbench94.py is the peer it is judged against
+    # (cifar/README.md). torch.compile stays opt-in (--compile): it was not tried on a GPU here.
+    "airbench94": dict(arch="airnet", widths=[64, 256, 256], depth=2, residual=False,
+                       alternating_flip=True, epochs=10, batch_size=1024, lr=1.5, amp="auto",
+                       tta=True, compile=False, target_accuracy=0.94),
     # Fine-tuning ImageNet ResNet-18 (32x32 inputs, new 10-way output layer).
     "resnet18": dict(arch="resnet18", epochs=5, batch_size=256, lr=0.05, momentum=0.9,
                      weight_decay=5e-4, bias_lr_scale=1.0, label_smoothing=0.1, translate=4,

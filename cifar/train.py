@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from cifar.data import Augment, CifarData, augment, load, normalize, subset
+from cifar.data import Augment, CifarData, alternating_flips, augment, load, normalize, subset
 from cifar.model import AirNet, BatchNorm, bf16_autocast, resnet18, use_bf16
 from cifar.optim import Lookahead, triangular
 from cifar.plots import plot_run
@@ -70,6 +70,7 @@ class Config(RunConfig):
     label_smoothing: float  # 0 = off
     translate: int  # pixels, 0 = off
     flip: bool
+    alternating_flip: bool = False  # each image flipped every other epoch (airbench), not at random
     cutout: int  # pixels, 0 = off
     tta: bool  # also predict on the flipped test image and average the logits
     lookahead: bool  # airbench's Lookahead-EMA of the weights (every 5 steps, rising decay)
@@ -119,8 +120,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--widths", type=int, nargs=3, default=[64, 256, 256], metavar="C",
                    help="airnet: channels of the three conv groups")
     p.add_argument("--depth", type=int, default=2, help="airnet: convs per group")
-    p.add_argument("--no-residual", dest="residual", action="store_false",
-                   help="airnet: plain convs instead of residual ones after each group's first")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="airnet: residual connections around each group's convs after the first "
+                        "(--no-residual: plain, as airbench94)")
     p.add_argument("--weights", default=None,
                    help="resnet18: pretrained state_dict file, or 'none' for random init "
                         "(default: torchvision's cache, else download)")
@@ -137,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--label-smoothing", type=float, default=0.2, help="0 = off")
     p.add_argument("--translate", type=int, default=2, help="random shift in pixels, 0 = off")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random flips")
+    p.add_argument("--alternating-flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="airbench's flips: a random half of the images in even epochs, the other "
+                        "half in odd ones, instead of a coin per image and epoch")
     p.add_argument("--cutout", type=int, default=0, help="cutout square side in pixels, 0 = off")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="test-time flip augmentation")
@@ -219,11 +224,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
 
 
 def prepare_batch(images: torch.Tensor, cfg: Config, aug: Augment | None = None,
-                  generator: torch.Generator | None = None, share: tuple[int, int, int] | None = None
-                  ) -> torch.Tensor:
-    """Normalised (and augmented, with ``aug``; ``share``: see ``augment``) images in the
-    model's memory format."""
-    x = normalize(images) if aug is None else augment(normalize(images), aug, generator, share)
+                  generator: torch.Generator | None = None, share: tuple[int, int, int] | None = None,
+                  flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised (and augmented, with ``aug``; ``share`` and ``flips``: see ``augment``)
+    images in the model's memory format."""
+    x = normalize(images) if aug is None else augment(normalize(images), aug, generator, share, flips)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
@@ -248,11 +253,13 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
     correct = sums.get("correct", torch.zeros((), dtype=torch.int64)).to(dist.device)
     seen = sums.get("n", 0)
     finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
-    for images, labels in progress(batches.epoch(epoch, partial.step), dist, total=len(batches) - partial.step,
-                                   desc=f"epoch {epoch + 1}"):
+    # With --alternating-flip the batches carry each image's even-epoch flip (a third tensor).
+    for images, labels, *even_flips in progress(batches.epoch(epoch, partial.step), dist,
+                                                total=len(batches) - partial.step, desc=f"epoch {epoch + 1}"):
         share = ((dist.rank, dist.world_size, batches.global_size(partial.step))
                  if cfg.world_size_invariant else None)
-        x = prepare_batch(images, cfg, aug, generator, share)
+        flips = even_flips[0] ^ bool(epoch % 2) if even_flips else None
+        x = prepare_batch(images, cfg, aug, generator, share, flips)
         with bf16_autocast(dist.device, bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
@@ -337,7 +344,10 @@ def main() -> None:
         data_s = time.time() - wall_start
         log.info("data: %d train / %d test images, %d classes, from %s (%.1f s)",
                  len(data.train_labels), len(data.test_labels), data.num_classes, data.source, data_s)
-        batches = TrainBatches([data.train_images, data.train_labels], cfg.batch_size, dist, seed=cfg.seed)
+        train_tensors = [data.train_images, data.train_labels]
+        if cfg.alternating_flip and cfg.flip:  # sharded with the images: the same at any world size
+            train_tensors.append(alternating_flips(len(data.train_labels), cfg.seed))
+        batches = TrainBatches(train_tensors, cfg.batch_size, dist, seed=cfg.seed)
         steps_per_epoch = len(batches)
 
         whiten_started = time.perf_counter()

@@ -395,3 +395,20 @@ def test_world_size_invariant_training_is_the_same_at_1_2_and_4_processes(tmp_pa
     assert_same_weights(runs[True, 4], runs[True, 1])
     with pytest.raises(AssertionError, match="not close"):
         assert_same_weights(runs[False, 2], runs[False, 1])
+
+
+def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, folders):
+    """--alternating-flip: each image's flip comes with it in the batch (a tensor sharded like
+    the images), so with --world-size-invariant 1 and 2 processes still end with the same
+    weights; and the flag changes the training (it is not ignored)."""
+    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", "--amp", "off",
+            "--world-size-invariant", *SMALL]
+    runs = {}
+    for flags, nproc in ((["--alternating-flip"], 1), (["--alternating-flip"], 2), ([], 1)):
+        out = tmp_path / f"{'alt' if flags else 'coin'}-{nproc}"
+        result = run_program("cifar/train.py", [*args, *flags, "--out-dir", str(out)], nproc=nproc, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[bool(flags), nproc] = out
+    assert_same_weights(runs[True, 2], runs[True, 1])
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_weights(runs[False, 1], runs[True, 1])

@@ -47,3 +47,17 @@ def test_resnet18_weights_from_file_and_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a torchvision ResNet-18"):
         resnet18(10, str(tmp_path / "wrong.pth"))
     assert resnet18(10, "none").fc.out_features == 10
+
+
+def test_alternating_flips_show_every_image_both_ways_over_two_epochs():
+    """--alternating-flip: a fixed random half flipped in even epochs, the other half in odd
+    ones; augment flips exactly the images it is told to."""
+    even = cdata.alternating_flips(1000, seed=3)
+    assert torch.equal(even, cdata.alternating_flips(1000, seed=3))
+    assert 0.4 < even.float().mean() < 0.6 and not torch.equal(even, cdata.alternating_flips(1000, seed=4))
+    odd = even ^ True
+    assert not (even & odd).any() and (even | odd).all()
+    x = torch.randn(6, 3, 4, 4)
+    flips = torch.tensor([True, False, True, False, False, True])
+    out = cdata.augment(x, cdata.Augment(0, True, 0), torch.Generator().manual_seed(0), flips=flips)
+    assert torch.equal(out[flips], x[flips].flip(3)) and torch.equal(out[~flips], x[~flips])

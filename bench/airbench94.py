@@ -43,7 +43,7 @@ from torch import nn
 from cifar.data import load, normalize, subset
 from cifar.model import use_bf16
 from common.dist import resolve_device
-from common.errors import run_main
+from common.errors import UserError, run_main
 from common.timing import DeviceClock
 
 RECIPE = dict(epochs=9.9, batch_size=1024, lr=11.5, momentum=0.85, weight_decay=0.0153,
@@ -165,6 +165,9 @@ def train(data_dir: str, seed: int, device: torch.device, target: float, epochs:
                                  dict(params=others, lr=lr, weight_decay=wd / lr)],
                                 momentum=momentum, nesterov=True)
     steps_per_epoch = len(train_x) // batch
+    if steps_per_epoch == 0 or epochs <= 0:
+        raise UserError(f"the recipe needs at least {batch} training images and --epochs above 0 "
+                        f"(got {len(train_x)} images, --epochs {epochs:g})")
     total = math.ceil(steps_per_epoch * epochs)
     warmup = int(total * 0.23)
 

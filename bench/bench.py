@@ -165,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
     if not 0 < args.target_accuracy <= 1:
         raise UserError(f"--target-accuracy must be in (0, 1], got {args.target_accuracy}")
+    if args.peer_epochs is not None and args.peer_epochs <= 0:
+        raise UserError(f"--peer-epochs must be positive, got {args.peer_epochs}")
     try:
         args.world_size_list = sorted({int(w) for w in args.world_sizes.split(",")})
     except ValueError:

@@ -99,3 +99,23 @@ def test_peer_race_runs_both_systems_on_the_same_images_side_by_side(tmp_path):
     text = (out / "cifar-vs-airbench94.md").read_text()
     assert "\n".join(render_race(report)) in text and text.strip() in done.stdout
     assert not (out / "benchmarks.md").exists()
+
+
+def test_peer_on_too_few_images_stops_with_one_line(tmp_path):
+    """The peer's batches are 1,024 images: fewer training images is a one-line error, and the
+    race reports it as the peer's failure, with nothing written to --out."""
+    from tests.test_cifar import make_folders
+
+    data = make_folders(tmp_path / "data")  # 36 training images
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "airbench94.py"), "--data-dir", str(data),
+                           "--device", "cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == ("error: the recipe needs at least 1024 training images and --epochs "
+                                   "above 0 (got 36 images, --epochs 9.9)")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--tables", "peer",
+                           "--data-dir", str(data), "--out", str(tmp_path / "out")], cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "bench/airbench94.py (seed 0) failed" in done.stderr
+    assert "the recipe needs at least 1024 training images" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -142,7 +142,8 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, transla
 
 
 def train(data_dir: str, seed: int, device: torch.device, target: float, epochs: float,
-          train_per_class: int | None = None, test_limit: int | None = None) -> dict:
+          train_per_class: int | None = None, test_limit: int | None = None,
+          batch: int = RECIPE["batch_size"]) -> dict:
     """One run of the recipe; returns per-epoch accuracies, times and the final accuracies."""
     wall_start = time.time()
     torch.manual_seed(seed)
@@ -154,7 +155,7 @@ def train(data_dir: str, seed: int, device: torch.device, target: float, epochs:
     test_y = data.test_labels.to(device)
     autocast = use_bf16(SimpleNamespace(amp="auto", compile=False), device)  # as cifar/train.py decides
     net = make_net(classes).to(device).to(memory_format=torch.channels_last)
-    batch, momentum = RECIPE["batch_size"], RECIPE["momentum"]
+    momentum = RECIPE["momentum"]
     kilostep = 1024 * (1 + 1 / (1 - momentum))  # airbench's decoupled lr and weight decay
     lr, wd = RECIPE["lr"] / kilostep, RECIPE["weight_decay"] * batch / kilostep
     bias_lr = lr * RECIPE["bias_scaler"]
@@ -223,7 +224,7 @@ def train(data_dir: str, seed: int, device: torch.device, target: float, epochs:
               f"{clock.seconds:.1f} s timed", flush=True)
     with clock.timed():  # airbench's final evaluation (flip + translate TTA) is timed
         final = accuracy(net, test_x, test_y, True, autocast)
-    return {"system": "airbench94 peer", "seed": seed, "device": str(device),
+    return {"system": "airbench94 peer", "seed": seed, "device": str(device), "batch_size": batch,
             "threads": torch.get_num_threads(), "epochs": epochs, "bf16": autocast,
             "test_accuracy_flip_tta": rows[-1]["test_accuracy_flip_tta"],
             "test_accuracy_flip_translate_tta": final, "target_accuracy": target,
@@ -240,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-accuracy", type=float, default=0.90, metavar="FRACTION")
     parser.add_argument("--epochs", type=float, default=RECIPE["epochs"],
                         help="the recipe's 9.9; fewer only to try the program quickly")
+    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
+                        help="the recipe's 1024; smaller only to try the program quickly (lr and "
+                             "weight decay are per 1024 images, so they carry over)")
     parser.add_argument("--train-per-class", type=int, default=None, metavar="N",
                         help="a class-balanced subset of the training images (quick tries)")
     parser.add_argument("--test-limit", type=int, default=None, metavar="N",
@@ -251,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     result = train(args.data_dir, args.seed, resolve_device(args.device, local_rank=0),
-                   args.target_accuracy, args.epochs, args.train_per_class, args.test_limit)
+                   args.target_accuracy, args.epochs, args.train_per_class, args.test_limit,
+                   args.batch_size)
     print(json.dumps({k: v for k, v in result.items() if k != "epochs_log"}))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

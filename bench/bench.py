@@ -137,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="peer, quick trials only: a class-balanced subset of training images")
     parser.add_argument("--test-limit", type=int, default=None, metavar="N",
                         help="peer, quick trials only: the first N test images")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="peer, quick trials only: both systems' global batch instead of 1024")
     parser.add_argument("--peer-epochs", type=float, default=None, metavar="E",
                         help="peer, quick trials only: the peer's epochs instead of 9.9 (the "
                              "project trains the next whole number)")
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
 def run_peer(args: argparse.Namespace, argv: list[str]) -> None:
     """The cifar race against bench/airbench94.py: printed, and written to --out."""
     quick = [*(["--train-per-class", str(args.train_per_class)] if args.train_per_class else []),
-             *(["--test-limit", str(args.test_limit)] if args.test_limit else [])]
+             *(["--test-limit", str(args.test_limit)] if args.test_limit else []),
+             *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
     result = race(args.data_dir, args.seed_list, args.world_size_list, args.device,
                   args.target_accuracy, args.timeout, quick, args.peer_epochs)
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -14,10 +14,11 @@ then what users hit around training:
                      state comes back from the checkpoint): the torchrun row's accuracy
   anomaly predict    anomaly/predict.py --device cuda on the partition, with the torchrun run's
                      detector
-cifar runs --preset airbench94 with --target-accuracy 0.90 (its time to 90% is reported), then
-bench/bench.py --device cuda measures samples/s at world size 1. Each row passes when the run
-exits 0 and its metric reaches the bar below; each command is killed with everything it started
-(its process group) after --timeout seconds. The last thing printed is the table, which is also
+cifar runs --preset airbench94 with --target-accuracy 0.90 (its time to 90% is reported); the
+cifar peer row races it against airbench94's recipe (bench/bench.py --tables peer: the ratio of
+their times to 90%, informative, no bar); then bench/bench.py --device cuda measures samples/s
+at world size 1. Each row passes when the run exits 0 and its metric reaches the bar below;
+each command is killed with everything it started (its process group) after --timeout seconds. The last thing printed is the table, which is also
 written to docs/gpu.md with the card's name and the torch version.
 
     scripts/gpu_check.sh DATA_DIR           # needs only a CUDA PyTorch image: torch, torchvision,
@@ -325,6 +326,29 @@ def partition_csv(cfg: argparse.Namespace) -> Path:
     raise FileNotFoundError(f"no {TRAIN_FILE} in {cfg.data_dir}")
 
 
+def run_peer(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
+    """cifar --preset airbench94 against the airbench94 peer, seed 0, one process each."""
+    args = [sys.executable, str(REPO / "bench" / "bench.py"), "--data-dir", str(cfg.data_dir),
+            "--device", cfg.device, "--tables", "peer", "--seeds", "0", "--world-sizes", "1",
+            "--target-accuracy", str(CIFAR_TARGET), "--timeout", str(cfg.timeout),
+            "--out", str(cfg.runs / "peer")]
+    if cfg.quick:  # the tiny class folders: one step of 12 images per epoch, any accuracy counts
+        args += ["--batch-size", "12", "--peer-epochs", "1", "--target-accuracy", "0.01"]
+    started = time.time()
+    result = run(args, cwd=REPO, env=_env(), text=True, capture_output=True, timeout=cfg.timeout * 3)
+    wall = time.time() - started
+    (cfg.runs / "peer.log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        return Row("cifar", "peer", None, wall, None, None, False, f"exit {result.returncode}")
+    stem = "cifar-vs-airbench94" + ("-cuda" if cfg.device == "cuda" else "")
+    peer, mine = json.loads((cfg.runs / "peer" / f"{stem}.json").read_text())["rows"]
+    ratio = "-" if mine["ratio_to_peer"] is None else f"{mine['ratio_to_peer']:.3f}"
+    note = (f"time to {CIFAR_TARGET:.0%} {ratio} x the airbench94 peer's "
+            f"({mine['time_to_target_s'] or float('nan'):.1f} s against {peer['time_to_target_s'] or float('nan'):.1f} s; "
+            f"peer accuracy {peer['test_accuracy_flip_tta']:.4f})")
+    return Row("cifar", "peer", mine["test_accuracy_flip_tta"], wall, None, None, True, note)
+
+
 def run_bench(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     args = [sys.executable, str(REPO / "bench" / "bench.py"), "--data-dir", str(cfg.data_dir),
             "--device", cfg.device, "--world-sizes", "1", "--tables", "throughput",
@@ -425,6 +449,8 @@ def main(argv: list[str] | None = None, run: Runner = run_in_group) -> int:
             add(run_interrupted(program, cfg, reference, kill_first=False, run=run))
         if program == "anomaly":
             add(run_predict(cfg, run))
+    if "cifar" in programs:
+        add(run_peer(cfg, run))
     add(run_bench(cfg, run))
     text = report(rows, cfg, time.time() - started)
     cfg.report.parent.mkdir(parents=True, exist_ok=True)

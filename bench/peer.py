@@ -41,8 +41,9 @@ def race(data_dir: Path, seeds: list[int], world_sizes: list[int], device: str, 
          timeout_s: float, quick: list[str] = (), peer_epochs: float | None = None) -> dict:
     """Every run's figures: the peer and the project at each world size, for each seed.
 
-    ``quick`` (e.g. ``--train-per-class 103 --test-limit 200``) and ``peer_epochs`` (the
-    project then trains the next whole number of epochs) only make a short trial run.
+    ``quick`` (options both programs take, e.g. ``--train-per-class 103 --test-limit 200`` or
+    ``--batch-size 12``) and ``peer_epochs`` (the project then trains the next whole number of
+    epochs) only make a short trial run.
     """
     rows = []
     for seed in seeds:

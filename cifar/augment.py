@@ -45,11 +45,11 @@ class Augment:
         return self.translate > 0 or self.flip or self.cutout > 0
 
 
-def alternating_flips(n: int, seed: int, device: torch.device | None = None) -> torch.Tensor:
+def alternating_flips(n: int, seed: int) -> torch.Tensor:
     """airbench's alternating flip: which of ``n`` training images are flipped in even epochs (a
     random half, fixed by ``seed``); odd epochs flip the others. Over any two epochs each image
     is seen both ways, where independent coin flips show a quarter of them one way only."""
-    return (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5).to(device)
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
 def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | None,

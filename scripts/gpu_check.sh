@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU acceptance check: housing, anomaly and cifar on one CUDA GPU (plain process, torchrun
-# with NCCL, --strategy fsdp), cifar's time to 90%, bench at world size 1; writes docs/gpu.md.
+# with NCCL, --strategy fsdp), cifar's time to 90% and its race against airbench94's recipe,
+# bench at world size 1; writes docs/gpu.md.
 #   scripts/gpu_check.sh DATA_DIR [--timeout S] [--report FILE]
 # Needs only a CUDA PyTorch image (torch, torchvision, pandas, scikit-learn, matplotlib, tqdm):
 # the checkout is put on PYTHONPATH, nothing is installed. About 5-8 minutes on one H100.

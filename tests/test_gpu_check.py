@@ -49,11 +49,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows] == [
         (program, mode) for program, extra in (("housing", "kill+term"), ("anomaly", "predict"), ("cifar", "term"))
-        for mode in ("plain", "torchrun", "fsdp", "eval-only", extra)] + [("bench", "ws1")]
+        for mode in ("plain", "torchrun", "fsdp", "eval-only", extra)] + [("cifar", "peer"), ("bench", "ws1")]
     assert all("| pass" in row for row in rows), text
     for row in rows[3], rows[4], rows[8], rows[13], rows[14]:  # the torchrun row's metric again
         assert "the torchrun row's metric" in row, row
     assert "resumed" in rows[4] and "resumed" in rows[14]
+    assert "x the airbench94 peer's" in rows[15], rows[15]
     # The table is the last thing printed, as a person reading the terminal expects.
     assert stdout.rstrip().splitlines()[-2].startswith("| bench | ws1 |")
     # The launch modes are the commands a GPU box runs: torchrun (one process) for the torchrun,

@@ -21,7 +21,7 @@ reaches it, plus that evaluation (how ``cifar/train.py`` reports ``time_to_targe
 
     python bench/airbench94.py --data-dir ../shared/data --seed 0 --out peer.json
 
-``bench/bench.py --cifar-peer`` runs it beside ``cifar/train.py --preset airbench94``.
+``bench/bench.py --tables peer`` runs it beside ``cifar/train.py --preset airbench94``.
 """
 from __future__ import annotations
 

@@ -138,7 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-limit", type=int, default=None, metavar="N",
                         help="peer, quick trials only: the first N test images")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="peer, quick trials only: both systems' global batch instead of 1024")
+                        help="peer, quick trials only: both systems' global batch instead of "
+                             "their recipes' (1,024 for the peer, 1,000 for the preset)")
     parser.add_argument("--peer-epochs", type=float, default=None, metavar="E",
                         help="peer, quick trials only: the peer's epochs instead of 9.9 (the "
                              "project trains the next whole number)")

@@ -38,3 +38,65 @@ class Lookahead:
             if name in self.average:
                 self.average[name].lerp_(value, 1 - decay)
                 value.copy_(self.average[name])
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 3, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Muon's Newton-Schulz iteration: ``update`` (2-D) with its singular values pushed toward 1.
+
+    The quintic's coefficients maximise the slope at zero (Keller Jordan's Muon): three steps
+    leave the singular values roughly in [0.5, 1.5], which trains as well as the exact U V^T.
+    Computed in ``dtype``: bf16 as Muon does, or float32 where the run is in float32 (bf16's
+    rounding would turn the last-bit differences of ranks' summed gradients into visible ones).
+    The result has ``update``'s dtype.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update.to(dtype)
+    x = x / (x.norm() + eps)  # the largest singular value <= 1
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if tall else x).to(update.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the groups marked ``muon=True`` (conv filters), Nesterov SGD for the others.
+
+    A Muon step (airbench94_muon's): Nesterov momentum on the gradient, the weight tensor
+    rescaled to norm sqrt(output channels), then a step of ``lr`` along the orthogonalised
+    momentum (``orthogonalize`` of the filters as an out x (in*k*k) matrix), without weight
+    decay. The SGD groups step exactly as ``torch.optim.SGD(nesterov=True)`` would. One optimizer
+    for both kinds keeps one ``state_dict`` and one LR scheduler with a factor per group.
+
+    Every rank holds the same whole weights and averaged gradients (DDP), so every rank takes the
+    same step; FSDP's shards would each be orthogonalised alone, so the caller refuses it.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, momentum: float, weight_decay: float = 0.0,
+                 bf16: bool = True) -> None:
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, muon=False))
+        self.dtype = torch.bfloat16 if bf16 else torch.float32  # of the orthogonalisation
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad if group["muon"] else p.grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(momentum).add_(grad)
+                direction = grad.add(state["momentum_buffer"], alpha=momentum)
+                if group["muon"]:
+                    if lr == 0:  # also how torch's checkpoint loader creates the state: a step at
+                        continue  # lr 0 must leave the weights as they are, unscaled
+                    p.mul_(len(p) ** 0.5 / p.norm())
+                    direction = orthogonalize(direction.reshape(len(p), -1), dtype=self.dtype).view_as(p)
+                p.add_(direction, alpha=-lr)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cifar.data import Augment, CifarData, alternating_flips, augment, load, normalize, subset
 from cifar.model import AirNet, BatchNorm, bf16_autocast, resnet18, use_bf16
-from cifar.optim import Lookahead, triangular
+from cifar.optim import Lookahead, Muon, triangular
 from cifar.plots import plot_run
 from cifar.presets import PRESETS, resolve_preset
 from common.checkpoint import config_dict, save_checkpoint, training_state
@@ -64,6 +64,9 @@ class Config(RunConfig):
     lr_end: float  # schedule end, as a fraction of lr
     warmup: float  # fraction of the steps spent rising to the peak
     momentum: float  # Nesterov momentum
+    optimizer: str = "sgd"  # "sgd", or "muon": Muon for the conv filters, SGD for the rest (airnet)
+    muon_lr: float = 0.24  # Muon's step along the orthogonalised momentum (per schedule factor 1)
+    muon_momentum: float = 0.6  # Muon's Nesterov momentum
     weight_decay: float  # L2 coefficient (biases of BatchNorm get weight_decay / bias_lr_scale)
     bias_lr_scale: float  # BatchNorm shifts learn this many times faster (airbench)
     whiten_bias_epochs: int  # epochs the whitening conv's bias trains before it is frozen
@@ -103,6 +106,11 @@ class Config(RunConfig):
             (self.weights is None or self.arch == "resnet18", "--weights applies to --arch resnet18 only"),
             (not self.world_size_invariant or self.arch == "airnet",
              "--world-size-invariant applies to --arch airnet only"),
+            (self.optimizer == "sgd" or self.arch == "airnet", "--optimizer muon applies to --arch airnet only"),
+            (self.optimizer == "sgd" or self.strategy == "ddp",
+             "--optimizer muon needs each conv's whole filters on every rank: use --strategy ddp"),
+            (self.muon_lr > 0, f"--muon-lr must be positive, got {self.muon_lr}"),
+            (0 <= self.muon_momentum < 1, f"--muon-momentum must be in [0, 1), got {self.muon_momentum}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--lr-end", type=float, default=0.07, help="triangular schedule end (x lr)")
     p.add_argument("--warmup", type=float, default=0.23, help="fraction of steps rising to lr")
     p.add_argument("--momentum", type=float, default=0.85, help="Nesterov momentum")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "muon"],
+                   help="airnet: muon = Muon (orthogonalised momentum) for the conv filters and "
+                        "SGD for the head and biases, as airbench94_muon; sgd = SGD for all")
+    p.add_argument("--muon-lr", type=float, default=0.24, help="--optimizer muon: the filters' lr")
+    p.add_argument("--muon-momentum", type=float, default=0.6,
+                   help="--optimizer muon: the filters' Nesterov momentum")
     p.add_argument("--weight-decay", type=float, default=0.0153 / 11.5,
                    help="L2 coefficient (airbench's 0.0153 per 1024 images at lr 11.5)")
     p.add_argument("--bias-lr-scale", type=float, default=64.0,
@@ -202,24 +216,35 @@ def build_model(cfg: Config, data: CifarData) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
-    """SGD/Nesterov; triangular schedule: lr_start -> 1 (at `warmup`) -> lr_end, times lr."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, bf16: bool = True):
+    """SGD/Nesterov (or ``Muon`` for AirNet's conv filters with ``--optimizer muon``, which
+    orthogonalises in bf16 when the run computes in ``bf16``, else in float32); the triangular
+    schedule lr_start -> 1 (at `warmup`) -> lr_end scales every group's lr."""
     triangle = triangular(steps, cfg.warmup, cfg.lr_start, cfg.lr_end)
-    if isinstance(model, AirNet):
-        biases = model.norm_biases()
-        whiten_bias = [model.whiten.bias]
-        special = {id(p) for p in biases + whiten_bias}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
-        groups = [dict(params=others),
-                  dict(params=biases, lr=cfg.lr * cfg.bias_lr_scale,
-                       weight_decay=cfg.weight_decay / cfg.bias_lr_scale),
-                  dict(params=whiten_bias)]
-        whiten_steps = cfg.whiten_bias_epochs * steps / cfg.epochs
-        lambdas = [triangle, triangle, lambda s: triangle(s) if s < whiten_steps else 0.0]
+    if not isinstance(model, AirNet):
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                    weight_decay=cfg.weight_decay)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
+    biases = model.norm_biases()
+    whiten_bias = [model.whiten.bias]
+    special = {id(p) for p in biases + whiten_bias}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    muon = cfg.optimizer == "muon"
+    filters = [p for p in others if p.dim() == 4] if muon else []
+    others = [p for p in others if all(p is not f for f in filters)]
+    groups = [dict(params=others),
+              dict(params=biases, lr=cfg.lr * cfg.bias_lr_scale,
+                   weight_decay=cfg.weight_decay / cfg.bias_lr_scale),
+              dict(params=whiten_bias)]
+    whiten_steps = cfg.whiten_bias_epochs * steps / cfg.epochs
+    lambdas = [triangle, triangle, lambda s: triangle(s) if s < whiten_steps else 0.0]
+    if muon:
+        groups.append(dict(params=filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, muon=True))
+        lambdas.append(triangle)
+        optimizer = Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, bf16=bf16)
     else:
-        groups, lambdas = [dict(params=model.parameters())], [triangle]
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                    weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
@@ -356,11 +381,11 @@ def main() -> None:
         model = wrap_model(model, dist, cfg.strategy)
         if dist.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: find the fastest kernels once
+        bf16 = use_bf16(cfg, dist.device)
         # After wrapping: under FSDP the optimizer must hold the parameter shards.
-        optimizer, scheduler = build_optimizer(cfg, unwrap(model), cfg.epochs * steps_per_epoch)
+        optimizer, scheduler = build_optimizer(cfg, unwrap(model), cfg.epochs * steps_per_epoch, bf16)
         if cfg.compile:
             model = torch.compile(model)
-        bf16 = use_bf16(cfg, dist.device)
         if cfg.compile and dist.device.type == "cpu" and cfg.amp != "off":
             log.warning("--compile on CPU: running in fp32 (inductor's bf16 gradients are not finite)")
         meta = {"program": "cifar", "arch": cfg.arch if cfg.arch != "airnet" else

@@ -412,3 +412,25 @@ def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, folders):
     assert_same_weights(runs[True, 2], runs[True, 1])
     with pytest.raises(AssertionError, match="not close"):
         assert_same_weights(runs[False, 1], runs[True, 1])
+
+
+def test_muon_trains_alike_at_1_and_2_processes_and_resumes_exactly(tmp_path, folders):
+    """--optimizer muon: every rank orthogonalises the same averaged gradients, so with
+    --world-size-invariant 1 and 2 processes end with the same weights; a 2-process run resumed
+    from its epoch-1 checkpoint ends bit-identical to the uninterrupted one (the optimizer's
+    momentum is in the checkpoint); and Muon changes the training (it is not ignored)."""
+    args = ["--data-dir", str(folders), *TRAIN, "--amp", "off", "--world-size-invariant"]
+    runs = {}
+    for optimizer, nproc in (("muon", 1), ("muon", 2), ("sgd", 1)):
+        runs[optimizer, nproc] = tmp_path / f"{optimizer}-{nproc}"
+        _check(run_program("cifar/train.py", [*args, "--optimizer", optimizer,
+                                              "--out-dir", str(runs[optimizer, nproc])], nproc=nproc, timeout=120))
+    assert_same_weights(runs["muon", 2], runs["muon", 1])
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_weights(runs["sgd", 1], runs["muon", 1])
+    resumed = resume_copy(runs["muon", 2], tmp_path / "resumed")
+    _check(run_program("cifar/train.py", [*args, "--optimizer", "muon", "--out-dir", str(resumed), "--resume"],
+                       nproc=2, timeout=120))
+    a, b = _summary(runs["muon", 2]), _summary(resumed)
+    assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
+    assert_same_weights(resumed, runs["muon", 2])

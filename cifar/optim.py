@@ -1,6 +1,7 @@
-"""cifar/train.py's schedule and airbench's Lookahead-EMA of the weights."""
+"""cifar/train.py's schedule, airbench's Lookahead-EMA of the weights, and the Muon optimizer."""
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -71,8 +72,11 @@ class Muon(torch.optim.Optimizer):
     decay. The SGD groups step exactly as ``torch.optim.SGD(nesterov=True)`` would. One optimizer
     for both kinds keeps one ``state_dict`` and one LR scheduler with a factor per group.
 
-    Every rank holds the same whole weights and averaged gradients (DDP), so every rank takes the
-    same step; FSDP's shards would each be orthogonalised alone, so the caller refuses it.
+    Every rank holds the same averaged gradients, so every rank takes the same step. Under FSDP
+    each rank holds a shard of each tensor: the arithmetic runs on the local shards (plain
+    tensors: no DTensor dispatch per op), and a Muon step gathers the whole filter bank's
+    momentum to orthogonalise it (each rank the same matrix), then keeps its own rows; the
+    momentum buffers are DTensors like the parameters, so checkpoints gather them as usual.
     """
 
     def __init__(self, groups: list[dict], lr: float, momentum: float, weight_decay: float = 0.0,
@@ -87,16 +91,54 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad if group["muon"] else p.grad.add(p, alpha=group["weight_decay"])
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.clone()
-                else:
-                    state["momentum_buffer"].mul_(momentum).add_(grad)
-                direction = grad.add(state["momentum_buffer"], alpha=momentum)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)  # + grad below: its first value
+                weight, grad, buffer = _local(p), _local(p.grad), _local(state["momentum_buffer"])
+                if not group["muon"]:
+                    grad = grad.add(weight, alpha=group["weight_decay"])
+                buffer.mul_(momentum).add_(grad)
+                direction = grad.add(buffer, alpha=momentum)
                 if group["muon"]:
                     if lr == 0:  # also how torch's checkpoint loader creates the state: a step at
                         continue  # lr 0 must leave the weights as they are, unscaled
-                    p.mul_(len(p) ** 0.5 / p.norm())
-                    direction = orthogonalize(direction.reshape(len(p), -1), dtype=self.dtype).view_as(p)
-                p.add_(direction, alpha=-lr)
+                    weight.mul_(len(p) ** 0.5 / _whole(p.norm()))
+                    direction = _own_rows(p, orthogonalize(_whole_like(p, direction).reshape(len(p), -1),
+                                                           dtype=self.dtype).view(p.shape))
+                weight.add_(direction, alpha=-lr)
+
+
+def _is_shard(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP's shards); nothing is unless DTensor was imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds (a DTensor's local shard, in place), else itself."""
+    return tensor.to_local() if _is_shard(tensor) else tensor
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value on every rank (a collective), else ``tensor``."""
+    return tensor.full_tensor() if _is_shard(tensor) else tensor
+
+
+def _whole_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose shards, sharded like ``param``, the ranks hold as ``local``."""
+    if not _is_shard(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
+                              stride=param.stride()).full_tensor()
+
+
+def _own_rows(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``whole``, sharded like ``param`` (a local slice, no communication)."""
+    if not _is_shard(param):
+        return whole
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(whole, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+    return replicated.redistribute(param.device_mesh, param.placements).to_local()

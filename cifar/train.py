@@ -107,8 +107,6 @@ class Config(RunConfig):
             (not self.world_size_invariant or self.arch == "airnet",
              "--world-size-invariant applies to --arch airnet only"),
             (self.optimizer == "sgd" or self.arch == "airnet", "--optimizer muon applies to --arch airnet only"),
-            (self.optimizer == "sgd" or self.strategy == "ddp",
-             "--optimizer muon needs each conv's whole filters on every rank: use --strategy ddp"),
             (self.muon_lr > 0, f"--muon-lr must be positive, got {self.muon_lr}"),
             (0 <= self.muon_momentum < 1, f"--muon-momentum must be in [0, 1), got {self.muon_momentum}"),
         ]

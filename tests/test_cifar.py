@@ -434,3 +434,21 @@ def test_muon_trains_alike_at_1_and_2_processes_and_resumes_exactly(tmp_path, fo
     a, b = _summary(runs["muon", 2]), _summary(resumed)
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
     assert_same_weights(resumed, runs["muon", 2])
+
+
+def test_muon_under_fsdp_steps_like_ddp_and_resumes_exactly(tmp_path, folders):
+    """--optimizer muon --strategy fsdp: each rank gathers a filter bank's momentum, orthogonalises
+    the whole and keeps its rows, so 2 FSDP processes end with DDP's weights; the momentum
+    buffers are sharded like the weights and a resumed FSDP run ends bit-identical."""
+    args = ["--data-dir", str(folders), *TRAIN, "--amp", "off", "--optimizer", "muon"]
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        runs[strategy] = tmp_path / strategy
+        _check(run_program("cifar/train.py", [*args, "--strategy", strategy, "--out-dir", str(runs[strategy])],
+                           nproc=2, timeout=120))
+    assert_same_weights(runs["fsdp"], runs["ddp"])
+    resumed = resume_copy(runs["fsdp"], tmp_path / "resumed")
+    _check(run_program("cifar/train.py", [*args, "--strategy", "fsdp", "--out-dir", str(resumed), "--resume"],
+                       nproc=2, timeout=120))
+    assert _summary(resumed)["test_loss"] == _summary(runs["fsdp"])["test_loss"]
+    assert_same_weights(resumed, runs["fsdp"])

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from anomaly.model import PARTS, Autoencoder, raw_scores, training_loss
-from common.data import eval_batches
+from common.data import eval_batches, fixed_chunks
 from common.dist import DistInfo
 from common.metrics import all_reduce_tensor, gather_tensors, reduce_sums
 from common.parallel import local_copy
 
-EVAL_BATCH = 4096  # rows per rank per scoring batch
+EVAL_BATCH = 4096  # rows per rank per batch of a loss or error sum
+SCORE_CHUNK = 256  # rows per scoring batch, the same at any world size (common.data.fixed_chunks)
 
 
 def autoencoder_part(net: torch.nn.Module) -> Autoencoder | None:
@@ -39,14 +40,18 @@ def validation_loss(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo, det
 def score_rows(model, x: torch.Tensor, dist: DistInfo, detector: str) -> torch.Tensor:
     """Raw scores (rows, parts) of every row of ``x`` in original order, on every rank.
 
-    Scored in float64 on each rank's shard and gathered, so the scores (and all metrics derived
-    from them) do not depend on how many ranks share the work.
+    Scored in float64, in the fixed chunks of ``SCORE_CHUNK`` rows that ``fixed_chunks`` deals
+    out (each padded to that size), and gathered: every row is computed in the same batch at any
+    world size, so the scores (and all metrics derived from them) are bit-identical however
+    many ranks share the work.
     """
-    net = local_copy(model).double().eval()  # plain: scores each shard alone
+    net = local_copy(model).double().eval()  # plain: scores each shard alone, no collectives
     parts = []
     with torch.no_grad():
-        for (xb,) in eval_batches([x], EVAL_BATCH, dist):
-            parts.append(raw_scores(detector, net, xb.double()))
+        for rows in fixed_chunks(len(x), SCORE_CHUNK, dist):
+            xb = x[rows].to(dist.device, torch.float64)
+            padded = torch.cat([xb, xb.new_zeros(SCORE_CHUNK - len(xb), *xb.shape[1:])])
+            parts.append(raw_scores(detector, net, padded)[: len(xb)])
     local = torch.cat(parts) if parts else torch.zeros(0, len(PARTS[detector]), dtype=torch.float64)
     return gather_tensors(local, dist)
 

@@ -98,7 +98,7 @@ def _same_metrics_at(nprocs, data, run, tmp_path, *extra, finished_resume_at=Non
             summary = json.loads((out / "eval.json").read_text())
             assert summary["checkpoint"] == str(run / "checkpoint.pt") and not (out / "summary.json").exists()
         assert summary["world_size"] == nproc
-        assert summary["thresholds"] == reference["thresholds"]
+        assert summary["thresholds"] == reference["thresholds"], (nproc, summary["thresholds"], reference["thresholds"])
         for part in ("test", "test_unseen"):
             for key in METRICS:
                 assert summary[part][key] == reference[part][key], (nproc, part, key)

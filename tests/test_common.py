@@ -10,7 +10,7 @@ import torch
 
 from common.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint, save_checkpoint, training_state
 from common.cli import check_shared_args, make_parser
-from common.data import TrainBatches, eval_shard
+from common.data import TrainBatches, eval_shard, fixed_chunks
 from common.dist import DistInfo
 from common.errors import NonFiniteLossError, UserError
 from common.finite import FiniteLossWatch
@@ -62,6 +62,16 @@ def test_bad_batch_sizes_are_user_errors(batch, world, message):
 def test_eval_shards_cover_every_sample_once(n, world_size):
     covered = [i for r in range(world_size) for i in range(n)[eval_shard(n, rank_info(r, world_size))]]
     assert covered == list(range(n))
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 101])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_fixed_chunks_are_the_same_chunks_at_any_world_size(n, world_size):
+    """Every sample once, in order over the ranks, and cut at the same places (multiples of the
+    chunk) whatever the world size: what makes chunked float64 scores world-size invariant."""
+    slices = [s for r in range(world_size) for s in fixed_chunks(n, 4, rank_info(r, world_size))]
+    assert [i for s in slices for i in range(n)[s]] == list(range(n))
+    assert [(s.start, s.stop) for s in slices] == [(k, min(n, k + 4)) for k in range(0, n, 4)]
 
 
 def test_confusion_matrix_and_single_process_reduction():

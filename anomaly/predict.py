@@ -18,7 +18,8 @@ import torch
 
 from anomaly.data import read_csv_file
 from anomaly.features import FeatureTransform, transform_from_plain, transform_to_plain
-from anomaly.model import PARTS, combined_score, make_detector, raw_scores, thresholds_tensor
+from anomaly.model import PARTS, combined_score, make_detector, thresholds_tensor
+from anomaly.scoring import SCORE_CHUNK, chunk_scores
 from common.checkpoint import load_tensors_file
 from common.dist import resolve_device
 from common.errors import UserError, run_main
@@ -85,9 +86,11 @@ def predict_frame(frame: pd.DataFrame, detector: dict) -> pd.DataFrame:
     parts) and ``is_attack`` (score >= 1)."""
     x = torch.from_numpy(detector["transform"].transform(frame)).double()
     device = detector["cut"].device
-    with torch.no_grad():  # on the network's device, a part of the rows at a time
-        scores = torch.cat([combined_score(raw_scores(detector["detector"], detector["net"], part.to(device)),
-                                           detector["cut"]).cpu() for part in x.split(8192)]).numpy() \
+    # On the network's device, in train.py's chunks: a file holding a run's test rows gets the
+    # very scores the run computed for them.
+    with torch.no_grad():
+        scores = torch.cat([combined_score(chunk_scores(detector["detector"], detector["net"], part.to(device)),
+                                           detector["cut"]).cpu() for part in x.split(SCORE_CHUNK)]).numpy() \
             if len(x) else []
     return frame.assign(score=scores, is_attack=scores >= 1.0)
 

@@ -49,11 +49,16 @@ def score_rows(model, x: torch.Tensor, dist: DistInfo, detector: str) -> torch.T
     parts = []
     with torch.no_grad():
         for rows in fixed_chunks(len(x), SCORE_CHUNK, dist):
-            xb = x[rows].to(dist.device, torch.float64)
-            padded = torch.cat([xb, xb.new_zeros(SCORE_CHUNK - len(xb), *xb.shape[1:])])
-            parts.append(raw_scores(detector, net, padded)[: len(xb)])
+            parts.append(chunk_scores(detector, net, x[rows].to(dist.device, torch.float64)))
     local = torch.cat(parts) if parts else torch.zeros(0, len(PARTS[detector]), dtype=torch.float64)
     return gather_tensors(local, dist)
+
+
+def chunk_scores(detector: str, net: torch.nn.Module, xb: torch.Tensor) -> torch.Tensor:
+    """``raw_scores`` of at most ``SCORE_CHUNK`` rows, computed as a batch of exactly that many
+    (zero rows appended, their scores dropped): the shape, and so the kernels, never vary."""
+    padded = torch.cat([xb, xb.new_zeros(SCORE_CHUNK - len(xb), *xb.shape[1:])])
+    return raw_scores(detector, net, padded)[: len(xb)]
 
 
 def normal_feature_error(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo) -> torch.Tensor:

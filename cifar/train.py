@@ -228,8 +228,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, bf16: bool 
     special = {id(p) for p in biases + whiten_bias}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
     muon = cfg.optimizer == "muon"
-    filters = [p for p in others if p.dim() == 4] if muon else []
-    others = [p for p in others if all(p is not f for f in filters)]
+    filters = [p for p in others if muon and p.dim() == 4]  # the conv filters, for Muon
+    others = [p for p in others if not (muon and p.dim() == 4)]
     groups = [dict(params=others),
               dict(params=biases, lr=cfg.lr * cfg.bias_lr_scale,
                    weight_decay=cfg.weight_decay / cfg.bias_lr_scale),

@@ -16,8 +16,8 @@ the weights (``full_tensors`` / ``shard_like``).
 Every op on a DTensor first works out how its result is sharded, and caches that plan keyed
 on the op's arguments. An optimizer's per-tensor loop (the CPU default) passes scalars that a
 schedule changes every step, such as Adam's beta1 under OneCycleLR, so every step misses the
-cache: on the anomaly autoencoder, 24 ms a step instead of 7 with ``foreach=True`` (2 CPU
-processes; DDP 4-5 ms either way, and both loops give bit-identical weights).
+cache; ``foreach=True`` passes them once per step and gives bit-identical weights
+(docs/fsdp.md measures the difference).
 
 FSDP, DTensor and torch.distributed.checkpoint are imported inside the functions that use them
 (~0.6 s for every process): a DDP run, or one that stops at a bad argument, does not load them.
@@ -79,10 +79,8 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 # A block with fewer parameters (0.4 MB in fp32) is sharded together with the root instead of
 # on its own: each FSDP unit adds an all-gather before its forward and backward and a
-# reduce-scatter after, about a millisecond each on gloo, and saves only its transient memory.
-# Measured on the anomaly autoencoder (29k parameters, 2 CPU processes, foreach AdamW): 30 ms a
-# step with each of its 8 Linears a unit, 6.4 ms as one unit, 3.7 ms under DDP; the bytes held
-# at rest are the same either way.
+# reduce-scatter after, and saves only its transient memory; the bytes held at rest are the same
+# either way (docs/fsdp.md measures the anomaly autoencoder both ways).
 MIN_UNIT_PARAMS = 100_000
 
 

@@ -258,7 +258,7 @@ def describe(width: int, depth: int, activation: str, dropout: float, norm: str,
         tag += "-quantile"
     if embedding != "none":
         tag += f"-{embedding}{embed_bins}x{embed_dim}"
-    # Always a member count: the output heads are parameters of their own since #16, so a
-    # checkpoint from before (tag without it) is refused by --resume instead of failing to load.
+    # Always a member count: checkpoints from before the output heads became parameters of
+    # their own have a tag without it, so --resume refuses them instead of failing to load.
     tag += f"-{ensemble_mode}{ensemble}" if ensemble > 1 else "-k1"
     return tag

@@ -91,7 +91,7 @@ def test_random_split_is_stratified_seeded_and_marks_duplicates(tmp_path):
 
 
 def test_grouped_split_keeps_identical_rows_on_one_side(tmp_path):
-    """The default split: every copy of a feature row lands where the row does (#14)."""
+    """The default split: every copy of a feature row lands where the row does."""
     frame = make_partition(2000, seed=5)
     # 200 rows repeated once, 20 rows repeated 10 times: groups of 2 and 11 identical rows.
     copies = [frame.iloc[:200]] + [frame.iloc[200:220]] * 10

@@ -178,7 +178,7 @@ def _train(data, out, nproc, *extra):
 
 @SHARES_TRAINED
 def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path):
-    """--strategy fsdp: DDP's weights, detector and F1 at half the memory; checkpoints move (#8)."""
+    """--strategy fsdp: DDP's weights, detector and F1 at half the memory; checkpoints move."""
     data, ddp_run = trained
     fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp", *HYBRID)
     ddp = _summary(ddp_run)

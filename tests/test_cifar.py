@@ -285,7 +285,7 @@ def test_tensorboard_event_file_matches_metrics_jsonl(two_process_run) -> None:
 
 @pytest.mark.xdist_group("cifar-two-process-run")
 def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(two_process_run, tmp_path: Path) -> None:
-    """--strategy fsdp: DDP's weights (and Lookahead average) at half the memory (#8).
+    """--strategy fsdp: DDP's weights (and Lookahead average) at half the memory.
 
     Checkpoints move between strategies at world size 2: cifar's trajectory depends on the
     world size whatever the strategy (BatchNorm statistics and augmentation draws are per rank).

@@ -275,7 +275,7 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, 
 
 @pytest.mark.xdist_group("housing-ddp-runs")
 def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(tmp_path, data_dir, ddp_runs):
-    """--strategy fsdp: DDP's weights at half the memory; checkpoints move both ways (#8)."""
+    """--strategy fsdp: DDP's weights at half the memory; checkpoints move both ways."""
     fsdp = train(data_dir, tmp_path / "fsdp", 2, "--strategy", "fsdp")
     ddp = summary(ddp_runs[2])
     assert_same_weights(tmp_path / "fsdp", ddp_runs[2])  # 3 epochs x 5 steps of AdamW
@@ -350,7 +350,7 @@ def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
 
 
 def test_gradient_boosting_baseline_sees_the_nets_features_and_target(data_dir):
-    """The HGB row of every results table: fitted on data.train.x / data.train.y (#16)."""
+    """The HGB row of every results table: fitted on data.train.x / data.train.y."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     from housing import report

@@ -86,7 +86,7 @@ def test_orthogonalize_pushes_singular_values_toward_one():
         g = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 5
         s = torch.linalg.svdvals(cifar_optim.orthogonalize(g))
         assert s.shape == (8,) and 0.3 < s.min() and s.max() < 1.6, s
-        assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 2  # it did reshape
+        assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 2  # the input's are not
 
 
 def test_muon_steps_sgd_groups_like_sgd_and_filters_by_direction_only():

@@ -1,10 +1,11 @@
 """cifar/train.py's schedule, airbench's Lookahead-EMA of the weights, and the Muon optimizer."""
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
+
+from common.parallel import local_part, own_part, whole, whole_from_parts
 
 
 def triangular(steps: int, warmup: float, start: float, end: float) -> Callable[[int], float]:
@@ -94,7 +95,7 @@ class Muon(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)  # + grad below: its first value
-                weight, grad, buffer = _local(p), _local(p.grad), _local(state["momentum_buffer"])
+                weight, grad, buffer = local_part(p), local_part(p.grad), local_part(state["momentum_buffer"])
                 if not group["muon"]:
                     grad = grad.add(weight, alpha=group["weight_decay"])
                 buffer.mul_(momentum).add_(grad)
@@ -102,43 +103,7 @@ class Muon(torch.optim.Optimizer):
                 if group["muon"]:
                     if lr == 0:  # also how torch's checkpoint loader creates the state: a step at
                         continue  # lr 0 must leave the weights as they are, unscaled
-                    weight.mul_(len(p) ** 0.5 / _whole(p.norm()))
-                    direction = _own_rows(p, orthogonalize(_whole_like(p, direction).reshape(len(p), -1),
-                                                           dtype=self.dtype).view(p.shape))
+                    weight.mul_(len(p) ** 0.5 / whole(p.norm()))
+                    direction = own_part(p, orthogonalize(whole_from_parts(p, direction).reshape(len(p), -1),
+                                                          dtype=self.dtype).view(p.shape))
                 weight.add_(direction, alpha=-lr)
-
-
-def _is_shard(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (FSDP's shards); nothing is unless DTensor was imported."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The part of ``tensor`` this rank holds (a DTensor's local shard, in place), else itself."""
-    return tensor.to_local() if _is_shard(tensor) else tensor
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's whole value on every rank (a collective), else ``tensor``."""
-    return tensor.full_tensor() if _is_shard(tensor) else tensor
-
-
-def _whole_like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """The whole tensor whose shards, sharded like ``param``, the ranks hold as ``local``."""
-    if not _is_shard(param):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape,
-                              stride=param.stride()).full_tensor()
-
-
-def _own_rows(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of ``whole``, sharded like ``param`` (a local slice, no communication)."""
-    if not _is_shard(param):
-        return whole
-    from torch.distributed.tensor import DTensor, Replicate
-
-    replicated = DTensor.from_local(whole, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
-    return replicated.redistribute(param.device_mesh, param.placements).to_local()

@@ -25,6 +25,7 @@ FSDP, DTensor and torch.distributed.checkpoint are imported inside the functions
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 
 import torch
@@ -165,6 +166,46 @@ def local_copy(model: torch.nn.Module) -> torch.nn.Module:
     return plain
 
 
+def is_shard(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP shard). Nothing is unless DTensor was imported,
+    so this never imports it: cheap enough for a per-parameter loop."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds: a shard's local tensor (in-place ops on it change
+    the shard), anything else itself."""
+    return tensor.to_local() if is_shard(tensor) else tensor
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A shard's whole value on every rank (a collective: call on every rank), else ``tensor``."""
+    return tensor.full_tensor() if is_shard(tensor) else tensor
+
+
+def whole_from_parts(like: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose parts the ranks hold as ``part``, split the way ``like`` is (a
+    collective when ``like`` is a shard; else ``part`` is already whole)."""
+    if not is_shard(like):
+        return part
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def own_part(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the whole ``value`` (the same on every rank), split the way ``like``
+    is: a local slice, no communication. ``value`` itself when ``like`` is not a shard."""
+    if not is_shard(like):
+        return value
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(value, like.device_mesh, [Replicate()] * like.device_mesh.ndim)
+    return replicated.redistribute(like.device_mesh, like.placements).to_local()
+
+
 def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` with every FSDP shard gathered into the whole tensor; the rest as they are.
 
@@ -172,10 +213,7 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     checkpoint in a form any strategy and world size can read. A collective under FSDP: call on
     every rank with the same keys in the same order.
     """
-    from torch.distributed.tensor import DTensor
-
-    return {name: t.detach().full_tensor() if isinstance(t, DTensor) else t
-            for name, t in tensors.items()}
+    return {name: whole(t.detach()) if is_shard(t) else t for name, t in tensors.items()}
 
 
 def shard_like(tensors: dict[str, torch.Tensor],
@@ -199,9 +237,7 @@ def shard_like(tensors: dict[str, torch.Tensor],
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    local = local_part(tensor)
     return local.numel() * local.element_size()
 
 

@@ -42,7 +42,7 @@ from anomaly.metrics import best_f1_threshold
 from anomaly.model import classifier_inputs
 from common.errors import UserError, run_main
 from common.files import write_text_atomic
-from common.report import write_json_atomic
+from common.records import write_json_atomic
 
 SPLIT_KEYS = ("seed", "split", "val_fraction", "test_fraction", "pca_variance", "min_frequency",
               "max_rows", "holdout")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from anomaly.model import NOVELTY_PARTS, combined_score
+from anomaly.model import NOVELTY_PARTS, PARTS, combined_score, thresholds_tensor
 from common.data import eval_shard
 from common.dist import DistInfo
 from common.metrics import all_reduce_tensor, confusion_matrix
@@ -108,3 +108,56 @@ def per_category(scores: torch.Tensor, categories: np.ndarray, threshold: float,
     return {name: {"rows": int(counts[0, i]), "flagged": int(counts[1, i]),
                    "detection_rate": float(counts[1, i] / max(int(counts[0, i]), 1))}
             for i, name in enumerate(names)}
+
+
+def figures(result: dict) -> dict:
+    """``evaluate``'s result without the per-row scores: what summary.json and eval.json hold."""
+    return {k: v for k, v in result.items() if not k.endswith("_scores")}
+
+
+def log_result(result: dict, cfg, log) -> None:
+    """The thresholds and test figures, one line each (rank 0)."""
+    test, unseen = result["test"], result["test_unseen"]
+    log.info("thresholds %s (validation F1 %.4f)",
+             ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()), result["val_f1"])
+    log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
+             "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
+             test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
+    if cfg.split == "random":
+        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
+                 "(%d rows)", unseen["precision"], unseen["recall"], unseen["f1"], unseen["n"])
+    if cfg.holdout is not None:
+        log.info("held-out %s: %.4f detected", cfg.holdout,
+                 result["per_attack_cat"][cfg.holdout]["detection_rate"])
+
+
+# What the hybrid holds, each calibrated as a detector of those parts alone would be.
+ALONE = {"classifier": ("classifier",), "classifier+disagreement": ("classifier", "disagreement"),
+         "autoencoder": ("autoencoder",)}
+
+
+def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data,
+                 dist: DistInfo, novelty_alarms: float) -> dict[str, dict]:
+    """The hybrid's parts measured as detectors of their own (``ALONE``): the classifier, the
+    classifier with its members' disagreement, and the autoencoder; each calibrated on
+    validation as that detector would be (``calibrate``), so each novelty watcher's share is
+    read off one run.
+
+    The parts train on disjoint parameters with a summed loss (AdamW updates each parameter from
+    its own gradient), so with the same epochs, batch and learning rate the classifier part is
+    the classifier trained alone, and the autoencoder part never sees an attack row: one hybrid
+    run measures every kind of detector (what ``anomaly.novel`` relies on).
+    """
+    if detector != "hybrid":
+        return {}
+    out = {}
+    for name, parts in ALONE.items():
+        columns = [PARTS[detector].index(part) for part in parts]
+        thresholds, val_f1 = calibrate(parts, val_raw[:, columns].numpy(), data.y["val"].numpy(),
+                                       novelty_alarms)
+        scores = combined_score(test_raw[:, columns], thresholds_tensor(parts, thresholds))
+        out[name] = {"thresholds": thresholds, "val_f1": val_f1,
+                     "test": metrics_at(scores, data.y["test"], 1.0, dist),
+                     "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(),
+                                                    1.0, dist)}
+    return out

@@ -123,7 +123,7 @@ class Classifier(nn.Module):
         The members share most weights and agree on rows like those they were trained on; a
         row of a kind no label has shown leaves them free to differ. On a held-out attack
         category this flags more of it than the autoencoder at fewer false alarms
-        (anomaly/README.md, novel attacks)."""
+        (docs/anomaly-experiments.md, Novel attacks)."""
         members = torch.sigmoid(self(x))
         return members.mean(dim=1), members.std(dim=1, correction=0)
 
@@ -216,3 +216,14 @@ def make_detector(detector: str, transform: FeatureTransform, hidden: tuple[int,
 def thresholds_tensor(parts: tuple[str, ...], thresholds: dict[str, float]) -> torch.Tensor:
     """``thresholds`` in the order of ``parts`` (raw_scores' columns), for ``combined_score``."""
     return torch.tensor([thresholds[part] for part in parts], dtype=torch.float64)
+
+
+def parse_widths(flag: str, text: str) -> tuple[int, ...]:
+    """Layer widths from a command line's ``128,64,16``; UserError naming ``flag`` otherwise."""
+    try:
+        widths = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers like 128,64,16") from None
+    if not widths or min(widths) <= 0:
+        raise UserError(f"{flag} {text!r}: widths must be positive integers")
+    return widths

@@ -28,11 +28,12 @@ import numpy as np
 
 from anomaly import train
 from anomaly.data import attack_categories
+from common.console import get_logger
 from common.dist import distributed
 from common.errors import UserError, run_main
 from common.figures import pyplot, save_figure
 from common.files import write_text_atomic
-from common.report import get_logger, write_json_atomic
+from common.records import write_json_atomic
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/novel.py --data-dir ../shared/data"
 DETECTORS = ("hybrid", "classifier+disagreement", "classifier", "autoencoder")
@@ -126,7 +127,7 @@ def main() -> None:
         for category in categories:
             run_dir = cfg.out_dir / f"holdout-{category}"
             log.info("holding out %s -> %s", category, run_dir)
-            summary = train.run(dataclasses.replace(cfg, holdout=category, out_dir=run_dir), dist)
+            summary = train.train(dataclasses.replace(cfg, holdout=category, out_dir=run_dir), dist)
             rows[category] = {"rows": summary["per_attack_cat"][category]["rows"],
                               "rates": held_out_rates(summary, category)}
         if dist.is_main:

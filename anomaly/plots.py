@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve
 
-from common.figures import pyplot, save_figure
-from common.report import plot_curves
+from common.figures import plot_curves, pyplot, save_figure
 
 plt = pyplot()  # this module only draws: Agg backend, loaded when it is imported
 
@@ -138,3 +137,11 @@ def training_plots(plots_dir: Path, rows: list[dict[str, Any]], val_scores: np.n
         times, label = np.arange(len(test_scores)), "record order"
     timeline(test_scores, test_labels, times, label, 1.0, plots_dir / "timeline.png",
              has_time=bool(splits.time_column))
+
+
+def draw_plots(plots_dir, rows: list[dict], result: dict, data, cfg) -> None:
+    """The training curves and score plots of a finished run (rank 0): ``result`` is
+    ``anomaly/train.py``'s ``evaluate(final=True)``, ``data`` its Data."""
+    training_plots(plots_dir, rows, result["val_scores"].numpy(), data.y["val"].numpy(),
+                         result["test_scores"].numpy(), data.splits, result["test"],
+                         result["per_attack_cat"], cfg.detector)

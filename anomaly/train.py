@@ -24,38 +24,39 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from anomaly.data import SPLITS, Splits, hold_out, split_data
 from anomaly.features import FeatureTransform, make_features, transform_from_plain, transform_to_plain
-from anomaly.metrics import calibrate, metrics_at, per_category
-from anomaly.model import PARTS, combined_score, make_detector, thresholds_tensor, training_loss
+from anomaly.metrics import calibrate, figures, log_result, metrics_at, part_metrics, per_category
+from anomaly.model import PARTS, combined_score, make_detector, parse_widths, thresholds_tensor, training_loss
 from anomaly.predict import write_detector
 from anomaly.scoring import autoencoder_part, normal_feature_error, score_rows, validation_loss
-from common.checkpoint import config_dict, save_checkpoint, training_state
-from common.cli import make_parser
-from common.config import RunConfig
+from common.agree import agreed
+from common.config import RunConfig, make_parser
+from common.console import get_logger, optional_extra, progress as progress_bar
 from common.data import TrainBatches
-from common.dist import DistInfo, agreed, distributed
+from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.finite import FiniteLossWatch
-from common.evaluation import run_eval_only
 from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
-from common.preempt import EpochProgress, Preemption, progress_from
-from common.report import RunRecorder, get_logger, optional_extra, progress
-from common.resume import check_ranks_agree, resume_from
+from common.preempt import EpochProgress
 from common.rng import seed_everything
-from common.rundir import claim_run_dir
+from common.run import Run, Training, load_for_evaluation, run_eval_only
 from common.tabular import EMBEDDINGS
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"
 DETECTORS = tuple(PARTS)
-# Per detector: (epochs, global batch, peak lr); --epochs, --batch-size, --lr override them.
-# The autoencoder's epochs pass over the normal training rows only (about 45% of them).
-DEFAULTS = {"autoencoder": (100, 240, 3e-3), "classifier": (30, 256, 3e-3), "hybrid": (30, 256, 3e-3)}
+# The shared flags' defaults; the --detector chosen then sets its own (PRESETS).
+DEFAULTS = {"epochs": 30, "batch_size": 256, "lr": 3e-3, "data_dir": "data", "out_dir": "runs/anomaly"}
+# Per detector: epochs, global batch, peak lr; --epochs, --batch-size, --lr override them. The
+# autoencoder's epochs pass over the normal training rows only (about 45% of them).
+PRESETS = {"autoencoder": dict(epochs=100, batch_size=240, lr=3e-3),
+           "classifier": dict(epochs=30, batch_size=256, lr=3e-3),
+           "hybrid": dict(epochs=30, batch_size=256, lr=3e-3)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,14 +119,22 @@ class Config(RunConfig):
                 f"{parts}-k{self.ensemble}")
 
 
-def _widths(flag: str, text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(h) for h in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected comma-separated integers like 128,64,16") from None
-    if not widths or min(widths) <= 0:
-        raise UserError(f"{flag} {text!r}: widths must be positive integers")
-    return widths
+@dataclass
+class Data:
+    splits: Splits
+    transform: FeatureTransform
+    x: dict[str, torch.Tensor]  # "train", "train_normal", "val", "test": scaled features, float32
+    y: dict[str, torch.Tensor]  # same keys: 1 = attack
+
+    @property
+    def normal_share(self) -> float:
+        """Share of normal rows among the training rows (scales the hybrid's autoencoder loss)."""
+        return len(self.x["train_normal"]) / len(self.x["train"])
+
+    def training_rows(self, detector: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``detector`` learns from: normal rows for the autoencoder, all rows otherwise."""
+        key = "train_normal" if detector == "autoencoder" else "train"
+        return self.x[key], self.y[key]
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -133,12 +142,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         f"{__doc__.splitlines()[0]}\n\nexamples:\n  {EXAMPLE}\n  "
         f"{EXAMPLE} --detector hybrid\n  "
         "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick\n\n"
-        "--epochs, --batch-size and --lr default per detector: "
-        + "; ".join(f"{d} {e} / {b} / {lr:g}" for d, (e, b, lr) in DEFAULTS.items()),
-        epochs=0, batch_size=0, lr=0.0, data_dir="data", out_dir="runs/anomaly",
-        eval_only="evaluate the checkpoint given by --resume (its thresholds chosen again on "
-                  "validation with this --novelty-alarms and --score), no training")
-    parser.set_defaults(epochs=None, batch_size=None, lr=None)
+        "--epochs, --batch-size and --lr default per detector (epochs / batch / lr): "
+        + "; ".join(f"{d} {p['epochs']} / {p['batch_size']} / {p['lr']:g}" for d, p in PRESETS.items()),
+        DEFAULTS, eval_only="evaluate the checkpoint given by --resume (its thresholds chosen again on "
+                            "validation with this --novelty-alarms and --score), no training")
     group = parser.add_argument_group("anomaly")
     group.add_argument("--detector", choices=DETECTORS, default="classifier",
                        help="classifier: supervised; autoencoder: normal traffic only; "
@@ -176,38 +183,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
                             "normalized = each feature's error / its mean on normal validation rows")
     group.add_argument("--max-rows", type=int, default=None,
                        help="use a stratified subset of this many rows per file (quick runs)")
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[known.detector])
     args = parser.parse_args(argv)
-    epochs, batch_size, lr = DEFAULTS[args.detector]
-    return Config.from_args(args, epochs=epochs if args.epochs is None else args.epochs,
-                            batch_size=batch_size if args.batch_size is None else args.batch_size,
-                            lr=lr if args.lr is None else args.lr, hidden=_widths("--hidden", args.hidden),
-                            classifier_hidden=_widths("--classifier-hidden", args.classifier_hidden))
+    return Config.from_args(args, hidden=parse_widths("--hidden", args.hidden),
+                            classifier_hidden=parse_widths("--classifier-hidden", args.classifier_hidden))
 
 
-@dataclass
-class Data:
-    splits: Splits
-    transform: FeatureTransform
-    x: dict[str, torch.Tensor]  # "train", "train_normal", "val", "test": scaled features, float32
-    y: dict[str, torch.Tensor]  # same keys: 1 = attack
-
-    @property
-    def normal_share(self) -> float:
-        """Share of normal rows among the training rows (scales the hybrid's autoencoder loss)."""
-        return len(self.x["train_normal"]) / len(self.x["train"])
-
-    def training_rows(self, detector: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``detector`` learns from: normal rows for the autoencoder, all rows otherwise."""
-        key = "train_normal" if detector == "autoencoder" else "train"
-        return self.x[key], self.y[key]
-
-
-def build_data(cfg: Config, dist: DistInfo, transform: FeatureTransform | None = None) -> Data:
+def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None) -> Data:
     """Read, validate and split the files; fit the features on normal training rows only (or
-    use ``transform``, a saved run's). Every rank does this identically (all steps are
-    deterministic), so nothing is broadcast; a problem with the files on any rank stops every
-    rank with one line (``agreed``).
+    take ``saved``'s, a checkpoint's, for --eval-only). Every rank does this identically (all
+    steps are deterministic), so nothing is broadcast; a problem with the files on any rank
+    stops every rank with one line (``agreed``).
     """
+    transform = transform_from_plain(saved["transform"], saved["loaded_from"]) if saved is not None else None
+
     def read() -> Data:
         splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
                             cfg.split)
@@ -235,137 +225,63 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     return optimizer, scheduler
 
 
-def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, partial: EpochProgress,
-                    dist: DistInfo, detector: str, normal_share: float,
-                    preempt: Preemption | None = None) -> dict[str, float] | None:
-    """One pass over the training rows from ``partial.step``; returns ``{"train_loss"}``, the
-    exact mean loss per row over all ranks, or None when pre-empted (``partial`` then says where
-    it stopped)."""
+def make_loss(cfg: Config, data: Data) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
+    """The per-batch loss ``(model output, (x, y)) -> mean over the batch``: the detector's
+    (anomaly/model.py ``training_loss``; the hybrid's autoencoder term scaled by the normal share)."""
+    return lambda out, batch: training_loss(cfg.detector, out, batch[0], batch[1], data.normal_share)
+
+
+def build_training(cfg: Config, data: Data, dist: DistInfo) -> Training:
+    """The seeded model (wrapped for DDP or FSDP), its optimizer and schedule, the batches of
+    the rows the detector learns from, the loss."""
+    seed_everything(cfg.seed)
+    model = wrap_model(build_model(cfg, data), dist, cfg.strategy)
+    batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
+    optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
+    return Training(model, optimizer, scheduler, batches, make_loss(cfg, data))
+
+
+def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, dist: DistInfo,
+                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """One pass over the training rows from ``progress.step``; returns ``{"train_loss"}``, the
+    exact mean loss per row over all ranks, or None when ``stop()`` said so after a step
+    (pre-emption: ``progress`` then says where it stopped)."""
+    model, batches, epoch = training.model, training.batches, progress.epoch
     model.train()
-    epoch = partial.epoch
     # The running sums stay on the device: reading a loss each step would make the host wait
-    # for the GPU every step. A pre-emption checkpoint saves them (``partial.sums``).
-    loss_sum = torch.as_tensor(partial.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
-    seen = partial.sums.get("n", 0)
+    # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
+    loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
+    seen = progress.sums.get("n", 0)
     finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
-    for xb, yb in progress(batches.epoch(epoch, partial.step), dist, len(batches) - partial.step,
-                           f"epoch {epoch}"):
-        loss = training_loss(detector, model(xb), xb, yb, normal_share)  # mean over this rank's rows
-        finite.update(loss, epoch * len(batches) + partial.step)
-        optimizer.zero_grad(set_to_none=True)
-        batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach().double() * len(xb)
-        seen += len(xb)
-        partial.step += 1
-        if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+    for batch in progress_bar(batches.epoch(epoch, progress.step), dist, len(batches) - progress.step,
+                              f"epoch {epoch}"):
+        loss = training.loss(model(batch[0]), batch)  # mean over this rank's rows
+        finite.update(loss, epoch * len(batches) + progress.step)
+        training.optimizer.zero_grad(set_to_none=True)
+        batches.global_mean(loss, progress.step).backward()  # ranks' shares of the last batch may differ
+        training.optimizer.step()
+        training.scheduler.step()
+        loss_sum += loss.detach().double() * len(batch[0])
+        seen += len(batch[0])
+        progress.step += 1
+        if stop is not None and stop():  # every rank, after the same step
             finite.check()
-            partial.sums = {"loss": loss_sum, "n": seen}
+            progress.sums = {"loss": loss_sum, "n": seen}
             return None
     finite.check()
     totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
     return {"train_loss": totals["loss"] / totals["n"]}
 
 
-def main() -> None:
-    cfg = parse_args()
-    with distributed(cfg.device, cfg.dist_timeout) as dist:
-        if cfg.eval_only:
-            run_eval_only(cfg, dist, evaluate_checkpoint, ("transform",))
-        else:
-            run(cfg, dist)
-
-
-def run(cfg: Config, dist: DistInfo) -> dict:
-    """Train (or resume) and evaluate one detector; returns the summary (``anomaly.novel`` calls
-    this once per held-out category, in one process group)."""
-    log = get_logger("anomaly", dist)
-    seed_everything(cfg.seed)
-    start = time.time()
-    data = build_data(cfg, dist)  # every file validated before anything is written
-    splits = data.splits
-    log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
-             "identical row in train); %d features -> %d PCA components; detector %s",
-             splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
-             len(splits.test), int(splits.test_seen_in_train.sum()),
-             data.transform.n_features, data.transform.n_components, cfg.detector)
-    model = wrap_model(build_model(cfg, data), dist, cfg.strategy)
-    batches = TrainBatches(list(data.training_rows(cfg.detector)), cfg.batch_size, dist, cfg.seed)
-    optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
-    meta = {"program": "anomaly", "arch": cfg.arch}
-    # The data is valid: now this launch becomes the one writer of --out-dir, or stops.
-    claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
-    state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler, cfg)
-    start_epoch = state["epoch"] + 1 if state else 0
-    if state and start_epoch > cfg.epochs:
-        raise UserError(f"--resume: the checkpoint finished epoch {start_epoch}, more than "
-                        f"--epochs {cfg.epochs}; pass --epochs {start_epoch} or more")
-    recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
-    resumed, preempt = progress_from(state, dist), Preemption(dist)
-
-    def checkpoint(epoch: int, partial: EpochProgress | None = None) -> None:
-        """``epoch`` is the last completed one; ``partial`` the one stopped inside."""
-        save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler, config=config_dict(cfg),
-                                                    transform=transform_to_plain(data.transform)), dist, partial)
-
-    train_time = 0.0
-    for epoch in range(start_epoch, cfg.epochs):  # a finished run resumed: evaluation only
-        t0 = time.time()
-        partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-        train = train_one_epoch(model, batches, optimizer, scheduler, partial, dist,
-                                cfg.detector, data.normal_share, preempt)
-        if train is None:
-            checkpoint(epoch - 1, partial)
-            preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
-        epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
-        train_time += epoch_train_s
-        val_loss = validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector, data.normal_share)
-        recorder.log_epoch({"epoch": epoch, **train, "val_loss": val_loss,
-                            "lr": scheduler.get_last_lr()[0], "epoch_time_s": time.time() - t0,
-                            "samples_per_s": len(batches.tensors[0]) / epoch_train_s})
-        log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
-                 epoch + 1, cfg.epochs, train["train_loss"], val_loss, time.time() - t0)
-        checkpoint(epoch)
-
-    preempt.release()  # training is over: SIGTERM now stops the process at once
-    result = evaluate(model, data, cfg, dist)
-    log_result(result, cfg, log)
-    rows = recorder.read_metrics()
-    trained_rows = len(batches.tensors[0]) * (cfg.epochs - start_epoch)
-    summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
-               **figures(result), "score": cfg.score,
-               "data": {"source": splits.source, "train_rows": len(splits.train),
-                        "train_normal_rows": len(data.x["train_normal"]),
-                        "val_rows": len(splits.val), "test_rows": len(splits.test),
-                        "test_seen_in_train": int(splits.test_seen_in_train.sum())},
-               "features": data.transform.describe(),
-               "epochs_trained": cfg.epochs - start_epoch, "train_time_s": train_time,
-               "samples_per_s": trained_rows / train_time if train_time else None,
-               "memory_per_rank": memory_per_rank(model, optimizer),
-               "wall_time_s": time.time() - start}
-    net = local_copy(model)  # every rank: a collective under FSDP, the last one of the run
-    recorder.write_summary(summary, cfg)  # the results reach disk before any extra
-    if dist.is_main:
-        write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, result["thresholds"])
-        optional_extra("plots", lambda: draw_plots(recorder.plots_dir, rows, result, data, cfg), log)
-    log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
-    return summary
-
-
-def draw_plots(plots_dir, rows: list[dict], result: dict, data: Data, cfg: Config) -> None:
-    """The training curves and score plots (rank 0; matplotlib loads only here, at the end)."""
-    from anomaly import plots
-
-    plots.training_plots(plots_dir, rows, result["val_scores"].numpy(), data.y["val"].numpy(),
-                         result["test_scores"].numpy(), data.splits, result["test"],
-                         result["per_attack_cat"], cfg.detector)
-
-
-def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
-    """Calibrate on validation (the autoencoder's feature weights, the thresholds), then measure
-    on test: metrics, per-category detection, the hybrid's parts alone, and the scores (score /
-    threshold, every row, on every rank) for the plots. Exact at any world size."""
+def evaluate(cfg: Config, model: torch.nn.Module, data: Data, dist: DistInfo,
+             final: bool = False) -> dict[str, Any]:
+    """The validation loss; ``final``: calibrate on validation (the autoencoder's feature
+    weights, the thresholds), then measure on test: metrics, per-category detection, the
+    hybrid's parts alone, and the scores (score / threshold, every row, on every rank) for the
+    plots. Exact at any world size."""
+    if not final:
+        return {"val_loss": validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector,
+                                            data.normal_share)}
     autoencoder = autoencoder_part(unwrap(model))
     if cfg.score == "normalized" and autoencoder is not None:
         error = normal_feature_error(model, data.x["val"], data.y["val"], dist)
@@ -387,71 +303,83 @@ def evaluate(model, data: Data, cfg: Config, dist: DistInfo) -> dict:
             "val_scores": val_scores, "test_scores": test_scores}
 
 
-def figures(result: dict) -> dict:
-    """``evaluate``'s result without the per-row scores: what summary.json and eval.json hold."""
-    return {k: v for k, v in result.items() if not k.endswith("_scores")}
-
-
-def log_result(result: dict, cfg: Config, log) -> None:
-    """The thresholds and test figures, one line each (rank 0)."""
-    test, unseen = result["test"], result["test_unseen"]
-    log.info("thresholds %s (validation F1 %.4f)",
-             ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()), result["val_f1"])
-    log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
-             "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
-             test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
-    if cfg.split == "random":
-        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
-                 "(%d rows)", unseen["precision"], unseen["recall"], unseen["f1"], unseen["n"])
-    if cfg.holdout is not None:
-        log.info("held-out %s: %.4f detected", cfg.holdout,
-                 result["per_attack_cat"][cfg.holdout]["detection_rate"])
-
-
-def evaluate_checkpoint(cfg: Config, state: dict, dist: DistInfo) -> dict:
-    """--eval-only (common/evaluation.py): the saved weights and feature transform, thresholds
-    chosen again on validation; ``cfg``: the saved run's Config, this command's EVAL_OPTIONS."""
-    seed_everything(cfg.seed)
-    data = build_data(cfg, dist, transform_from_plain(state["transform"], state["loaded_from"]))
-    model = build_model(cfg, data).to(dist.device)
-    model.load_state_dict(state["model"])
-    check_ranks_agree(state, model, dist)
-    result = evaluate(model, data, cfg, dist)
+def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """--eval-only (common/run.py): the saved weights and feature transform, thresholds chosen
+    again on validation; ``cfg``: the saved run's Config, this command's EVAL_OPTIONS."""
+    data = build_data(cfg, dist, state)
+    model = load_for_evaluation(build_model(cfg, data), state["model"], state, dist)
+    result = evaluate(cfg, model, data, dist, final=True)
     log_result(result, cfg, get_logger("anomaly", dist))
     return {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout, "score": cfg.score,
             "novelty_alarms": cfg.novelty_alarms, **figures(result)}
 
 
-# What the hybrid holds, each calibrated as a detector of those parts alone would be.
-ALONE = {"classifier": ("classifier",), "classifier+disagreement": ("classifier", "disagreement"),
-         "autoencoder": ("autoencoder",)}
+def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
+    """Train (or resume) and evaluate one detector; returns the summary (``anomaly.novel`` calls
+    this once per held-out category, in one process group)."""
+    start = time.time()
+    log = get_logger("anomaly", dist)
+    data = build_data(cfg, dist)  # every file validated before anything is written
+    splits = data.splits
+    log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
+             "identical row in train); %d features -> %d PCA components; detector %s",
+             splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
+             len(splits.test), int(splits.test_seen_in_train.sum()),
+             data.transform.n_features, data.transform.n_components, cfg.detector)
+    training = build_training(cfg, data, dist)
+    model, rows_per_epoch = training.model, len(training.batches.tensors[0])
+    meta = {"program": "anomaly", "arch": cfg.arch}
+    run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler,
+              constants={"transform": transform_to_plain(data.transform)})
+
+    train_time = 0.0
+    for progress in run.epochs():
+        t0 = time.time()
+        train = train_one_epoch(cfg, training, progress, dist, stop=run.stop_requested)
+        if train is None:  # pre-empted: checkpoint the step reached, exit 75
+            run.leave(progress)
+        epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
+        train_time += epoch_train_s
+        val = evaluate(cfg, model, data, dist)
+        run.log_epoch({"epoch": progress.epoch, **train, **val, "lr": training.scheduler.get_last_lr()[0],
+                       "epoch_s": time.time() - t0, "samples_per_s": rows_per_epoch / epoch_train_s})
+        log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
+                 progress.epoch + 1, cfg.epochs, train["train_loss"], val["val_loss"], time.time() - t0)
+        run.save(progress.epoch)
+
+    result = evaluate(cfg, model, data, dist, final=True)
+    log_result(result, cfg, log)
+    epochs_run = cfg.epochs - run.start_epoch
+    summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
+               **figures(result), "score": cfg.score,
+               "data": {"source": splits.source, "train_rows": len(splits.train),
+                        "train_normal_rows": len(data.x["train_normal"]),
+                        "val_rows": len(splits.val), "test_rows": len(splits.test),
+                        "test_seen_in_train": int(splits.test_seen_in_train.sum())},
+               "features": data.transform.describe(),
+               "epochs_run": epochs_run, "train_time_s": train_time,
+               "samples_per_s": rows_per_epoch * epochs_run / train_time if train_time else None,
+               "memory_per_rank": memory_per_rank(model, training.optimizer),
+               "wall_time_s": time.time() - start}
+    net = local_copy(model)  # every rank: a collective under FSDP, the last one of the run
+    run.write_summary(summary)  # the results reach disk before any extra
+    if dist.is_main:
+        from anomaly.plots import draw_plots  # matplotlib loads only here, at the end
+
+        write_detector(cfg.out_dir / "detector.pt", net, cfg, data.transform, result["thresholds"])
+        metrics = run.read_metrics()
+        optional_extra("plots", lambda: draw_plots(run.plots_dir, metrics, result, data, cfg), log)
+    log.info("wrote %s (%.1fs)", cfg.out_dir, time.time() - start)
+    return summary
 
 
-def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data: Data,
-                 dist: DistInfo, novelty_alarms: float) -> dict[str, dict]:
-    """The hybrid's parts measured as detectors of their own (``ALONE``): the classifier, the
-    classifier with its members' disagreement, and the autoencoder; each calibrated on
-    validation as that detector would be (``calibrate``), so each novelty watcher's share is
-    read off one run.
-
-    The parts train on disjoint parameters with a summed loss (AdamW updates each parameter from
-    its own gradient), so with the same epochs, batch and learning rate the classifier part is
-    the classifier trained alone, and the autoencoder part never sees an attack row: one hybrid
-    run measures every kind of detector (what ``anomaly.novel`` relies on).
-    """
-    if detector != "hybrid":
-        return {}
-    out = {}
-    for name, parts in ALONE.items():
-        columns = [PARTS[detector].index(part) for part in parts]
-        thresholds, val_f1 = calibrate(parts, val_raw[:, columns].numpy(), data.y["val"].numpy(),
-                                       novelty_alarms)
-        scores = combined_score(test_raw[:, columns], thresholds_tensor(parts, thresholds))
-        out[name] = {"thresholds": thresholds, "val_f1": val_f1,
-                     "test": metrics_at(scores, data.y["test"], 1.0, dist),
-                     "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(),
-                                                    1.0, dist)}
-    return out
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    with distributed(cfg.device, cfg.dist_timeout) as dist:
+        if cfg.eval_only:
+            run_eval_only(cfg, dist, evaluate_checkpoint, ("transform",))
+        else:
+            train(cfg, dist)
 
 
 if __name__ == "__main__":

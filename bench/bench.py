@@ -57,6 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from bench.launch import child_env, launch_command
 from bench.peer import race, render_race
 from bench.pipeline import worker_pipeline
 from bench.render import _command, render
@@ -64,8 +65,7 @@ from bench.timing import DEFAULT_STEPS, DEFAULT_WARMUP, cpu_model, summarize, wo
 from bench.workloads import WORKLOADS
 from common.errors import UserError, run_main
 from common.files import write_text_atomic
-from common.launch import child_env, launch_command
-from common.report import git_commit, write_json_atomic
+from common.records import git_commit, write_json_atomic
 
 __all__ = ["main", "render", "summarize"]  # render and summarize: what tests/test_bench.py checks
 

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.launch import child_env, launch_command
 from common.errors import UserError
-from common.launch import child_env, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 PEER = REPO / "bench" / "airbench94.py"

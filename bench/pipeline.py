@@ -14,7 +14,7 @@ from bench.timing import _clock, _device_name
 from common.data import TrainBatches
 from common.dist import distributed
 from common.errors import UserError
-from common.report import write_json_atomic
+from common.records import write_json_atomic
 
 PIPELINE_PER_CLASS = 512  # CIFAR training images per class in the data-path comparison
 

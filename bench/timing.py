@@ -23,7 +23,7 @@ from common.dist import DistInfo, distributed
 from common.errors import UserError
 from common.metrics import gather_tensors
 from common.parallel import memory_per_rank, wrap_model
-from common.report import write_json_atomic
+from common.records import write_json_atomic
 
 # Timed steps per program: each kind (normal / no_sync) runs this many. The small tabular
 # models take milliseconds per step, so they get more steps for the same timing noise.

@@ -1,7 +1,7 @@
 """The benchmark's workloads: each program's real data, model, optimizer and loss.
 
-Built by the programs' own ``parse_args`` / ``build_data`` / ``build_model`` / ``build_optimizer``,
-so the benchmark measures what the programs run; ``synthetic`` is a tiny MLP for the bench's tests.
+Built by the programs' own ``parse_args`` / ``build_data`` / ``build_model`` / ``build_optimizer``
+/ ``make_loss``, so the benchmark measures what the programs run; ``synthetic`` is a tiny MLP for the bench's tests.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ class Workload:
     global_batch: int  # samples per optimizer step over all ranks (the program's default)
     build_model: Callable[[], torch.nn.Module]  # fresh and seeded, on the CPU, unwrapped
     build_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
-    inputs: Callable[[tuple, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # data-side work
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # mean over this rank's batch
+    inputs: Callable[[tuple, torch.Generator], tuple[torch.Tensor, tuple]]  # data-side work: (x, batch)
+    loss: Callable[[torch.Tensor, tuple], torch.Tensor]  # (output, batch) -> mean over this rank's batch
     bf16: bool  # forward under bf16 autocast, as the program does
     describe: str
     setup_s: float = 0.0  # seconds to build the data (not part of any step)
@@ -47,7 +47,7 @@ def _housing(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
     return Workload(
         "housing", [data.train.x.to(dist.device), data.train.y.to(dist.device)], cfg.batch_size,
         build_model, lambda m: h.build_optimizer(cfg, m, 10_000)[0],
-        lambda batch, g: (batch[0], batch[1]), h.loss_fn, False,
+        lambda batch, g: (batch[0], batch), h.make_loss(cfg, data), False,
         f"MLP {cfg.arch}, {n_features} features, {len(data.train.y)} training rows, AdamW")
 
 
@@ -68,16 +68,13 @@ def _cifar(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workload:
         x = augment(normalize(batch[0]), aug, generator)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, batch[1]
-
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        return x, batch
 
     n_params = sum(p.numel() for p in build_model().parameters())
     return Workload(
         "cifar", [data.train_images.to(dist.device), data.train_labels.to(dist.device)],
         cfg.batch_size, build_model, lambda m: c.build_optimizer(cfg, unwrap(m), 10_000)[0],
-        inputs, loss, c.use_bf16(cfg, dist.device),
+        inputs, c.make_loss(cfg, data), c.use_bf16(cfg, dist.device),
         f"{cfg.arch} {'-'.join(map(str, cfg.widths))} d{cfg.depth} (preset {cfg.preset}, "
         f"{n_params / 1e6:.2f} M parameters), {len(data.train_labels)} training images, "
         f"SGD-Nesterov, channels_last {cfg.channels_last}")
@@ -98,9 +95,7 @@ def _anomaly(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workloa
     return Workload(
         "anomaly", [x.to(dist.device), y.to(dist.device)], cfg.batch_size, build_model,
         lambda m: a.build_optimizer(cfg, m, 10_000)[0],
-        lambda batch, g: (batch[0], batch),
-        lambda out, batch: a.training_loss(cfg.detector, out, batch[0], batch[1], data.normal_share),
-        False,
+        lambda batch, g: (batch[0], batch), a.make_loss(cfg, data), False,
         f"{cfg.detector} (autoencoder {'-'.join(map(str, cfg.hidden))}, classifier "
         f"{'-'.join(map(str, cfg.classifier_hidden))}) on {x.shape[1]} features, "
         f"{len(x)} training rows, AdamW")
@@ -119,7 +114,7 @@ def _synthetic(args: argparse.Namespace, dist: DistInfo, scratch: Path) -> Workl
 
     return Workload("synthetic", [x.to(dist.device), y.to(dist.device)], 256, build_model,
                     lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
-                    lambda batch, g: (batch[0], batch[1]), F.mse_loss, False,
+                    lambda batch, g: (batch[0], batch), lambda out, batch: F.mse_loss(out, batch[1]), False,
                     "MLP 16-64-64-1 on 2048 random rows, AdamW")
 
 

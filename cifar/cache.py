@@ -123,7 +123,7 @@ def load(data_dir: Path, download: bool = True, workers: int = 2) -> CifarData:
     """The dataset in ``data_dir``: read from its decoded cache, or found (downloaded first when
     absent and ``download``), decoded and cached for the next call.
 
-    Cheap to call again once it succeeded, which is what ``common.dist.on_local_rank_zero_first``
+    Cheap to call again once it succeeded, which is what ``common.agree.on_local_rank_zero_first``
     needs: the first call on a node builds the cache, the node's other ranks read it.
     Raises UserError on missing or bad data.
     """

@@ -6,7 +6,8 @@ The jobs live in their own modules, re-exported here:
 - ``cifar.cache``: download it when absent (SHA-256 checked), decode once, keep a uint8 tensor
   cache, ``load`` -> ``CifarData``;
 - ``cifar.augment``: normalisation and augmentation of a whole batch on the device;
-- here: ``subset``, a class-balanced part of the data for quick runs.
+- here: ``subset``, a class-balanced part of the data for quick runs, and ``prepare_batch``,
+  what the model is fed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ __all__ = ["MEAN", "STD", "Augment", "alternating_flips", "augment", "normalize"
            "DOWNLOAD_URL", "CifarData", "cache_dirs", "cache_path", "download_archive", "load",
            "load_cache", "to_dataset", "ARCHIVE_NAME", "BATCHES_DIR", "EXPECTED_LAYOUT",
            "IMAGE_SIZE", "IMAGE_SUFFIXES", "TEST_BATCH", "TRAIN_BATCHES", "BatchUnpickler",
-           "Source", "decode_source", "find_source", "unpickle_batch", "subset"]
+           "Source", "decode_source", "find_source", "unpickle_batch", "subset", "prepare_batch"]
 
 
 def _balanced(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
@@ -45,3 +46,12 @@ def subset(data: CifarData, train_per_class: int | None, test_limit: int | None)
         keep = _balanced(test_labels, per_class, data.num_classes)[:test_limit]
         test_images, test_labels = test_images[keep], test_labels[keep]
     return CifarData(train_images, train_labels, test_images, test_labels, data.classes, data.source)
+
+
+def prepare_batch(images: torch.Tensor, channels_last: bool, aug: Augment | None = None,
+                  generator: torch.Generator | None = None, share: tuple[int, int, int] | None = None,
+                  flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised (and augmented, with ``aug``; ``share`` and ``flips``: see ``augment``)
+    images, in channels-last memory format when the model is."""
+    x = normalize(images) if aug is None else augment(normalize(images), aug, generator, share, flips)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

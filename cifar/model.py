@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.dist import sum_over_ranks
 from common.errors import UserError
+from common.parallel import sum_over_ranks
 
 RESNET18_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 
@@ -39,7 +39,7 @@ class BatchNorm(nn.BatchNorm2d):
 
     ``across_ranks`` (``--world-size-invariant``): in training, the statistics are those of
     the whole global batch, not of this rank's share of it: each rank's per-channel sums are
-    summed over the ranks (``common.dist.sum_over_ranks``, whose backward sums the gradients
+    summed over the ranks (``common.parallel.sum_over_ranks``, whose backward sums the gradients
     too), so 1 process with 1024 images and 8 with 128 each normalise alike. It costs one small
     all-reduce per layer and step each way.
     """

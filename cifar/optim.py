@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from common.parallel import local_part, own_part, whole, whole_from_parts
+from common.parallel import full_tensors, local_part, own_part, shard_like, whole, whole_from_parts
 
 
 def triangular(steps: int, warmup: float, start: float, end: float) -> Callable[[int], float]:
@@ -27,9 +27,17 @@ class Lookahead:
     and of the average), so every rank stays in step."""
 
     def __init__(self, model: torch.nn.Module, total_steps: int, every: int = 5) -> None:
-        self.total_steps, self.every = total_steps, every
+        self.model, self.total_steps, self.every = model, total_steps, every
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items()
                         if v.is_floating_point()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The average, whole (gathered under FSDP: a collective), for a checkpoint."""
+        return full_tensors(self.average)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take a checkpoint's average (each rank its shard of it under FSDP)."""
+        self.average = shard_like(state, self.model.state_dict())
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, final: bool = False) -> None:

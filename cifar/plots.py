@@ -1,4 +1,4 @@
-"""cifar/train.py's pictures: loss/accuracy curves (common.report.plot_curves), the confusion matrix."""
+"""cifar/train.py's pictures: loss/accuracy curves (common.figures.plot_curves), the confusion matrix."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from common.figures import pyplot, save_figure
-from common.report import plot_curves
+from common.figures import plot_curves, pyplot, save_figure
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:
@@ -36,5 +35,5 @@ def plot_run(rows: list[dict[str, Any]], final: dict[str, Any], classes: Sequenc
     if rows:
         plot_curves(rows, {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
                     plots_dir / "curves.png", title=f"CIFAR-10 {arch}")
-    plot_confusion(final["confusion"], classes, plots_dir / "confusion_matrix.png",
+    plot_confusion(final["confusion_matrix"], classes, plots_dir / "confusion_matrix.png",
                    title=f"test accuracy {final['test_accuracy']:.4f}")

@@ -9,31 +9,28 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from cifar.data import Augment, CifarData, alternating_flips, augment, load, normalize, subset
+from cifar.data import Augment, CifarData, alternating_flips, load, normalize, prepare_batch, subset
 from cifar.model import AirNet, BatchNorm, bf16_autocast, resnet18, use_bf16
 from cifar.optim import Lookahead, Muon, triangular
 from cifar.plots import plot_run
 from cifar.presets import PRESETS, resolve_preset
-from common.checkpoint import config_dict, save_checkpoint, training_state
-from common.preempt import EpochProgress, Preemption, progress_from
-from common.cli import make_parser
-from common.config import RunConfig
+from common.agree import on_local_rank_zero_first, stop_unless_all_ranks_agree, tensor_digest
+from common.config import RunConfig, make_parser
+from common.console import get_logger, optional_extra, progress as progress_bar
 from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, distributed, on_local_rank_zero_first, stop_unless_all_ranks_agree, tensor_digest
+from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.finite import FiniteLossWatch
-from common.evaluation import run_eval_only
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
-from common.parallel import full_tensors, memory_per_rank, shard_like, unwrap, wrap_model
-from common.report import RunRecorder, get_logger, optional_extra, progress
-from common.resume import check_ranks_agree, resume_from
+from common.parallel import memory_per_rank, unwrap, wrap_model
+from common.preempt import EpochProgress
 from common.rng import seed_everything
-from common.rundir import claim_run_dir
+from common.run import Run, Training, load_for_evaluation, run_eval_only
 from common.timing import DeviceClock
 
 EXAMPLES = """examples:
@@ -42,6 +39,9 @@ EXAMPLES = """examples:
   python cifar/train.py --device cpu --epochs 1
   python cifar/train.py --arch resnet18 --weights resnet18-f37072fd.pth --preset resnet18
 """
+# The shared flags' defaults; the --preset chosen (cifar/presets.py) then sets its own.
+DEFAULTS = {"epochs": 5, "batch_size": 512, "lr": 0.75, "data_dir": "data", "out_dir": "runs/cifar"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class Config(RunConfig):
@@ -115,9 +115,52 @@ class Config(RunConfig):
                 raise UserError(message)
 
 
+@dataclass
+class CifarTraining(Training):
+    """``Training`` and what cifar's step needs besides: the forward's precision, Lookahead's
+    average (or None), and the seconds spent fitting the whitening layer (airbench times it)."""
+
+    bf16: bool
+    lookahead: Lookahead | None
+    whiten_s: float
+
+
+class RaceClock:
+    """The run's timings as airbench reports them, kept across resumes: the device time of
+    the timed sections (``timed``: whitening, training steps), the wall time since the first
+    launch (``elapsed_s``), and when the target accuracy was first reached."""
+
+    def __init__(self, device: torch.device, whiten_s: float, wall_start: float) -> None:
+        self.device, self.wall_start, self.elapsed_before = device, wall_start, 0.0
+        self.clock = DeviceClock(device, whiten_s)
+        self.time_to_target_s: float | None = None
+        self.wall_to_target_s: float | None = None
+
+    def timed(self):
+        """Count the block's device time (``common.timing.DeviceClock``)."""
+        return self.clock.timed()
+
+    @property
+    def seconds(self) -> float:
+        return self.clock.seconds
+
+    @property
+    def elapsed_s(self) -> float:
+        """Wall seconds of this launch plus those of the launches it resumes."""
+        return self.elapsed_before + time.time() - self.wall_start
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed_s, "timed_s": self.clock.seconds,
+                "time_to_target_s": self.time_to_target_s, "wall_to_target_s": self.wall_to_target_s}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.elapsed_before = state["elapsed_s"]
+        self.clock = DeviceClock(self.device, state["timed_s"])
+        self.time_to_target_s, self.wall_to_target_s = state["time_to_target_s"], state["wall_to_target_s"]
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = make_parser(__doc__ + "\n" + EXAMPLES, epochs=5, batch_size=512, lr=0.75,
-                         data_dir="data", out_dir="runs/cifar",
+    parser = make_parser(__doc__ + "\n" + EXAMPLES, DEFAULTS,
                          eval_only="evaluate the --resume checkpoint on the test set, no training")
     p = parser.add_argument_group("cifar")
     p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
@@ -180,8 +223,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config.from_args(args, preset=preset, widths=tuple(args.widths))
 
 
-def build_data(cfg: Config, dist: DistInfo) -> CifarData:
+def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None) -> CifarData:
     """Decode (or load the cache) on each node's local rank 0 while the others wait, then load.
+    (``saved``, a checkpoint for --eval-only, holds nothing the data needs.)
 
     ``on_local_rank_zero_first`` sends a data error found on any rank to every rank, so each
     exits with the same message. Each node decodes and caches its own copy: nodes without a
@@ -214,10 +258,11 @@ def build_model(cfg: Config, data: CifarData) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, bf16: bool = True):
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     """SGD/Nesterov (or ``Muon`` for AirNet's conv filters with ``--optimizer muon``, which
-    orthogonalises in bf16 when the run computes in ``bf16``, else in float32); the triangular
-    schedule lr_start -> 1 (at `warmup`) -> lr_end scales every group's lr."""
+    orthogonalises in bf16 when the run computes in bf16, else in float32); the triangular
+    schedule lr_start -> 1 (at `warmup`) -> lr_end scales every group's lr. ``model``: the
+    unwrapped one (under FSDP its parameters are the shards), on its device."""
     triangle = triangular(steps, cfg.warmup, cfg.lr_start, cfg.lr_end)
     if not isinstance(model, AirNet):
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
@@ -239,6 +284,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, bf16: bool 
     if muon:
         groups.append(dict(params=filters, lr=cfg.muon_lr, momentum=cfg.muon_momentum, muon=True))
         lambdas.append(triangle)
+        bf16 = use_bf16(cfg, model.whiten.bias.device)
         optimizer = Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, bf16=bf16)
     else:
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
@@ -246,22 +292,44 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int, bf16: bool 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def prepare_batch(images: torch.Tensor, cfg: Config, aug: Augment | None = None,
-                  generator: torch.Generator | None = None, share: tuple[int, int, int] | None = None,
-                  flips: torch.Tensor | None = None) -> torch.Tensor:
-    """Normalised (and augmented, with ``aug``; ``share`` and ``flips``: see ``augment``)
-    images in the model's memory format."""
-    x = normalize(images) if aug is None else augment(normalize(images), aug, generator, share, flips)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+def make_loss(cfg: Config, data: CifarData) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
+    """The per-batch loss ``(logits, (images, labels, ...)) -> mean over the batch``:
+    cross-entropy with ``--label-smoothing``, in float32 whatever the forward's precision."""
+    return lambda logits, batch: F.cross_entropy(logits.float(), batch[1], label_smoothing=cfg.label_smoothing)
 
 
-def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Config,
-                    partial: EpochProgress, dist: DistInfo, bf16: bool, lookahead: Lookahead | None,
-                    preempt: Preemption | None = None) -> dict[str, float] | None:
-    """One pass over the training set from ``partial.step``; loss and accuracy summed over ranks
-    (exact), or None when pre-empted (``partial`` then holds the step and this rank's sums)."""
+def build_training(cfg: Config, data: CifarData, dist: DistInfo) -> CifarTraining:
+    """The seeded model (whitening fitted, wrapped for DDP or FSDP, compiled if asked), its
+    optimizer and schedule, the batches (with each image's alternating flip), the loss, and
+    Lookahead's average when ``--lookahead``."""
+    seed_everything(cfg.seed)
+    tensors = [data.train_images, data.train_labels]
+    if cfg.alternating_flip and cfg.flip:  # sharded with the images: the same at any world size
+        tensors.append(alternating_flips(len(data.train_labels), cfg.seed))
+    batches = TrainBatches(tensors, cfg.batch_size, dist, seed=cfg.seed)
+    whiten_started = time.perf_counter()
+    model = build_model(cfg, data)  # AirNet's whitening is fitted here: timed, as airbench times it
+    whiten_s = time.perf_counter() - whiten_started
+    model = wrap_model(model, dist, cfg.strategy)
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: find the fastest kernels once
+    steps = cfg.epochs * len(batches)
+    # After wrapping: under FSDP the optimizer must hold the parameter shards.
+    optimizer, scheduler = build_optimizer(cfg, unwrap(model), steps)
+    lookahead = Lookahead(unwrap(model), steps) if cfg.lookahead else None
+    if cfg.compile:
+        model = torch.compile(model)
+    return CifarTraining(model, optimizer, scheduler, batches, make_loss(cfg, data),
+                         bf16=use_bf16(cfg, dist.device), lookahead=lookahead, whiten_s=whiten_s)
+
+
+def train_one_epoch(cfg: Config, training: CifarTraining, progress: EpochProgress, dist: DistInfo,
+                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """One pass over the training set from ``progress.step``; loss and accuracy summed over
+    ranks (exact), or None when ``stop()`` said so after a step (pre-emption: ``progress`` then
+    holds the step and this rank's sums)."""
+    model, batches, epoch, sums = training.model, training.batches, progress.epoch, progress.sums
     model.train()
-    epoch, sums = partial.epoch, partial.sums
     aug = Augment(cfg.translate, cfg.flip, cfg.cutout)
     # Augmentation draws from its own generator on the device, seeded per epoch and rank (per
     # epoch alone with --world-size-invariant, which draws for the global batch): resumable
@@ -277,31 +345,32 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
     seen = sums.get("n", 0)
     finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
     # With --alternating-flip the batches carry each image's even-epoch flip (a third tensor).
-    for images, labels, *even_flips in progress(batches.epoch(epoch, partial.step), dist,
-                                                total=len(batches) - partial.step, desc=f"epoch {epoch + 1}"):
-        share = ((dist.rank, dist.world_size, batches.global_size(partial.step))
+    for batch in progress_bar(batches.epoch(epoch, progress.step), dist,
+                              total=len(batches) - progress.step, desc=f"epoch {epoch + 1}"):
+        images, labels, *even_flips = batch
+        share = ((dist.rank, dist.world_size, batches.global_size(progress.step))
                  if cfg.world_size_invariant else None)
         flips = even_flips[0] ^ bool(epoch % 2) if even_flips else None
-        x = prepare_batch(images, cfg, aug, generator, share, flips)
-        with bf16_autocast(dist.device, bf16):
+        x = prepare_batch(images, cfg.channels_last, aug, generator, share, flips)
+        with bf16_autocast(dist.device, training.bf16):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        finite.update(loss, epoch * len(batches) + partial.step)
-        optimizer.zero_grad(set_to_none=True)
-        batches.global_mean(loss, partial.step).backward()  # ranks' shares of the last batch may differ
-        optimizer.step()
-        scheduler.step()
-        if lookahead is not None:
-            lookahead.update(unwrap(model), scheduler.last_epoch)
+        loss = training.loss(logits, batch)
+        finite.update(loss, epoch * len(batches) + progress.step)
+        training.optimizer.zero_grad(set_to_none=True)
+        batches.global_mean(loss, progress.step).backward()  # ranks' shares of the last batch may differ
+        training.optimizer.step()
+        training.scheduler.step()
+        if training.lookahead is not None:
+            training.lookahead.update(unwrap(model), training.scheduler.last_epoch)
         loss_sum += loss.detach().double() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-        partial.step += 1
-        if preempt is not None and preempt.stop_requested():  # every rank, after the same step
+        progress.step += 1
+        if stop is not None and stop():  # every rank, after the same step
             finite.check()
-            partial.sums = {"loss": loss_sum, "correct": correct, "n": seen}
+            progress.sums = {"loss": loss_sum, "correct": correct, "n": seen}
             if generator is not None:
-                partial.sums["_augment_rng"] = generator.get_state()
+                progress.sums["_augment_rng"] = generator.get_state()
             return None
     finite.check()
     totals = reduce_sums({"loss": loss_sum, "correct": correct, "n": seen}, dist)
@@ -310,14 +379,17 @@ def train_one_epoch(model, batches: TrainBatches, optimizer, scheduler, cfg: Con
 
 
 @torch.no_grad()
-def evaluate(model, data: CifarData, cfg: Config, dist: DistInfo, bf16: bool, tta: bool) -> dict:
-    """Loss, accuracy and confusion matrix over every test image exactly once (any world size)."""
+def evaluate(cfg: Config, model: torch.nn.Module, data: CifarData, dist: DistInfo,
+             final: bool = False) -> dict[str, Any]:
+    """Test loss, accuracy, per-class accuracy and confusion matrix over every test image
+    exactly once (any world size); ``final``: with flip test-time augmentation when ``--tta``."""
     model.eval()
+    tta, bf16 = cfg.tta and final, use_bf16(cfg, dist.device)
     # Summed on the device: the host reads them once, after the last batch, not once a batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64, device=dist.device)
     for xb, yb in eval_batches([data.test_images, data.test_labels], cfg.eval_batch_size, dist):
-        x = prepare_batch(xb, cfg)
+        x = prepare_batch(xb, cfg.channels_last)
         with bf16_autocast(dist.device, bf16):
             logits = model(x).float()
             if tta:
@@ -328,149 +400,108 @@ def evaluate(model, data: CifarData, cfg: Config, dist: DistInfo, bf16: bool, tt
     loss = reduce_sums({"loss": loss_sum}, dist)["loss"]
     n = int(confusion.sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
-    return {"test_loss": loss / max(n, 1), "test_accuracy": int(confusion.diag().sum()) / max(n, 1),
-            "test_images": n, "per_class": per_class, "confusion": confusion}
+    return {"test_accuracy": int(confusion.diag().sum()) / max(n, 1), "test_loss": loss / max(n, 1),
+            "test_images": n, "tta": tta, "per_class_accuracy": dict(zip(data.classes, per_class)),
+            "confusion_matrix": confusion}
 
 
-def evaluate_checkpoint(cfg: Config, state: dict, dist: DistInfo) -> dict:
-    """--eval-only (common/evaluation.py): the saved weights on the test set. ``cfg`` is the
-    saved run's Config with this command line's ``EVAL_OPTIONS`` (e.g. ``--no-tta``)."""
-    data = build_data(cfg, dist)
-    model = build_model(cfg, data).to(dist.device)
-    model.load_state_dict(state["model"])
-    check_ranks_agree(state, model, dist)
-    result = evaluate(model, data, cfg, dist, use_bf16(cfg, dist.device), cfg.tta)
+def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """--eval-only (common/run.py): the saved weights on the test set. ``cfg`` is the saved
+    run's Config with this command line's ``EVAL_OPTIONS`` (e.g. ``--no-tta``)."""
+    data = build_data(cfg, dist, state)
+    model = load_for_evaluation(build_model(cfg, data), state["model"], state, dist)
+    result = evaluate(cfg, model, data, dist, final=True)
     get_logger("cifar", dist).info(
         "%s: test accuracy %.4f (%d images%s, %d process(es))", state["loaded_from"],
         result["test_accuracy"], result["test_images"], ", flip TTA" if cfg.tta else "", dist.world_size)
-    return test_report(result, data, cfg.tta)
+    return result
 
 
-def test_report(result: dict, data: CifarData, tta: bool) -> dict:
-    """``evaluate``'s figures as summary.json and eval.json hold them."""
-    return {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
-            "test_images": result["test_images"], "tta": tta,
-            "per_class_accuracy": dict(zip(data.classes, result["per_class"])),
-            "confusion_matrix": result["confusion"]}
-
-
-def main() -> None:
-    cfg = parse_args()
+def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
+    """Train (or resume) and test; returns the summary, timed as airbench times a run."""
     wall_start = time.time()
+    log = get_logger("cifar", dist)
+    data = build_data(cfg, dist)
+    data_s = time.time() - wall_start
+    log.info("data: %d train / %d test images, %d classes, from %s (%.1f s)",
+             len(data.train_labels), len(data.test_labels), data.num_classes, data.source, data_s)
+    training = build_training(cfg, data, dist)
+    model, steps_per_epoch = training.model, len(training.batches)
+    if cfg.compile and dist.device.type == "cpu" and cfg.amp != "off":
+        log.warning("--compile on CPU: running in fp32 (inductor's bf16 gradients are not finite)")
+    meta = {"program": "cifar", "arch": cfg.arch if cfg.arch != "airnet" else
+            f"airnet-{'-'.join(map(str, cfg.widths))}-d{cfg.depth}{'' if cfg.residual else '-plain'}"}
+    # What airbench times: whitening, training steps and the evaluation that reaches the
+    # target; not data loading, setup, the other evaluations or checkpoint writes.
+    clock = RaceClock(dist.device, training.whiten_s, wall_start)
+    keep: dict[str, Any] = {"timing": clock}
+    if training.lookahead is not None:
+        keep["lookahead"] = training.lookahead
+    run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler, keep=keep)
+    log.info("%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
+             meta["arch"], dist.world_size, dist.device, training.bf16, steps_per_epoch, cfg.batch_size)
+
+    eval_clock = DeviceClock(dist.device)
+    train_s, trained, test = 0.0, 0, None
+    for progress in run.epochs():
+        t0 = time.time()
+        with clock.timed():
+            result = train_one_epoch(cfg, training, progress, dist, stop=run.stop_requested)
+        if result is None:  # pre-empted: checkpoint the step reached, exit 75
+            run.leave(progress)
+        row = {"epoch": progress.epoch, **result}
+        epoch_train_s = time.time() - t0
+        train_s += epoch_train_s
+        trained += row["train_images"]
+        last = progress.epoch == cfg.epochs - 1
+        if last and training.lookahead is not None:
+            with clock.timed():
+                training.lookahead.update(unwrap(model), training.scheduler.last_epoch, final=True)
+        with eval_clock.timed():
+            test = evaluate(cfg, model, data, dist, final=last)
+        elapsed = clock.elapsed_s
+        if cfg.target_accuracy and clock.time_to_target_s is None and test["test_accuracy"] >= cfg.target_accuracy:
+            clock.time_to_target_s, clock.wall_to_target_s = clock.seconds + eval_clock.last_section, elapsed
+        row.update(test_loss=test["test_loss"], test_accuracy=test["test_accuracy"],
+                   train_images_per_s=row["train_images"] / epoch_train_s,
+                   samples_per_s=row["train_images"] / epoch_train_s, epoch_s=time.time() - t0,
+                   elapsed_s=elapsed, lr=training.scheduler.get_last_lr()[0])
+        run.log_epoch(row)
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | "
+                 "%.0f img/s, %.1f s elapsed", progress.epoch + 1, cfg.epochs, row["train_loss"],
+                 row["train_accuracy"], test["test_loss"], test["test_accuracy"],
+                 " (flip TTA)" if test["tta"] else "", row["train_images_per_s"], elapsed)
+        run.save(progress.epoch)
+
+    final = test if test is not None else evaluate(cfg, model, data, dist, final=True)  # a finished run resumed
+    wall_s = time.time() - wall_start
+    summary = {
+        **final, "classes": list(data.classes), "epochs_run": cfg.epochs - run.start_epoch,
+        "wall_time_s": wall_s, "data_setup_s": data_s, "train_time_s": train_s,
+        "images_per_s": trained / train_s if train_s else None,
+        "samples_per_s": trained / train_s if train_s else None,
+        "target_accuracy": cfg.target_accuracy, "time_to_target_s": clock.time_to_target_s,
+        "wall_to_target_s": clock.wall_to_target_s, "timed_s": clock.seconds,
+        "bf16": training.bf16, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+        "memory_per_rank": memory_per_rank(model, training.optimizer), "checkpoint": run.loaded_from,
+    }
+    run.write_summary(summary)  # the results reach disk before any extra
+    if dist.is_main:  # after the last collective: no rank waits on the plots
+        optional_extra("plots", lambda: plot_run(run.read_metrics(), final, data.classes, run.plots_dir,
+                                                 meta["arch"]), log)
+    log.info("test accuracy %.4f (%d images%s), wall %.1f s, %.0f train images/s -> %s",
+             final["test_accuracy"], final["test_images"], ", flip TTA" if final["tta"] else "",
+             wall_s, summary["images_per_s"] or 0, cfg.out_dir)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
     with distributed(cfg.device, cfg.dist_timeout) as dist:
-        log = get_logger("cifar", dist)
         if cfg.eval_only:
             run_eval_only(cfg, dist, evaluate_checkpoint)
-            return
-        seed_everything(cfg.seed)
-        data = build_data(cfg, dist)
-        data_s = time.time() - wall_start
-        log.info("data: %d train / %d test images, %d classes, from %s (%.1f s)",
-                 len(data.train_labels), len(data.test_labels), data.num_classes, data.source, data_s)
-        train_tensors = [data.train_images, data.train_labels]
-        if cfg.alternating_flip and cfg.flip:  # sharded with the images: the same at any world size
-            train_tensors.append(alternating_flips(len(data.train_labels), cfg.seed))
-        batches = TrainBatches(train_tensors, cfg.batch_size, dist, seed=cfg.seed)
-        steps_per_epoch = len(batches)
-
-        whiten_started = time.perf_counter()
-        model = build_model(cfg, data)  # AirNet's whitening is fitted here: timed, as airbench times it
-        whiten_s = time.perf_counter() - whiten_started
-        model = wrap_model(model, dist, cfg.strategy)
-        if dist.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: find the fastest kernels once
-        bf16 = use_bf16(cfg, dist.device)
-        # After wrapping: under FSDP the optimizer must hold the parameter shards.
-        optimizer, scheduler = build_optimizer(cfg, unwrap(model), cfg.epochs * steps_per_epoch, bf16)
-        if cfg.compile:
-            model = torch.compile(model)
-        if cfg.compile and dist.device.type == "cpu" and cfg.amp != "off":
-            log.warning("--compile on CPU: running in fp32 (inductor's bf16 gradients are not finite)")
-        meta = {"program": "cifar", "arch": cfg.arch if cfg.arch != "airnet" else
-                f"airnet-{'-'.join(map(str, cfg.widths))}-d{cfg.depth}{'' if cfg.residual else '-plain'}"}
-        # The data is valid: now this launch becomes the one writer of --out-dir, or stops.
-        claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
-        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler, cfg)
-        lookahead = Lookahead(unwrap(model), cfg.epochs * steps_per_epoch) if cfg.lookahead else None
-        if lookahead is not None and state and state.get("lookahead") is not None:
-            lookahead.average = shard_like(state["lookahead"], unwrap(model).state_dict())
-        start_epoch = state["epoch"] + 1 if state else 0
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
-        log.info("%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
-                 meta["arch"], dist.world_size, dist.device, bf16, steps_per_epoch, cfg.batch_size)
-
-        elapsed_before = state.get("elapsed_s", 0.0) if state else 0.0  # wall time of the runs before
-        # What airbench times: whitening, training steps and the evaluation that reaches the
-        # target; not data loading, setup, the other evaluations or checkpoint writes.
-        clock = DeviceClock(dist.device, state.get("timed_s", 0.0) if state else whiten_s)
-        eval_clock = DeviceClock(dist.device)
-        time_to_target = state.get("time_to_target_s") if state else None
-        wall_to_target = state.get("wall_to_target_s") if state else None
-        train_s, trained, resumed, preempt = 0.0, 0, progress_from(state, dist), Preemption(dist)
-
-        def checkpoint(epoch: int, elapsed: float, partial: EpochProgress | None = None) -> None:
-            """``epoch`` is the last completed one; ``partial`` the one stopped inside."""
-            save_checkpoint(cfg.out_dir, training_state(
-                model, optimizer, epoch, meta, scheduler, config=config_dict(cfg),
-                elapsed_s=elapsed, timed_s=clock.seconds, time_to_target_s=time_to_target,
-                wall_to_target_s=wall_to_target,
-                lookahead=full_tensors(lookahead.average) if lookahead is not None else None), dist,
-                partial)
-
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.time()
-            partial = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-            with clock.timed():
-                result = train_one_epoch(model, batches, optimizer, scheduler, cfg, partial, dist, bf16,
-                                         lookahead, preempt)
-            if result is None:
-                checkpoint(epoch - 1, elapsed_before + time.time() - wall_start, partial)
-                preempt.leave(cfg.out_dir / "checkpoint.pt", partial, log.info)
-            row = {"epoch": epoch, **result}
-            epoch_train_s = time.time() - t0
-            train_s += epoch_train_s
-            trained += row["train_images"]
-            last = epoch == cfg.epochs - 1
-            if last and lookahead is not None:
-                with clock.timed():
-                    lookahead.update(unwrap(model), scheduler.last_epoch, final=True)
-            with eval_clock.timed():
-                test = evaluate(model, data, cfg, dist, bf16, tta=cfg.tta and last)
-            elapsed = elapsed_before + time.time() - wall_start
-            if cfg.target_accuracy and time_to_target is None and test["test_accuracy"] >= cfg.target_accuracy:
-                time_to_target, wall_to_target = clock.seconds + eval_clock.last_section, elapsed
-            row.update(test_loss=test["test_loss"], test_accuracy=test["test_accuracy"],
-                       train_images_per_s=row["train_images"] / epoch_train_s,
-                       samples_per_s=row["train_images"] / epoch_train_s, elapsed_s=elapsed,
-                       lr=scheduler.get_last_lr()[0])
-            recorder.log_epoch(row)
-            log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | "
-                     "%.0f img/s, %.1f s elapsed", epoch + 1, cfg.epochs, row["train_loss"],
-                     row["train_accuracy"], test["test_loss"], test["test_accuracy"],
-                     " (flip TTA)" if cfg.tta and last else "", row["train_images_per_s"], elapsed)
-            checkpoint(epoch, elapsed)
-
-        preempt.release()  # training is over: SIGTERM now stops the process at once
-        final = evaluate(model, data, cfg, dist, bf16, cfg.tta) if start_epoch >= cfg.epochs else test
-        wall_s = time.time() - wall_start
-        summary = {
-            **test_report(final, data, cfg.tta), "classes": list(data.classes), "epochs_run": cfg.epochs - start_epoch,
-            "wall_time_s": wall_s, "data_setup_s": data_s, "train_time_s": train_s,
-            "images_per_s": trained / train_s if train_s else None,
-            "samples_per_s": trained / train_s if train_s else None,
-            "target_accuracy": cfg.target_accuracy, "time_to_target_s": time_to_target,
-            "wall_to_target_s": wall_to_target, "timed_s": clock.seconds,
-            "bf16": bf16, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
-            "memory_per_rank": memory_per_rank(model, optimizer),
-            "checkpoint": state.get("loaded_from") if state else None,
-        }
-        recorder.write_summary(summary, cfg)  # the results reach disk before any extra
-        if dist.is_main:  # after the last collective: no rank waits on the plots
-            optional_extra("plots", lambda: plot_run(recorder.read_metrics(), final, data.classes,
-                                                     recorder.plots_dir, meta["arch"]), log)
-        log.info("test accuracy %.4f (%d images%s), wall %.1f s, %.0f train images/s -> %s",
-                 final["test_accuracy"], final["test_images"], ", flip TTA" if cfg.tta else "",
-                 wall_s, summary["images_per_s"] or 0, cfg.out_dir)
+        else:
+            train(cfg, dist)
 
 
 if __name__ == "__main__":

@@ -14,32 +14,30 @@ as every checkpoint written before this format did) is refused with one ``error:
 A write that fails (a full disk, a quota) leaves the previous checkpoints untouched and no
 temporary file, and stops every rank with one line naming the file and the cause.
 
-Which checkpoint a job resumes from, and checking that every rank holds it, is
-``common/resume.py``.
+Which checkpoint a job resumes from, and checking that every rank holds it, is the resume
+policy in ``common/run.py``.
 
-``torch.distributed.checkpoint.state_dict`` is imported inside the functions that use it: it
-loads FSDP and DTensor (~0.6 s for every process), which a run that stops at a bad argument or
-file should not pay.
+``torch.distributed.checkpoint.state_dict`` is imported inside the functions that use it, for
+the reason common/parallel.py gives.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-import os
 import pickle
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
-from common.dist import DistInfo, stop_if_any_rank_failed
+from common.agree import stop_if_any_rank_failed
+from common.dist import DistInfo
 from common.errors import UserError
+from common.files import write_atomic
 from common.parallel import is_sharded, unwrap
 from common.preempt import EpochProgress
-from common.rng import capture_rng, restore_rng
+from common.rng import capture_rng
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -47,29 +45,12 @@ PREVIOUS = "checkpoint.prev.pt"
 
 def _gather_per_rank(dist: DistInfo, sums: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Every rank's RNG state and running epoch sums, in rank order, for rank 0 to write."""
-    local = {"rng": _plain_rng(capture_rng(dist.device)), "sums": sums}
+    local = {"rng": capture_rng(dist.device, plain=True), "sums": sums}
     if not dist.is_distributed:
         return [local]
     states: list[Any] = [None] * dist.world_size
     tdist.all_gather_object(states, local)
     return states
-
-
-def _plain_rng(state: dict[str, Any]) -> dict[str, Any]:
-    """NumPy's state tuple holds an array: store its key as a tensor (weights_only loads it)."""
-    name, key, pos, has_gauss, cached = state["numpy"]
-    return {**state, "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos),
-                               int(has_gauss), float(cached))}
-
-
-def _rng_from_plain(state: dict[str, Any]) -> dict[str, Any]:
-    name, key, pos, has_gauss, cached = state["numpy"]
-    return {**state, "numpy": (name, key.numpy().astype(np.uint32), pos, has_gauss, cached)}
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """A program's Config as a dict of plain values for a checkpoint: paths become strings."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 class _RecordingWriter:
@@ -94,28 +75,25 @@ class _RecordingWriter:
         self.file.flush()
 
 
-def _write_atomically(out_dir: Path, payload: dict[str, Any]) -> str | None:
-    """Write ``payload`` as the newest checkpoint; return None, or why the write failed.
+def write_checkpoint(out_dir: Path, payload: dict[str, Any]) -> str | None:
+    """Write ``payload`` as the newest checkpoint (rank 0); return None, or why the write failed.
 
-    On failure the temporary file is removed and the checkpoints in place are untouched: the
-    rename of the newest to ``checkpoint.prev.pt`` happens only after a complete write.
+    The newest becomes ``checkpoint.prev.pt`` only once the new file is complete
+    (``common.files.write_atomic``), so a failed write leaves the checkpoints in place untouched.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir / f".{CHECKPOINT}.tmp"
-    writer = None
-    try:
+    writers: list[_RecordingWriter] = []
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            writer = _RecordingWriter(f)
-            torch.save(payload, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        if (out_dir / CHECKPOINT).exists():
-            os.replace(out_dir / CHECKPOINT, out_dir / PREVIOUS)
-        os.replace(tmp, out_dir / CHECKPOINT)
+            writers.append(_RecordingWriter(f))
+            torch.save(payload, writers[0])
+
+    try:
+        write_atomic(out_dir / CHECKPOINT, write, previous=out_dir / PREVIOUS)
         return None
     except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
-        cause = writer.error if writer is not None and writer.error is not None else err
+        cause = writers[0].error if writers and writers[0].error is not None else err
         if isinstance(cause, RuntimeError):
             raise  # not an I/O failure: a bug, with its traceback
         kept = "the previous checkpoint is kept" if (out_dir / CHECKPOINT).exists() else "no checkpoint was kept"
@@ -145,7 +123,7 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo,
     per_rank = _gather_per_rank(dist, sums if progress is not None else None)
     problem = None
     if dist.is_main:
-        problem = _write_atomically(out_dir, {
+        problem = write_checkpoint(out_dir, {
             **state, "rng": [r["rng"] for r in per_rank], "world_size": dist.world_size,
             "step_in_epoch": progress.step if progress is not None else 0,
             "epoch_sums": [r["sums"] for r in per_rank] if progress is not None else None})
@@ -176,8 +154,12 @@ def load_tensors_file(path: Path | io.BytesIO, map_location: torch.device | str 
                         "before that format are refused too: train again to write a new one)") from None
 
 
-def _try_load(path: Path | io.BytesIO, map_location: torch.device | str,
-              name: str | Path | None = None) -> dict[str, Any] | None:
+def read_checkpoint(path: Path | io.BytesIO, map_location: torch.device | str,
+                    name: str | Path | None = None) -> dict[str, Any] | None:
+    """The checkpoint in ``path``, or None when it does not load (missing, truncated, not one).
+
+    A file refused as unsafe raises UserError (``load_tensors_file``): never skipped silently.
+    """
     try:
         state = load_tensors_file(path, map_location, name)
     except UserError:
@@ -185,28 +167,6 @@ def _try_load(path: Path | io.BytesIO, map_location: torch.device | str,
     except Exception:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
         return None
     return state if isinstance(state, dict) and "model" in state else None
-
-
-def load_checkpoint(
-    path: Path, map_location: torch.device | str, expect_meta: dict[str, Any]
-) -> dict[str, Any]:
-    """Load ``path``, or the previous checkpoint beside it if ``path`` is missing or corrupt.
-
-    Raises UserError when neither loads, or when the checkpoint's ``meta`` differs from
-    ``expect_meta`` (a checkpoint of another program or architecture).
-    """
-    path = Path(path)
-    candidates = [path] if path.name != CHECKPOINT else [path, path.with_name(PREVIOUS)]
-    for candidate in candidates:
-        if not candidate.exists():
-            continue
-        state = _try_load(candidate, map_location)
-        if state is None:
-            continue
-        _check_meta(state, expect_meta, candidate)
-        state["loaded_from"] = str(candidate)
-        return state
-    raise UserError(f"--resume: no loadable checkpoint at {path} (corrupt or truncated)")
 
 
 def require_keys(state: dict[str, Any], keys: tuple[str, ...], program: str) -> None:
@@ -218,23 +178,13 @@ def require_keys(state: dict[str, Any], keys: tuple[str, ...], program: str) -> 
                         f"{program} run directory or checkpoint.pt, or train again")
 
 
-def _check_meta(state: dict[str, Any], expect_meta: dict[str, Any], path: Path | str) -> None:
+def check_meta(state: dict[str, Any], expect_meta: dict[str, Any], path: Path | str) -> None:
     """Refuse a checkpoint of another program or architecture with one clear line."""
     meta = state.get("meta", {})
     mismatched = {k: (meta.get(k), v) for k, v in expect_meta.items() if meta.get(k) != v}
     if mismatched:
         what = ", ".join(f"{k} is {got!r}, expected {want!r}" for k, (got, want) in mismatched.items())
         raise UserError(f"--resume {path}: checkpoint does not match this run ({what})")
-
-
-def restore_rng_for_rank(state: dict[str, Any], dist: DistInfo) -> None:
-    """Restore this rank's RNG from a checkpoint written at the same world size.
-
-    At a different world size the per-rank streams cannot line up; the generators are then left
-    as seeded, and the data order (which depends only on seed and epoch) is still identical.
-    """
-    if state.get("world_size") == dist.world_size:
-        restore_rng(_rng_from_plain(state["rng"][dist.rank]), dist.device)
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -247,7 +197,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     inner = unwrap(model)
-    return get_model_state_dict(inner, options=_full_state_options(inner, gather_to_rank0=True))
+    return get_model_state_dict(inner, options=full_state_options(inner, gather_to_rank0=True))
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -261,7 +211,44 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     # set_model_state_dict distributes the full tensors in place (FSDP), so hand it copies.
-    set_model_state_dict(unwrap(model), dict(state), options=_full_state_options(model))
+    set_model_state_dict(unwrap(model), dict(state), options=full_state_options(model))
+
+
+def load_training_state(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any = None) -> None:
+    """Load a checkpoint's weights, optimizer and schedule in place (``training_state``'s
+    inverse); call on every rank. Under FSDP each rank keeps its shards.
+
+    Raises UserError naming the file when the checkpoint does not fit this model, or when its
+    schedule has another length (a OneCycleLR cannot continue at another length).
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    path = state.get("loaded_from", "checkpoint")
+    inner = unwrap(model)
+    try:
+        load_model_state(inner, state["model"])
+        # Like the weights, the optimizer state is distributed in place: hand it a copy.
+        set_optimizer_state_dict(inner, optimizer, _copy_nested(state["optimizer"]),
+                                 options=full_state_options(inner))
+    except (RuntimeError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise UserError(f"--resume {path}: checkpoint does not fit this model ({first_line})") from None
+    if scheduler is not None and state.get("scheduler") is not None:
+        saved_steps = state["scheduler"].get("total_steps")
+        steps = getattr(scheduler, "total_steps", None)
+        if saved_steps is not None and steps is not None and saved_steps != steps:
+            raise UserError(f"--resume {path}: its learning-rate schedule spans {saved_steps} steps, this "
+                            f"run's {steps}; resume with the --epochs and --batch-size it was started with")
+        scheduler.load_state_dict(state["scheduler"])
+
+
+def _copy_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_nested(v) for v in value]
+    return value
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -277,7 +264,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epo
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     inner = unwrap(model)
-    options = _full_state_options(inner, gather_to_rank0=True)
+    options = full_state_options(inner, gather_to_rank0=True)
     return {
         "model": full_model_state(inner),
         "optimizer": get_optimizer_state_dict(inner, optimizer, options=options),
@@ -288,7 +275,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epo
     }
 
 
-def _full_state_options(model: torch.nn.Module, gather_to_rank0: bool = False):
+def full_state_options(model: torch.nn.Module, gather_to_rank0: bool = False):
     """Whole tensors keyed by parameter name; with ``gather_to_rank0``, gathered to rank 0 only.
 
     Rank 0 is the rank that writes. cpu_offload is what gathers there, and it needs a process

@@ -1,4 +1,5 @@
-"""RunConfig: the settings every program shares, declared and validated once.
+"""The settings every program shares: the command-line flags (``make_parser``) and the frozen
+dataclass they fill (``RunConfig``), declared and validated once.
 
 Each program's ``Config`` is a frozen dataclass that subclasses ``RunConfig`` and adds what its
 problem needs; ``kw_only`` lets the subclass add fields without defaults after the base's. A
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from common.checkpoint import config_dict
 from common.dist import DEFAULT_TIMEOUT_S
 from common.errors import UserError
-from common.report import tensorboard_available
+from common.parallel import STRATEGIES
+from common.tensorboard import tensorboard_available
 
 # Where and how this launch runs, not what it trains: an --eval-only run keeps its own, and a
 # --resume may change them.
@@ -33,12 +34,12 @@ RUN_OPTIONS = ("data_dir", "out_dir", "resume", "device", "strategy", "dist_time
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """The fields of common/cli.py's shared arguments (the same names as the flags)."""
+    """The fields of ``make_parser``'s shared arguments (the same names as the flags)."""
 
     PROGRAM: ClassVar[str] = "program"  # names the program in checkpoints and messages
     EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ()  # fields --eval-only takes from its command line
     # Fields a --resume may change besides RUN_OPTIONS: they touch no training (every other
-    # field must equal the resumed run's, common/resume.py).
+    # field must equal the resumed run's, common/run.py).
     RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     data_dir: Path
@@ -117,3 +118,55 @@ def _check_writable(out_dir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out-dir {out_dir} is not writable ({existing} is not a writable folder)")
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A program's Config as a dict of plain values for a checkpoint: paths become strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the description's line breaks (its examples)."""
+
+
+def make_parser(description: str, defaults: dict[str, Any], eval_only: str | None = None) -> argparse.ArgumentParser:
+    """A parser with the shared arguments; programs add their own after it.
+
+    ``defaults``: the program's ``epochs``, ``batch_size``, ``lr``, ``data_dir`` and ``out_dir``
+    (its DEFAULTS; a preset's values may replace them with ``parser.set_defaults``).
+    ``eval_only``: the help of ``--eval-only`` (common/run.py), for a program that has it.
+
+    ``--batch-size`` is the *global* batch: with N processes each takes batch_size / N, so the
+    optimisation (and the result) does not depend on how many processes run it.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
+    shared = parser.add_argument_group("shared by every program")
+    shared.add_argument("--data-dir", type=Path, default=Path(defaults["data_dir"]),
+                        help="folder with the dataset (downloaded there if absent and possible)")
+    shared.add_argument("--out-dir", type=Path, default=Path(defaults["out_dir"]),
+                        help="run directory: metrics.jsonl, summary.json, checkpoint.pt, plots/")
+    shared.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
+    shared.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help="global batch size, split evenly across processes")
+    shared.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
+    shared.add_argument("--seed", type=int, default=0, help="seed for weights, splits, data order")
+    shared.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="continue from a checkpoint: alone, the one in --out-dir if any "
+                             "(safe to pass on every torchrun restart); or a file / run dir")
+    shared.add_argument("--overwrite", action="store_true",
+                        help="replace the run --out-dir holds (its checkpoints, metrics, summary, "
+                             "plots); without it a launch into a run directory needs --resume")
+    shared.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto = CUDA if available (NCCL), else CPU (gloo)")
+    shared.add_argument("--strategy", default="ddp", choices=list(STRATEGIES),
+                        help="ddp: replicate the model; fsdp: shard parameters, gradients and "
+                             "optimizer state across processes (FSDP2)")
+    shared.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="how long a collective waits for the other ranks before failing")
+    shared.add_argument("--tensorboard", action="store_true",
+                        help="also log each epoch's metrics, learning rate and samples/s as "
+                             "TensorBoard scalars in OUT_DIR/tensorboard (rank 0; needs the "
+                             "tensorboard package: pip install -e '.[tensorboard]')")
+    if eval_only is not None:
+        shared.add_argument("--eval-only", action="store_true", help=eval_only)
+    return parser

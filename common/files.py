@@ -26,11 +26,13 @@ def temp_path_beside(path: Path) -> Path:
                           f"{secrets.token_hex(4)}.tmp")
 
 
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+def write_atomic(path: Path, write: Callable[[Path], Any], previous: Path | None = None) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, fsync it, rename it to ``path``.
 
-    On any failure the temporary file is removed and the error propagates; ``path`` is then
-    untouched (the previous version, if any, stays). Returns ``path``.
+    With ``previous``, the file ``path`` held is first renamed to ``previous`` (one older copy
+    kept), and only once the new file is complete. On any failure the temporary file is removed
+    and the error propagates; ``path`` is then untouched (the previous version, if any, stays).
+    Returns ``path``.
     """
     path = Path(path)
     tmp = temp_path_beside(path)
@@ -38,6 +40,8 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -55,15 +59,6 @@ def torch_save_atomic(path: Path, obj: Any) -> Path:
     import torch
 
     return write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def sha256_of(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verified_download(url: str, dest: Path, sha256: str, *, hint: str, timeout_s: float = 60.0) -> Path:

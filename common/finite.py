@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from common.dist import DistInfo, all_gather_object
+from common.agree import all_gather_object
+from common.dist import DistInfo
 from common.errors import NonFiniteLossError
 
 

@@ -19,8 +19,11 @@ schedule changes every step, such as Adam's beta1 under OneCycleLR, so every ste
 cache; ``foreach=True`` passes them once per step and gives bit-identical weights
 (docs/fsdp.md measures the difference).
 
+A layer whose statistics must cover the global batch rather than this rank's share (CIFAR's
+world-size-invariant BatchNorm) sums its parts with ``sum_over_ranks``, which is differentiable.
+
 FSDP, DTensor and torch.distributed.checkpoint are imported inside the functions that use them
-(~0.6 s for every process): a DDP run, or one that stops at a bad argument, does not load them.
+(slow to import, in every process): a DDP run, or one that stops at a bad argument, does not load them.
 """
 from __future__ import annotations
 
@@ -257,3 +260,28 @@ def memory_per_rank(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     }
     result["total_bytes"] = sum(result.values())
     return result
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) in the forward pass; in the backward, the gradients every rank received
+    for the sum are summed too (each rank's loss depends on every rank's part)."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor) -> torch.Tensor:
+        total = part.clone()
+        tdist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        tdist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(part: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's ``part``, differentiable (e.g. batch statistics over the global
+    batch); ``part`` itself outside a process group. Call on every rank (a collective)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return part
+    return _SumOverRanks.apply(part)

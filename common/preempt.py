@@ -102,25 +102,3 @@ class Preemption:
                 f"{progress.epoch + 1}; checkpoint written to {checkpoint_dir}{waited}; "
                 f"continue with --resume (exit status {PREEMPTED_EXIT})")
         raise SystemExit(PREEMPTED_EXIT)  # run_main exits with this status
-
-
-def progress_from(state: dict[str, Any] | None, dist: DistInfo) -> EpochProgress | None:
-    """The partial epoch a checkpoint records, with this rank's sums; None at an epoch boundary.
-
-    At the world size that wrote it, each rank gets back its own sums (exact). At another world
-    size the ranks' shares of each batch differ; rank 0 then takes every rank's sums added up
-    (the epoch's numbers are then exact up to rounding) and the others start from zero. The
-    model's trajectory is the same either way: the global batches do not depend on the world
-    size (common.data.TrainBatches).
-    """
-    if not state or not state.get("step_in_epoch"):
-        return None
-    saved: list[dict[str, Any]] = state["epoch_sums"]
-    if state.get("world_size") == dist.world_size:
-        sums = saved[dist.rank]
-    elif dist.is_main:
-        sums = {k: sum(rank_sums[k] for rank_sums in saved) for k in saved[0]
-                if not k.startswith("_")}
-    else:
-        sums = {}
-    return EpochProgress(epoch=state["epoch"] + 1, step=state["step_in_epoch"], sums=sums)

@@ -20,8 +20,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def capture_rng(device: torch.device) -> dict[str, Any]:
+def capture_rng(device: torch.device, plain: bool = False) -> dict[str, Any]:
     """Every random generator this process uses, so a resumed run draws the same numbers.
+
+    ``plain``: NumPy's key as a tensor, the form a checkpoint holds (it loads with
+    ``weights_only=True``, which refuses NumPy arrays).
 
     ``device`` is this rank's device: of the GPUs only its generator is saved. Saving every
     visible GPU's would tie the checkpoint to this node's GPU count and visibility (a job moved
@@ -35,13 +38,19 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if plain:
+        name, key, pos, has_gauss, cached = state["numpy"]
+        state["numpy"] = (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     return state
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    """Inverse of ``capture_rng``: this rank's generators, its own GPU's included."""
+    """Inverse of ``capture_rng`` (either form): this rank's generators, its own GPU's included."""
+    name, key, pos, has_gauss, cached = state["numpy"]
+    if isinstance(key, torch.Tensor):  # the plain form
+        key = key.numpy().astype(np.uint32)
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state((name, key, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)

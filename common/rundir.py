@@ -2,7 +2,7 @@
 
 A run directory holds a run's results (``RUN_FILES``). A launch may write into it when it is
 empty, when the launch continues that run (``--resume``: same program; the settings are checked
-against the checkpoint's in common/resume.py), or when the user asks for it to be replaced
+against the checkpoint's in common/run.py), or when the user asks for it to be replaced
 (``--overwrite``). Anything else stops every rank with one line before a file is touched: a
 second ``python housing/train.py`` would otherwise overwrite a finished run's metrics, summary
 and checkpoints without a word.
@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from common.dist import DistInfo, stop_if_any_rank_failed
+from common.agree import stop_if_any_rank_failed
+from common.dist import DistInfo
 
 LOCK = ".run.lock"
 # What makes a folder a run directory, and what --overwrite removes (nothing else: a user's own

@@ -240,7 +240,7 @@ class TabularMLP(nn.Module):
         The same products as multiplying the input by each adapter and then applying the shared
         layer, with the adapters folded into k copies of the (small) weight instead of k copies
         of the (large) batch of inputs: one matrix product [batch, size] x [size, k * width].
-        A training step of the MLP part takes about 30% less time on a CPU (housing/README.md).
+        docs/housing-tuning.md gives the time this saves.
         """
         first = self.net[0]
         weight = self.adapter.unsqueeze(-1) * first.weight.t()  # [k, size, width]

@@ -19,16 +19,18 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from common.cli import make_parser
+from common.config import make_parser
+from common.console import get_logger
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.figures import pyplot, save_figure
 from common.metrics import gather_tensors
 from common.parallel import local_copy
-from common.report import RunRecorder, get_logger
+from common.records import RunRecorder
 from housing import data as hdata
-from housing.train import (GLOBAL_BATCH, PEAK_LR, Config, add_model_args, build_data, config_from_args, evaluate,
-                           fit, this_process_only)
+from housing.fit import fit, this_process_only
+from housing.metrics import split_metrics
+from housing.train import DEFAULTS, Config, build_data
 
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/features.py --data-dir ../shared/data --out-dir runs/housing-features
@@ -37,14 +39,14 @@ EXAMPLE = """example:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, int, list[int]]:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=40, batch_size=GLOBAL_BATCH,
-                         lr=PEAK_LR, data_dir="data", out_dir="runs/housing-features")
-    add_model_args(parser)
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE,
+                         {**DEFAULTS, "epochs": 40, "out_dir": "runs/housing-features"})
+    Config.add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="shuffles per group (permutation importance)")
     parser.add_argument("--subset-sizes", default="3,5,7,9,11,13,all",
                         help="numbers of top-ranked groups to try ('all' = every group)")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
+    cfg = Config.from_args(args)
     n_groups = len(cfg.features)
     try:
         sizes = sorted({n_groups if s.strip() == "all" else int(s) for s in args.subset_sizes.split(",")})
@@ -78,9 +80,9 @@ def permutation_importance(model, data: hdata.HousingData, slices: dict[str, lis
     # Each rank shuffles its own groups, a different number on each, so it evaluates a plain
     # copy of the whole model in a world of one: gathering an FSDP model (a collective) inside
     # the loop would be called a different number of times on each rank and hang.
-    model = local_copy(model)  # every rank, once
+    model = local_copy(model).double().eval()  # every rank, once; float64 as train.py evaluates
     solo = this_process_only(dist)
-    base = evaluate(model, data.val, data, solo)["rmse"]
+    base = split_metrics(model, data.val, data, solo)["rmse"]
     rows = []
     for g, (name, cols) in enumerate(slices.items()):
         if g % dist.world_size != dist.rank:
@@ -91,7 +93,7 @@ def permutation_importance(model, data: hdata.HousingData, slices: dict[str, lis
             x = data.val.x.clone()
             x[:, cols] = data.val.x[order][:, cols]
             shuffled = replace(data.val, x=x)
-            rises.append(evaluate(model, shuffled, data, solo)["rmse"] - base)
+            rises.append(split_metrics(model, shuffled, data, solo)["rmse"] - base)
         rows.append([g, float(np.mean(rises)), float(np.std(rises))])
     gathered = gather_tensors(torch.tensor(rows, dtype=torch.float64).reshape(-1, 3), dist)
     return gathered[torch.argsort(gathered[:, 0])][:, 1:]

@@ -1,7 +1,6 @@
 """Housing's training loss: the MSE of the standardised log price, plus the error in dollars."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -34,8 +33,3 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor, dollar_weight: float = 0.0,
         loss = loss + dollar_weight * torch.nn.functional.mse_loss(pred, torch.exp(target * std + mean) / DOLLAR_UNIT)
     return loss
 
-
-def criterion_for(dollar_weight: float, data: hdata.HousingData):
-    """``loss_fn`` with the run's ``--dollar-loss`` and the training split's log-price statistics."""
-    return functools.partial(loss_fn, dollar_weight=dollar_weight,
-                             target_stats=(data.target_mean, data.target_std))

@@ -16,34 +16,32 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from common.checkpoint import config_dict, load_model_state, require_keys, save_checkpoint, training_state
-from common.cli import make_parser
-from common.config import RunConfig
-from common.data import TrainBatches, eval_batches
-from common.dist import DistInfo, agreed, distributed
+from common.agree import agreed
+from common.checkpoint import load_model_state
+from common.config import RunConfig, make_parser
+from common.console import get_logger, optional_extra
+from common.data import TrainBatches
+from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.finite import FiniteLossWatch
-from common.evaluation import run_eval_only
-from common.metrics import gather_tensors, reduce_sums
+from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
-from common.preempt import EpochProgress, Preemption, progress_from
-from common.report import RunRecorder, get_logger, optional_extra
-from common.resume import check_ranks_agree, resume_from
+from common.preempt import EpochProgress
 from common.rng import seed_everything
-from common.rundir import claim_run_dir
+from common.run import Run, Training, load_for_evaluation, run_eval_only
 from common.tabular import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, NORMS, TabularMLP, describe
 from housing import data as hdata
-from housing.loss import criterion_for, loss_fn
+from housing.loss import loss_fn
+from housing.metrics import split_metrics
 
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/train.py --data-dir ../shared/data
   python housing/train.py --eval-only --resume runs/housing   # re-evaluate a saved run
 """
-EVAL_BATCH = 1024  # samples per rank per evaluation forward pass
-# Default global batch: divides by 1-6 and 8 processes, so the same run works at those sizes;
-# 480 rather than 960 (twice the steps) is worth ~$700 of validation RMSE (housing/README.md).
-GLOBAL_BATCH = 480
-PEAK_LR = 7e-3  # of the one-cycle schedule; best of 3e-3..9e-3 on validation, 3 seeds (README)
+# The shared flags' defaults. The global batch divides by 1-6 and 8 processes, so the same run
+# works at those sizes; 480 rather than 960 (twice the steps) and the one-cycle peak lr 7e-3
+# are the best on validation over 3 seeds (docs/housing-tuning.md).
+DEFAULTS = {"epochs": 60, "batch_size": 480, "lr": 7e-3, "data_dir": "data", "out_dir": "runs/housing"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,159 +92,48 @@ class Config(RunConfig):
                         self.quantile, self.embedding, self.embed_bins, self.embed_dim,
                         self.ensemble, self.ensemble_mode)
 
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The model and optimiser flags (also housing/tune.py's and housing/features.py's)."""
+        group = parser.add_argument_group("model and optimiser")
+        group.add_argument("--width", type=int, default=128, help="hidden units per layer")
+        group.add_argument("--depth", type=int, default=2, help="hidden layers")
+        group.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS))
+        group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
+        group.add_argument("--norm", default="none", choices=sorted(NORMS), help="per-layer normalisation")
+        group.add_argument("--quantile", action=argparse.BooleanOptionalAction, default=False,
+                           help="map each input through its training quantiles to a standard normal")
+        group.add_argument("--embedding", default="ple", choices=EMBEDDINGS,
+                           help="per-feature embedding: piecewise-linear (ple) or periodic, or none")
+        group.add_argument("--embed-bins", type=int, default=48,
+                           help="PLE bins (quantiles of the training split) / periodic frequencies")
+        group.add_argument("--embed-dim", type=int, default=8, help="embedding size per feature")
+        group.add_argument("--ensemble", type=int, default=8,
+                           help="k ensemble members in one model, TabM-style (1 = a single MLP)")
+        group.add_argument("--ensemble-mode", default="mini", choices=ENSEMBLE_MODES,
+                           help="mini: shared MLP, per-member input adapter and head; packed: k MLPs")
+        group.add_argument("--dollar-loss", type=float, default=1.0,
+                           help="weight of the squared error in $100k added to the MSE of the log price "
+                                "(0 = log-space MSE only)")
+        group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+        group.add_argument("--patience", type=int, default=12,
+                           help="stop after this many epochs without a better validation RMSE")
+        group.add_argument("--features", default=",".join(hdata.FEATURE_GROUPS),
+                           help="comma-separated feature groups fed to the net (see housing/features.py)")
+        group.add_argument("--n-clusters", type=int, default=48, help="k-means location clusters")
+        group.add_argument("--download-url", default=hdata.DOWNLOAD_URL,
+                           help="where to fetch housing.csv when --data-dir lacks it (SHA-256 checked)")
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Model and optimiser flags, shared with housing/tune.py and housing/features.py."""
-    group = parser.add_argument_group("model and optimiser")
-    group.add_argument("--width", type=int, default=128, help="hidden units per layer")
-    group.add_argument("--depth", type=int, default=2, help="hidden layers")
-    group.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS))
-    group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
-    group.add_argument("--norm", default="none", choices=sorted(NORMS), help="per-layer normalisation")
-    group.add_argument("--quantile", action=argparse.BooleanOptionalAction, default=False,
-                       help="map each input through its training quantiles to a standard normal")
-    group.add_argument("--embedding", default="ple", choices=EMBEDDINGS,
-                       help="per-feature embedding: piecewise-linear (ple) or periodic, or none")
-    group.add_argument("--embed-bins", type=int, default=48,
-                       help="PLE bins (quantiles of the training split) / periodic frequencies")
-    group.add_argument("--embed-dim", type=int, default=8, help="embedding size per feature")
-    group.add_argument("--ensemble", type=int, default=8,
-                       help="k ensemble members in one model, TabM-style (1 = a single MLP)")
-    group.add_argument("--ensemble-mode", default="mini", choices=ENSEMBLE_MODES,
-                       help="mini: shared MLP, per-member input adapter and head; packed: k MLPs")
-    group.add_argument("--dollar-loss", type=float, default=1.0,
-                       help="weight of the squared error in $100k added to the MSE of the log price "
-                            "(0 = log-space MSE only)")
-    group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    group.add_argument("--patience", type=int, default=12,
-                       help="stop after this many epochs without a better validation RMSE")
-    group.add_argument("--features", default=",".join(hdata.FEATURE_GROUPS),
-                       help="comma-separated feature groups fed to the net (see housing/features.py)")
-    group.add_argument("--n-clusters", type=int, default=48, help="k-means location clusters")
-    group.add_argument("--download-url", default=hdata.DOWNLOAD_URL,
-                       help="where to fetch housing.csv when --data-dir lacks it (SHA-256 checked)")
-
-
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> Config:
-    """The Config of a parser built with ``add_model_args`` (also housing/tune.py, features.py)."""
-    features = tuple(f.strip() for f in args.features.split(",") if f.strip())
-    return Config.from_args(args, **{"features": features, **overrides})
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=60, batch_size=GLOBAL_BATCH,
-                         lr=PEAK_LR, data_dir="data", out_dir="runs/housing",
-                         eval_only="evaluate the checkpoint given by --resume on validation and test")
-    add_model_args(parser)
-    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
-                        help="skip the LinearRegression / HistGradientBoosting comparison")
-    return config_from_args(parser.parse_args(argv))
-
-
-def build_data(cfg: Config, dist: DistInfo, preprocessor=None, target_stats=None) -> hdata.HousingData:
-    """Read (or download) and validate the CSV on every rank; call on all ranks (collective).
-
-    The ranks then compare verdicts, so a problem seen by any rank (a bad file, or a file
-    missing on one node) stops every rank together with the same one-line message, instead of
-    one rank failing while torchrun tears down the others mid-sentence.
-    """
-    return agreed(lambda: hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
-                                             url=cfg.download_url, preprocessor=preprocessor,
-                                             target_stats=target_stats), dist)
-
-
-def build_model(cfg: Config, data: hdata.HousingData) -> TabularMLP:
-    """The network (common/tabular.py); the training split's features fit its quantile / PLE
-    buffers (a checkpoint's weights then replace them in --eval-only)."""
-    return TabularMLP(data.train.x.shape[1], cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
-                      quantile=cfg.quantile, embedding=cfg.embedding, embed_bins=cfg.embed_bins,
-                      embed_dim=cfg.embed_dim, ensemble=cfg.ensemble, ensemble_mode=cfg.ensemble_mode,
-                      train_x=data.train.x)
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
-    """AdamW with a one-cycle schedule (warm-up 15%, then cosine decay) stepped per batch."""
-    # foreach: the same arithmetic as the per-tensor loop, and under FSDP it keeps the shards'
-    # ops on DTensor's cached path (see common/parallel.py).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  foreach=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps,
-                                                    pct_start=0.15)
-    return optimizer, scheduler
-
-
-def train_one_epoch(model: torch.nn.Module, batches: TrainBatches, optimizer, scheduler,
-                    progress: EpochProgress, dist: DistInfo, preempt: Preemption | None = None,
-                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = loss_fn
-                    ) -> dict[str, float] | None:
-    """One pass over the training split from ``progress.step``; returns ``{"train_loss"}``, the
-    exact mean loss over all ranks' samples, or None when pre-empted (``progress`` then says
-    where it stopped).
-    ``criterion(out, y)`` is the loss (``loss_fn`` with the run's settings)."""
-    model.train()
-    # The running sums stay on the device: reading a loss each step would make the host wait
-    # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
-    loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
-    seen = progress.sums.get("n", 0)
-    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
-    for x, y in batches.epoch(progress.epoch, progress.step):
-        loss = criterion(model(x), y)  # mean over this rank's share
-        finite.update(loss, progress.epoch * len(batches) + progress.step)
-        optimizer.zero_grad(set_to_none=True)
-        batches.global_mean(loss, progress.step).backward()  # DDP averages gradients across ranks
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach().double() * len(y)
-        seen += len(y)
-        progress.step += 1
-        if preempt is not None and preempt.stop_requested():  # every rank, after the same step
-            finite.check()
-            progress.sums = {"loss": loss_sum, "n": seen}
-            return None
-    finite.check()
-    totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
-    return {"train_loss": totals["loss"] / totals["n"]}
-
-
-def evaluate(model: torch.nn.Module, split: hdata.Split, data: hdata.HousingData, dist: DistInfo,
-             keep_predictions: bool = False) -> dict[str, Any]:
-    """RMSE / MAE / R^2 in dollars and the log-space loss, over every sample exactly once.
-
-    Each rank predicts its contiguous shard; sums are reduced in float64. With
-    ``keep_predictions`` the per-sample dollar predictions come back in split order.
-    """
-    # A float64 copy: per-sample predictions then agree across shardings to ~1e-16, far below
-    # the whole-dollar rounding in decode_target (float32 differs by a cent or so). The copy is
-    # plain (gathered under FSDP), so forward runs no collectives.
-    model = local_copy(model).double().eval()
-    sums = {"se": 0.0, "ae": 0.0, "y": 0.0, "y2": 0.0, "loss": 0.0, "n": 0}
-    parts = []
-    with torch.no_grad():
-        for x, y, price in eval_batches([split.x, split.y, split.price], EVAL_BATCH, dist):
-            out = model(x.double()).mean(-1)  # the ensemble's prediction
-            pred = hdata.decode_target(out, data.target_mean, data.target_std)
-            err = pred - price
-            sums["se"] += (err ** 2).sum().item()
-            sums["ae"] += err.abs().sum().item()
-            sums["y"] += price.sum().item()
-            sums["y2"] += (price ** 2).sum().item()
-            sums["loss"] += ((out - y) ** 2).double().sum().item()
-            sums["n"] += len(y)
-            parts.append(pred)
-    t = reduce_sums(sums, dist)
-    n = t["n"]
-    total_ss = t["y2"] - t["y"] ** 2 / n
-    result: dict[str, Any] = {"rmse": math.sqrt(t["se"] / n), "mae": t["ae"] / n,
-                              "r2": 1 - t["se"] / total_ss, "loss": t["loss"] / n, "n": int(n)}
-    if keep_predictions:
-        local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-        result["predictions"] = gather_tensors(local, dist)
-    return result
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Config:
+        """The Config of a parser with ``add_arguments``' flags: ``--features`` split at commas."""
+        features = tuple(f.strip() for f in args.features.split(",") if f.strip())
+        return super().from_args(args, **{"features": features, **overrides})
 
 
 @dataclass
 class EarlyStopping:
-    """Best validation RMSE so far, its weights, and epochs since; saved in every checkpoint."""
+    """Best validation RMSE so far, its weights, and epochs since; kept in every checkpoint."""
 
     patience: int
     best_rmse: float = math.inf
@@ -274,138 +161,209 @@ class EarlyStopping:
         if self.best_model:
             load_model_state(model, self.best_model)
 
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def prepare(cfg: Config, data: hdata.HousingData, dist: DistInfo):
-    """Seeded model (wrapped for DDP), optimizer, schedule and the training batches."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, DEFAULTS,
+                         eval_only="evaluate the checkpoint given by --resume on validation and test")
+    Config.add_arguments(parser)
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="skip the LinearRegression / HistGradientBoosting comparison")
+    return Config.from_args(parser.parse_args(argv))
+
+
+def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None) -> hdata.HousingData:
+    """Read (or download) and validate the CSV on every rank; call on all ranks (collective).
+    ``saved``: a checkpoint whose fitted preprocessor and target statistics to use (--eval-only).
+
+    The ranks then compare verdicts, so a problem seen by any rank (a bad file, or a file
+    missing on one node) stops every rank together with the same one-line message, instead of
+    one rank failing while torchrun tears down the others mid-sentence.
+    """
+    preprocessor = target_stats = None
+    if saved is not None:
+        preprocessor = hdata.preprocessor_from_plain(saved["preprocessor"], saved["loaded_from"])
+        target_stats = saved["target_stats"]
+    return agreed(lambda: hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
+                                             url=cfg.download_url, preprocessor=preprocessor,
+                                             target_stats=target_stats), dist)
+
+
+def build_model(cfg: Config, data: hdata.HousingData) -> TabularMLP:
+    """The network (common/tabular.py); the training split's features fit its quantile / PLE
+    buffers (a checkpoint's weights then replace them in --eval-only)."""
+    return TabularMLP(data.train.x.shape[1], cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
+                      quantile=cfg.quantile, embedding=cfg.embedding, embed_bins=cfg.embed_bins,
+                      embed_dim=cfg.embed_dim, ensemble=cfg.ensemble, ensemble_mode=cfg.ensemble_mode,
+                      train_x=data.train.x)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
+    """AdamW with a one-cycle schedule (warm-up 15%, then cosine decay) stepped per batch."""
+    # foreach: the same arithmetic as the per-tensor loop, and under FSDP it keeps the shards'
+    # ops on DTensor's cached path (see common/parallel.py).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  foreach=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps,
+                                                    pct_start=0.15)
+    return optimizer, scheduler
+
+
+def make_loss(cfg: Config, data: hdata.HousingData) -> Callable[[torch.Tensor, tuple], torch.Tensor]:
+    """The per-batch loss ``(model output, (x, y)) -> mean over the batch``: housing/loss.py's
+    log-price MSE plus ``--dollar-loss`` times the error in dollars."""
+    stats = (data.target_mean, data.target_std)
+    return lambda out, batch: loss_fn(out, batch[1], dollar_weight=cfg.dollar_loss, target_stats=stats)
+
+
+def build_training(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> Training:
+    """The seeded model (wrapped for DDP or FSDP), its optimizer and schedule, the batches, the loss."""
     seed_everything(cfg.seed)
     batches = TrainBatches([data.train.x, data.train.y], cfg.batch_size, dist, seed=cfg.seed)
     model = wrap_model(build_model(cfg, data), dist, cfg.strategy)
     optimizer, scheduler = build_optimizer(cfg, model, cfg.epochs * len(batches))
-    return model, optimizer, scheduler, batches
+    return Training(model, optimizer, scheduler, batches, make_loss(cfg, data))
 
 
-def this_process_only(dist: DistInfo) -> DistInfo:
-    """A world of one on this rank's device: for training independent models per rank."""
-    return DistInfo(rank=0, local_rank=dist.local_rank, world_size=1, local_world_size=1,
-                    device=dist.device)
+def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, dist: DistInfo,
+                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+    """One pass over the training split from ``progress.step``; returns ``{"train_loss"}``, the
+    exact mean loss over all ranks' samples, or None when ``stop()`` said so after a step
+    (pre-emption: ``progress`` then says where it stopped)."""
+    model, batches = training.model, training.batches
+    model.train()
+    # The running sums stay on the device: reading a loss each step would make the host wait
+    # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
+    loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
+    seen = progress.sums.get("n", 0)
+    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
+    for batch in batches.epoch(progress.epoch, progress.step):
+        loss = training.loss(model(batch[0]), batch)  # mean over this rank's share
+        finite.update(loss, progress.epoch * len(batches) + progress.step)
+        training.optimizer.zero_grad(set_to_none=True)
+        batches.global_mean(loss, progress.step).backward()  # DDP averages gradients across ranks
+        training.optimizer.step()
+        training.scheduler.step()
+        loss_sum += loss.detach().double() * len(batch[1])
+        seen += len(batch[1])
+        progress.step += 1
+        if stop is not None and stop():  # every rank, after the same step
+            finite.check()
+            progress.sums = {"loss": loss_sum, "n": seen}
+            return None
+    finite.check()
+    totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
+    return {"train_loss": totals["loss"] / totals["n"]}
 
 
-def fit(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> tuple[torch.nn.Module, EarlyStopping]:
-    """Train from scratch, no checkpoints or logs, the best weights restored (housing/tune.py,
-    housing/features.py): ``main``'s epoch loop without its bookkeeping."""
-    model, optimizer, scheduler, batches = prepare(cfg, data, dist)
-    stopper, criterion = EarlyStopping(cfg.patience), criterion_for(cfg.dollar_loss, data)
-    for epoch in range(cfg.epochs):
-        train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(epoch), dist, criterion=criterion)
-        if stopper.update(evaluate(model, data.val, data, dist)["rmse"], epoch, model):
-            break
-    stopper.restore_best(model)
-    return model, stopper
-
-
-def checkpoint_extra(cfg: Config, data: hdata.HousingData, stopper: EarlyStopping) -> dict[str, Any]:
-    """What, besides weights and optimizer, a checkpoint needs to resume or re-evaluate."""
-    return {"config": config_dict(cfg), "early_stopping": asdict(stopper),
-            "preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
-            "target_stats": (data.target_mean, data.target_std)}
+def evaluate(cfg: Config, model: torch.nn.Module, data: hdata.HousingData, dist: DistInfo,
+             final: bool = False) -> dict[str, Any]:
+    """Validation RMSE / MAE / R^2 in dollars and log-space loss, every sample exactly once
+    (housing/metrics.py); ``final``: ``{"val", "test"}``, the test split's per-sample dollar
+    predictions (split order) under ``test["predictions"]``."""
+    # A float64 copy: per-sample predictions then agree across shardings to ~1e-16, far below
+    # the whole-dollar rounding in decode_target (float32 differs by a cent or so). The copy is
+    # plain (gathered under FSDP), so forward runs no collectives.
+    model = local_copy(model).double().eval()
+    val = split_metrics(model, data.val, data, dist)
+    if not final:
+        return val
+    return {"val": val, "test": split_metrics(model, data.test, data, dist, keep_predictions=True)}
 
 
 def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
-    """--eval-only (common/evaluation.py): the saved run's best weights and fitted
-    preprocessor, on validation and test. ``cfg`` is the run's saved Config."""
-    preprocessor = hdata.preprocessor_from_plain(state["preprocessor"], state["loaded_from"])
-    data = build_data(cfg, dist, preprocessor, state["target_stats"])
-    model = build_model(cfg, data).to(dist.device)
-    model.load_state_dict(state["early_stopping"]["best_model"] or state["model"])
-    check_ranks_agree(state, model, dist)
-    results = {name: evaluate(model, split, data, dist) for name, split in
-               (("val", data.val), ("test", data.test))}
+    """--eval-only (common/run.py): the saved run's best weights and fitted preprocessor, on
+    validation and test. ``cfg`` is the run's saved Config."""
+    data = build_data(cfg, dist, state)
+    weights = state["early_stopping"]["best_model"] or state["model"]
+    results = evaluate(cfg, load_for_evaluation(build_model(cfg, data), weights, state, dist), data, dist,
+                       final=True)
+    results["test"].pop("predictions")
     get_logger("housing", dist).info(
         f"{state['loaded_from']}: test RMSE ${results['test']['rmse']:,.2f}  "
         f"MAE ${results['test']['mae']:,.2f}  R2 {results['test']['r2']:.5f}  ({dist.world_size} process(es))")
     return results
 
 
-def main() -> None:
-    cfg = parse_args()
+def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
+    """Train (or resume) with early stopping, then test the best weights; returns the summary."""
     started = time.time()
+    log = get_logger("housing", dist)
+    data = build_data(cfg, dist)  # validated before any output exists
+    log.info(f"{data.csv_path}: {len(data.train.y)} train / {len(data.val.y)} val / "
+             f"{len(data.test.y)} test rows, {data.train.x.shape[1]} features; "
+             f"{dist.world_size} process(es), global batch {cfg.batch_size}")
+    training = build_training(cfg, data, dist)
+    model, stopper = training.model, EarlyStopping(cfg.patience)
+    meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
+    run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler, keep={"early_stopping": stopper},
+              constants={"preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
+                         "target_stats": (data.target_mean, data.target_std)})
+
+    train_started, epochs_run = time.time(), 0
+    for progress in run.epochs():
+        if stopper.stopped:  # early stopping, or a resumed run that had already stopped
+            break
+        t0 = time.time()
+        train = train_one_epoch(cfg, training, progress, dist, stop=run.stop_requested)
+        if train is None:  # pre-empted: checkpoint the step reached, exit 75
+            run.leave(progress)
+        epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
+        val = evaluate(cfg, model, data, dist)
+        stopper.update(val["rmse"], progress.epoch, model)
+        epochs_run += 1
+        row = {"epoch": progress.epoch, **train, "val_loss": val["loss"], "val_rmse": val["rmse"],
+               "val_mae": val["mae"], "val_r2": val["r2"], "lr": training.scheduler.get_last_lr()[0],
+               "epoch_s": time.time() - t0, "samples_per_s": len(data.train.y) / epoch_train_s}
+        log.info(f"epoch {progress.epoch + 1:3d}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
+                 f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
+        run.log_epoch(row)
+        run.save(progress.epoch)
+    stopper.restore_best(model)
+    train_s = time.time() - train_started
+    test = evaluate(cfg, model, data, dist, final=True)["test"]
+    predictions = test.pop("predictions")
+    log.info(f"test RMSE ${test['rmse']:,.0f}  MAE ${test['mae']:,.0f}  R2 {test['r2']:.4f}  "
+             f"(best epoch {stopper.best_epoch + 1}, val RMSE ${stopper.best_rmse:,.0f})")
+
+    from housing import report  # matplotlib / baselines load only once training is done
+
+    wall = time.time() - started
+    summary = {"test": test, "best_epoch": stopper.best_epoch, "best_val_rmse": stopper.best_rmse,
+               "epochs_run": epochs_run, "baselines": None, "wall_time_s": wall, "train_time_s": train_s,
+               "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9),
+               "memory_per_rank": memory_per_rank(model, training.optimizer)}
+    run.write_summary(summary)  # the results reach disk before any extra
+    run.write_text("results.md", report.results_table(test, None, cfg.arch))
+    log.info(f"wrote {cfg.out_dir}/summary.json and results.md in {wall:.1f}s")
+    # The extras run on rank 0 after the last collective: no rank waits on them.
+    if dist.is_main:
+        optional_extra("plots", lambda: report.plot_all(run.read_metrics(), data.test, predictions,
+                                                        run.plots_dir), log)
+        baselines = None
+        if cfg.baselines:
+            baselines = optional_extra("baselines", lambda: report.run_baselines(data, cfg.seed), log)
+        if baselines is not None:
+            summary["baselines"] = baselines
+            run.write_summary(summary)
+            run.write_text("results.md", report.results_table(test, baselines, cfg.arch))
+        log.info(f"wrote plots/{' and baselines' if baselines else ''} in {time.time() - started - wall:.1f}s")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
     with distributed(cfg.device, cfg.dist_timeout) as dist:
-        log = get_logger("housing", dist)
         if cfg.eval_only:
             run_eval_only(cfg, dist, evaluate_checkpoint, ("early_stopping", "preprocessor", "target_stats"))
-            return
-        data = build_data(cfg, dist)  # validated before any output exists
-        log.info(f"{data.csv_path}: {len(data.train.y)} train / {len(data.val.y)} val / "
-                 f"{len(data.test.y)} test rows, {data.train.x.shape[1]} features; "
-                 f"{dist.world_size} process(es), global batch {cfg.batch_size}")
-        model, optimizer, scheduler, batches = prepare(cfg, data, dist)
-        meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
-        # The data is valid: now this launch becomes the one writer of --out-dir, or stops.
-        claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
-        state = resume_from(cfg.resume, cfg.out_dir, dist, meta, model, optimizer, scheduler, cfg)
-        if state:
-            require_keys(state, ("early_stopping",), "housing")
-        stopper = EarlyStopping(**state["early_stopping"]) if state else EarlyStopping(cfg.patience)
-        start_epoch = state["epoch"] + 1 if state else 0
-        recorder = RunRecorder(cfg.out_dir, dist, start_epoch, tensorboard=cfg.tensorboard)
-        resumed, preempt, criterion = progress_from(state, dist), Preemption(dist), criterion_for(cfg.dollar_loss, data)
-
-        def checkpoint(epoch: int, partial: EpochProgress | None = None) -> None:
-            """``epoch`` is the last completed one; ``partial`` the one stopped inside."""
-            save_checkpoint(cfg.out_dir, training_state(model, optimizer, epoch, meta, scheduler,
-                                                        **checkpoint_extra(cfg, data, stopper)), dist, partial)
-
-        train_started, epochs_run = time.time(), 0
-        for epoch in range(start_epoch, cfg.epochs):
-            if stopper.stopped:  # early stopping, or a resumed run that had already stopped
-                break
-            t0 = time.time()
-            progress = resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch)
-            train = train_one_epoch(model, batches, optimizer, scheduler, progress, dist, preempt, criterion)
-            if train is None:  # pre-empted: checkpoint the step reached, exit 75
-                checkpoint(epoch - 1, progress)
-                preempt.leave(cfg.out_dir / "checkpoint.pt", progress, log.info)
-            epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
-            val = evaluate(model, data.val, data, dist)
-            stopper.update(val["rmse"], epoch, model)
-            epochs_run += 1
-            row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_rmse": val["rmse"],
-                   "val_mae": val["mae"], "val_r2": val["r2"], "lr": scheduler.get_last_lr()[0],
-                   "epoch_s": time.time() - t0, "samples_per_s": len(data.train.y) / epoch_train_s}
-            log.info(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
-                     f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
-            recorder.log_epoch(row)
-            checkpoint(epoch)
-        preempt.release()  # training is over: SIGTERM now stops the process at once
-        stopper.restore_best(model)
-        train_s = time.time() - train_started
-        test = evaluate(model, data.test, data, dist, keep_predictions=True)
-        predictions = test.pop("predictions")
-        log.info(f"test RMSE ${test['rmse']:,.0f}  MAE ${test['mae']:,.0f}  R2 {test['r2']:.4f}  "
-                 f"(best epoch {stopper.best_epoch + 1}, val RMSE ${stopper.best_rmse:,.0f})")
-
-        from housing import report  # matplotlib / baselines load only once training is done
-
-        wall = time.time() - started
-        summary = {"test": test, "best_epoch": stopper.best_epoch, "best_val_rmse": stopper.best_rmse,
-                   "epochs_run": epochs_run, "baselines": None, "wall_time_s": wall,
-                   "train_time_s": train_s,
-                   "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9),
-                   "memory_per_rank": memory_per_rank(model, optimizer)}
-        recorder.write_summary(summary, cfg)  # the results reach disk before any extra
-        recorder.write_text("results.md", report.results_table(test, None, cfg.arch))
-        log.info(f"wrote {cfg.out_dir}/summary.json and results.md in {wall:.1f}s")
-        # The extras run on rank 0 after the last collective: no rank waits on them.
-        if dist.is_main:
-            optional_extra("plots", lambda: report.plot_all(recorder.read_metrics(), data.test, predictions,
-                                                            recorder.plots_dir), log)
-            baselines = None
-            if cfg.baselines:
-                baselines = optional_extra("baselines", lambda: report.run_baselines(data, cfg.seed), log)
-            if baselines is not None:
-                recorder.write_summary({**summary, "baselines": baselines}, cfg)
-                recorder.write_text("results.md", report.results_table(test, baselines, cfg.arch))
-            log.info(f"wrote plots/{' and baselines' if baselines else ''} in {time.time() - started - wall:.1f}s")
+        else:
+            train(cfg, dist)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,17 @@ from typing import Any
 
 import torch
 
-from common.cli import make_parser
+from common.config import make_parser
+from common.console import get_logger, optional_extra
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
 from common.metrics import gather_tensors
-from common.report import RunRecorder, get_logger, optional_extra
+from common.parallel import local_copy
+from common.records import RunRecorder
 from housing import report
-from housing.train import (GLOBAL_BATCH, PEAK_LR, Config, add_model_args, build_data, config_from_args, evaluate,
-                           fit, this_process_only)
+from housing.fit import fit, this_process_only
+from housing.metrics import split_metrics
+from housing.train import DEFAULTS, Config, build_data
 
 EXAMPLE = """example:
   torchrun --nproc_per_node=2 housing/tune.py --data-dir ../shared/data --out-dir runs/housing-tune
@@ -64,13 +67,13 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[dict[str, Any]]]:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, epochs=60, batch_size=GLOBAL_BATCH,
-                         lr=PEAK_LR, data_dir="data", out_dir="runs/housing-tune")
-    add_model_args(parser)
+    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE,
+                         {**DEFAULTS, "epochs": 60, "out_dir": "runs/housing-tune"})
+    Config.add_arguments(parser)
     parser.add_argument("--grid", default=DEFAULT_GRID,
                         help="space-separated NAME=V1,V2,... axes; every combination is trained")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args, baselines=True)
+    cfg = Config.from_args(args, baselines=True)
     points = parse_grid(args.grid)
     for point in points:  # validate every point before any training
         replace(cfg, **point)
@@ -118,7 +121,8 @@ def main() -> None:
 
         best_cfg = replace(cfg, **best)
         model, stopper = fit(best_cfg, data, dist)
-        test = evaluate(model, data.test, data, dist)  # the one and only look at the test split
+        # The one and only look at the test split (a plain float64 copy, as train.py evaluates).
+        test = split_metrics(local_copy(model).double().eval(), data.test, data, dist)
         wall = time.time() - started
 
         def write_results(baselines: dict | None) -> None:

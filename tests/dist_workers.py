@@ -172,7 +172,7 @@ def fsdp_helpers(dist: DistInfo) -> dict:
 def disagreeing_start(dist: DistInfo) -> dict:
     """Rank 1 holds other weights than rank 0 (as when it resumed from no checkpoint): the
     agreement check must stop every rank, not let them train apart."""
-    from common.resume import check_ranks_agree
+    from common.run import check_ranks_agree
 
     torch.manual_seed(dist.rank)
     model = mlp()
@@ -190,7 +190,7 @@ def local_rank_zero_first(dist: DistInfo, scratch: str) -> dict:
     import dataclasses
     import time
 
-    from common.dist import on_local_rank_zero_first
+    from common.agree import on_local_rank_zero_first
     from common.errors import UserError
 
     node_view = dataclasses.replace(dist, local_rank=[0, 1, 0][dist.rank], local_world_size=2)
@@ -217,7 +217,7 @@ def local_rank_zero_first(dist: DistInfo, scratch: str) -> dict:
 
 def agreed_data(dist: DistInfo) -> dict:
     """``agreed``: every rank loads; only rank 1's copy is bad, yet every rank stops."""
-    from common.dist import agreed
+    from common.agree import agreed
     from common.errors import UserError
 
     def load() -> str:

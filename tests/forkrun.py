@@ -12,7 +12,7 @@ What it keeps of torchrun, which is what the programs see of it:
 - each rank runs the script as ``__main__`` with its arguments, in the repository root, with
   the environment torchrun gives a worker: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
   ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` (rank 0 hosts the store, as
-  ``common/dist.py`` does whenever torchrun's agent does not); one plain process gets none of
+  ``common/rendezvous.py`` does whenever torchrun's agent does not); one plain process gets none of
   them (the single-process path);
 - when one rank fails, the others are stopped (SIGTERM, then SIGKILL), and the run's exit
   code is 1, as torchrun's is; a single process exits with its own code;
@@ -36,7 +36,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common.launch import free_port
+from bench.launch import free_port
 
 PRELOAD = ["tests.forkrun_preload"]  # imported once by the server; a rank imports the rest itself
 STOP_GRACE_S = 10  # between SIGTERM and SIGKILL for the ranks still running after a failure

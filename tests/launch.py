@@ -1,5 +1,7 @@
 """Run programs the way users do (plain python or torchrun) from tests, with time limits;
-read what the runs left behind."""
+read what the runs left behind. The command lines and the cleaned environment are
+bench/launch.py's; this adds the suite's settings (one thread per process) and
+tests/forkrun.py's fast stand-in for torchrun."""
 from __future__ import annotations
 
 import re
@@ -9,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from common import launch
-from common.launch import free_port
+from bench import launch
+from bench.launch import free_port
 from tests import forkrun
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.dist import all_gather_object, barrier, distributed
+from common.agree import all_gather_object, barrier
+from common.dist import distributed
 from common.errors import run_main
 
 

@@ -14,7 +14,7 @@ from anomaly.predict import predict_csv
 from anomaly.synthetic import make_partition, write_partition
 from common.dist import DistInfo
 from common.errors import UserError
-from common.report import tensorboard_available
+from common.tensorboard import tensorboard_available
 from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
 
 FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
@@ -93,7 +93,7 @@ def _same_metrics_at(nprocs, data, run, tmp_path, *extra, finished_resume_at=Non
         assert result.returncode == 0, result.stderr[-3000:]
         if resume_only:
             summary = _summary(out)
-            assert summary["epochs_trained"] == 0
+            assert summary["epochs_run"] == 0
         else:
             summary = json.loads((out / "eval.json").read_text())
             assert summary["checkpoint"] == str(run / "checkpoint.pt") and not (out / "summary.json").exists()
@@ -194,10 +194,10 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path
     # processes: the classifier's dropout masks are drawn per rank, so its trajectory depends on
     # the world size (test_housing crosses world sizes with the strategies).
     to_ddp = resume_copy(tmp_path / "fsdp", tmp_path / "fsdp-to-ddp")
-    assert _train(data, to_ddp, 2, "--resume", *HYBRID)["epochs_trained"] == 1
+    assert _train(data, to_ddp, 2, "--resume", *HYBRID)["epochs_run"] == 1
     assert_same_weights(to_ddp, ddp_run)
     to_fsdp = resume_copy(ddp_run, tmp_path / "ddp-to-fsdp")
-    assert _train(data, to_fsdp, 2, "--resume", "--strategy", "fsdp", *HYBRID)["epochs_trained"] == 1
+    assert _train(data, to_fsdp, 2, "--resume", "--strategy", "fsdp", *HYBRID)["epochs_run"] == 1
     assert_same_weights(to_fsdp, ddp_run)
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from cifar import data as cdata
 from common.errors import UserError
-from common.report import tensorboard_available
+from common.tensorboard import tensorboard_available
 from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
 
 CLASSES = ("cat", "dog", "ship")

@@ -8,18 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint, save_checkpoint, training_state
-from common.cli import check_shared_args, make_parser
+from common.checkpoint import CHECKPOINT, PREVIOUS, load_training_state, save_checkpoint, training_state
+from common.config import RunConfig, make_parser
 from common.data import TrainBatches, eval_shard, fixed_chunks
 from common.dist import DistInfo
 from common.errors import NonFiniteLossError, UserError
 from common.finite import FiniteLossWatch
 from common.metrics import confusion_matrix, reduce_sums
-from common.report import RunRecorder
-from common.resume import resume_from
-from common.launch import free_port
+from common.records import RunRecorder
+from common.run import agreed_checkpoint
 from tests import dist_workers
-from tests.launch import run_program
+from tests.launch import free_port, run_program
 
 CPU = torch.device("cpu")
 
@@ -91,20 +90,21 @@ def test_checkpoints_keep_two_and_fall_back_when_newest_is_truncated(tmp_path):
     for epoch in range(3):
         _save(tmp_path, epoch)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS])  # no temp files
-    assert load_checkpoint(tmp_path / CHECKPOINT, CPU, {"program": "toy"})["epoch"] == 2
+    single = rank_info(0, 1)
+    assert agreed_checkpoint("auto", tmp_path, single, {"program": "toy"})["epoch"] == 2
     newest = tmp_path / CHECKPOINT
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    state = load_checkpoint(newest, CPU, {"program": "toy"})
+    state = agreed_checkpoint(str(newest), tmp_path / "elsewhere", single, {"program": "toy"})
     assert state["epoch"] == 1 and state["loaded_from"].endswith(PREVIOUS)
     (tmp_path / PREVIOUS).write_bytes(b"garbage")
     with pytest.raises(UserError, match="no loadable checkpoint"):
-        load_checkpoint(newest, CPU, {"program": "toy"})
+        agreed_checkpoint(str(newest), tmp_path / "elsewhere", single, {"program": "toy"})
 
 
 def test_checkpoint_of_another_program_is_refused(tmp_path):
     _save(tmp_path, 0, program="cifar")
     with pytest.raises(UserError, match="program is 'cifar', expected 'housing'"):
-        load_checkpoint(tmp_path / CHECKPOINT, CPU, {"program": "housing"})
+        agreed_checkpoint(str(tmp_path / CHECKPOINT), tmp_path, rank_info(0, 1), {"program": "housing"})
 
 
 def _one_cycle(total_steps: int):
@@ -117,14 +117,16 @@ def test_resume_with_another_schedule_length_is_one_clear_error(tmp_path):
     model, optimizer, scheduler = _one_cycle(20)
     save_checkpoint(tmp_path, training_state(model, optimizer, 0, {"program": "toy"}, scheduler),
                     rank_info(0, 1))
-    single = rank_info(0, 1)
-    assert resume_from("auto", tmp_path, single, {"program": "toy"}, *_one_cycle(20))["epoch"] == 0
+    state = agreed_checkpoint("auto", tmp_path, rank_info(0, 1), {"program": "toy"})
+    load_training_state(state, *_one_cycle(20))
+    assert state["epoch"] == 0
     with pytest.raises(UserError, match="schedule spans 20 steps, this run's 30; resume with the --epochs"):
-        resume_from("auto", tmp_path, single, {"program": "toy"}, *_one_cycle(30))
+        load_training_state(state, *_one_cycle(30))
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return make_parser("t", epochs=1, batch_size=8, lr=0.1, data_dir="d", out_dir="o").parse_args(list(argv))
+    return make_parser("t", {"epochs": 1, "batch_size": 8, "lr": 0.1, "data_dir": "d", "out_dir": "o"}
+                       ).parse_args(list(argv))
 
 
 @pytest.mark.parametrize("argv,message", [(["--epochs", "0"], "--epochs must be a positive"),
@@ -132,13 +134,13 @@ def _args(*argv: str) -> argparse.Namespace:
                                           (["--lr", "0"], "--lr must be positive")])
 def test_shared_argument_validation(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
-        check_shared_args(_args(*argv, "--out-dir", str(tmp_path)))
+        RunConfig.from_args(_args(*argv, "--out-dir", str(tmp_path)))
 
 
 def test_out_dir_below_a_file_is_not_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is not writable"):
-        check_shared_args(_args("--out-dir", str(tmp_path / "file" / "run")))
+        RunConfig.from_args(_args("--out-dir", str(tmp_path / "file" / "run")))
 
 
 def test_finite_loss_watch_names_the_first_bad_step():
@@ -207,9 +209,9 @@ def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
 
 def test_tensorboard_flag_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("common.config.tensorboard_available", lambda: False)
-    check_shared_args(_args("--out-dir", str(tmp_path)))  # not asked for: fine
+    RunConfig.from_args(_args("--out-dir", str(tmp_path)))  # not asked for: fine
     with pytest.raises(UserError, match="--tensorboard needs the tensorboard package: pip install"):
-        check_shared_args(_args("--tensorboard", "--out-dir", str(tmp_path)))
+        RunConfig.from_args(_args("--tensorboard", "--out-dir", str(tmp_path)))
 
 
 def test_bad_argument_exits_with_one_line(tmp_path):

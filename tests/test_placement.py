@@ -173,10 +173,9 @@ def test_housing_training_step_does_not_wait_for_the_device(tmp_path):
     def prepare_epoch(batch_size: int):
         cfg = h.parse_args(["--data-dir", str(tmp_path), *TRAIN_ARGS, "--batch-size", str(batch_size)])
         data = h.build_data(cfg, STANDIN)
-        model, optimizer, scheduler, batches = h.prepare(cfg, data, STANDIN)
-        assert next(model.parameters()).device == DEVICE
-        return len(batches), lambda: h.train_one_epoch(model, batches, optimizer, scheduler,
-                                                       EpochProgress(0), STANDIN)
+        training = h.build_training(cfg, data, STANDIN)
+        assert next(training.model.parameters()).device == DEVICE
+        return len(training.batches), lambda: h.train_one_epoch(cfg, training, EpochProgress(0), STANDIN)
 
     _assert_syncs_do_not_grow(prepare_epoch, (96, 32))
 
@@ -185,28 +184,21 @@ def test_anomaly_training_step_does_not_wait_for_the_device(tmp_path):
     from anomaly import train as a
     from anomaly.data import TRAIN_FILE
     from anomaly.synthetic import make_partition, write_partition
-    from common.data import TrainBatches
-    from common.parallel import wrap_model
     from tests.test_anomaly_train import FAST
 
     write_partition(make_partition(600, seed=1), tmp_path / TRAIN_FILE)
-    cfg = a.parse_args(["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid"])
-    data = a.build_data(cfg, STANDIN)
-    rows = list(data.training_rows(cfg.detector))
 
     def prepare_epoch(batch_size: int):
-        model = wrap_model(a.build_model(cfg, data), STANDIN)
-        batches = TrainBatches(rows, batch_size, STANDIN, cfg.seed)
-        optimizer, scheduler = a.build_optimizer(cfg, model, len(batches))
-        return len(batches), lambda: a.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(0),
-                                                       STANDIN, cfg.detector, data.normal_share)
+        cfg = a.parse_args(["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid",
+                            "--batch-size", str(batch_size)])
+        training = a.build_training(cfg, a.build_data(cfg, STANDIN), STANDIN)
+        return len(training.batches), lambda: a.train_one_epoch(cfg, training, EpochProgress(0), STANDIN)
 
     _assert_syncs_do_not_grow(prepare_epoch, (96, 32))
 
 
 def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
     from cifar import train as c
-    from common.data import TrainBatches
     from common.parallel import wrap_model
     from tests.test_cifar import SMALL, make_folders
 
@@ -214,14 +206,10 @@ def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
 
     def prepare_epoch(batch_size: int):
         cfg = c.parse_args(["--data-dir", str(tmp_path / "data"), "--batch-size", str(batch_size),
-                            "--epochs", "1", "--amp", "off", "--cutout", "4", *SMALL])
-        data = c.build_data(cfg, STANDIN)
-        model = wrap_model(c.build_model(cfg, data), STANDIN)
-        batches = TrainBatches([data.train_images, data.train_labels], cfg.batch_size, STANDIN, seed=0)
-        optimizer, scheduler = c.build_optimizer(cfg, model, len(batches))
-        lookahead = c.Lookahead(model, len(batches))
-        return len(batches), lambda: c.train_one_epoch(model, batches, optimizer, scheduler, cfg,
-                                                       EpochProgress(0), STANDIN, False, lookahead)
+                            "--epochs", "1", "--amp", "off", "--cutout", "4", "--lookahead", *SMALL])
+        training = c.build_training(cfg, c.build_data(cfg, STANDIN), STANDIN)
+        assert training.lookahead is not None and not training.bf16
+        return len(training.batches), lambda: c.train_one_epoch(cfg, training, EpochProgress(0), STANDIN)
 
     _assert_syncs_do_not_grow(prepare_epoch, (12, 4))
 
@@ -230,8 +218,8 @@ def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
                             "--amp", "off", "--widths", "8", "16", "16", "--no-download"])
         data = c.build_data(cfg, STANDIN)
         model = wrap_model(c.build_model(cfg, data), STANDIN)
-        return -(-len(data.test_labels) // eval_batch_size), lambda: c.evaluate(model, data, cfg, STANDIN,
-                                                                                False, tta=True)
+        return -(-len(data.test_labels) // eval_batch_size), lambda: c.evaluate(cfg, model, data, STANDIN,
+                                                                                final=True)
 
     _assert_syncs_do_not_grow(prepare_evaluation, (8, 4))
 
@@ -240,7 +228,8 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
     """After --resume (here at another world size than the checkpoint's), AdamW's moments are
     on the device and its step counters on the host, as a fresh AdamW keeps them: a counter
     on the device would make every step wait for it."""
-    from common.resume import resume_from
+    from common.run import agreed_checkpoint
+    from common.checkpoint import load_training_state
     from housing import train as h
     from tests.test_housing import TRAIN_ARGS, synthetic_frame
 
@@ -255,16 +244,17 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
         data = h.build_data(cfg, STANDIN)
         syncs = []
         for resume in (False, True):
-            model, optimizer, scheduler, batches = h.prepare(cfg, data, STANDIN)
+            training = h.build_training(cfg, data, STANDIN)
             if resume:
                 meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
-                state = resume_from(cfg.resume, cfg.out_dir, STANDIN, meta, model, optimizer, scheduler)
+                state = agreed_checkpoint(cfg.resume, cfg.out_dir, STANDIN, meta, cfg)
+                load_training_state(state, training.model, training.optimizer, training.scheduler)
                 assert state["world_size"] == 2
-                for moments in optimizer.state.values():
+                for moments in training.optimizer.state.values():
                     assert moments["step"].device.type == "cpu"
                     assert moments["exp_avg"].device == moments["exp_avg_sq"].device == DEVICE
             before = len(device.syncs)
-            h.train_one_epoch(model, batches, optimizer, scheduler, EpochProgress(1), STANDIN)
+            h.train_one_epoch(cfg, training, EpochProgress(1), STANDIN)
             syncs.append(device.syncs[before:])
     assert len(syncs[1]) == len(syncs[0]), f"a resumed epoch syncs more than a fresh one: {syncs}"
 

@@ -73,7 +73,7 @@ def test_every_ingredient_predicts_each_row_on_its_own(options):
 
 def test_dollar_loss_adds_the_squared_error_in_dollars_of_each_member():
     """--dollar-loss w: log-space MSE + w * MSE of the clipped dollar predictions in $100k."""
-    from housing.train import loss_fn
+    from housing.loss import loss_fn
 
     mean, std = 12.0, 0.5
     price = torch.tensor([100_000.0, 300_000.0])

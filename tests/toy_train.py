@@ -7,19 +7,20 @@ Run: ``torchrun --nproc_per_node=2 tests/toy_train.py --out-dir /tmp/toy``.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from common.checkpoint import full_model_state, save_checkpoint, training_state
-from common.cli import check_shared_args, make_parser
+from common.checkpoint import full_model_state
+from common.config import RunConfig, make_parser
 from common.data import TrainBatches, eval_batches
 from common.dist import distributed
 from common.errors import UserError, run_main
 from common.metrics import reduce_sums
 from common.parallel import wrap_model
-from common.report import RunRecorder
-from common.resume import resume_from
 from common.rng import seed_everything
+from common.run import Run
 
 N_TRAIN, N_TEST, N_FEATURES = 96, 101, 5
 
@@ -43,41 +44,45 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dist) -> 
     return {"mse": totals["se"] / totals["n"], "n": totals["n"]}
 
 
+@dataclass(frozen=True, kw_only=True)
+class Config(RunConfig):
+    PROGRAM: ClassVar[str] = "toy"
+    # No schedule depends on the number of epochs: a resumed run may go on for more.
+    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ("epochs", "fail_on_rank")
+
+    fail_on_rank: int | None = None
+
+
 def main() -> None:
-    parser = make_parser("toy regression", epochs=4, batch_size=16, lr=0.05,
-                         data_dir="data", out_dir="runs/toy")
+    parser = make_parser("toy regression", {"epochs": 4, "batch_size": 16, "lr": 0.05,
+                                            "data_dir": "data", "out_dir": "runs/toy"})
     parser.add_argument("--fail-on-rank", type=int, default=None,
                         help="raise a UserError on this rank after setup (tests)")
-    args = parser.parse_args()
-    check_shared_args(args)
-    with distributed(args.device, args.dist_timeout) as dist:
-        if args.fail_on_rank == dist.rank:
-            raise UserError(f"missing data file {args.data_dir}/toy.csv")
-        seed_everything(args.seed)
+    cfg = Config.from_args(parser.parse_args())
+    with distributed(cfg.device, cfg.dist_timeout) as dist:
+        if cfg.fail_on_rank == dist.rank:
+            raise UserError(f"missing data file {cfg.data_dir}/toy.csv")
+        seed_everything(cfg.seed)
         x_train, y_train, x_test, y_test = make_data()
-        batches = TrainBatches([x_train, y_train], args.batch_size, dist, seed=args.seed)
+        batches = TrainBatches([x_train, y_train], cfg.batch_size, dist, seed=cfg.seed)
         model = wrap_model(torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), torch.nn.Tanh(),
-                                               torch.nn.Linear(8, 1)), dist, args.strategy)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        meta = {"program": "toy"}
-        state = resume_from(args.resume, args.out_dir, dist, meta, model, optimizer)
-        start_epoch = state["epoch"] + 1 if state else 0
-        recorder = RunRecorder(args.out_dir, dist, start_epoch)
+                                               torch.nn.Linear(8, 1)), dist, cfg.strategy)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+        run = Run(cfg, dist, {"program": "toy"}, model, optimizer, None)
         start = time.time()
-        for epoch in range(start_epoch, args.epochs):
+        for progress in run.epochs():
             model.train()
-            for step, (xb, yb) in enumerate(batches.epoch(epoch)):
+            for step, (xb, yb) in enumerate(batches.epoch(progress.epoch)):
                 loss = torch.nn.functional.mse_loss(model(xb).squeeze(1), yb)
                 optimizer.zero_grad(set_to_none=True)
                 batches.global_mean(loss, step).backward()
                 optimizer.step()
-            recorder.log_epoch({"epoch": epoch, **evaluate(model, x_test, y_test, dist)})
-            save_checkpoint(args.out_dir, training_state(model, optimizer, epoch, meta), dist)
+            run.log_epoch({"epoch": progress.epoch, **evaluate(model, x_test, y_test, dist)})
+            run.save(progress.epoch)
         weights = full_model_state(model)  # complete on rank 0, the rank that writes the summary
         params = torch.cat([t.flatten() for t in weights.values()]) if weights else torch.empty(0)
-        recorder.write_summary({"test": evaluate(model, x_test, y_test, dist),
-                                "params": params.tolist(), "wall_time_s": time.time() - start},
-                               args)
+        run.write_summary({"test": evaluate(model, x_test, y_test, dist),
+                           "params": params.tolist(), "wall_time_s": time.time() - start})
 
 
 if __name__ == "__main__":

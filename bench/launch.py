@@ -1,7 +1,8 @@
 """Start a program the way users do, from another program: plain ``python`` or ``torchrun``.
 
-Used by the tools that launch the training programs as child processes (bench/, the tests):
-one copy of the environment cleaning and of the torchrun command line.
+Used by bench/ (bench.py, peer.py) to launch the training programs and its own workers as
+child processes, and by tests/launch.py, which adds the suite's settings on top: one copy of
+the environment cleaning and of the torchrun command line.
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""What a run leaves behind: rank-0 logs, progress bars, metrics.jsonl, summary.json, plots.
+"""What a run leaves in its directory: ``metrics.jsonl`` (one line per epoch), ``summary.json``
+(the final metrics plus ``run_info``: config, versions, commit), and other result files.
 
-Only rank 0 writes; every function here is safe to call on all ranks.
+Only rank 0 writes, always atomically (``common.files``); ``RunRecorder``'s methods are safe to
+call on all ranks. With ``--tensorboard`` the recorder also writes each epoch's numbers as
+TensorBoard scalars (``common.tensorboard``).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
 import os
 import platform
 import socket
@@ -14,54 +15,13 @@ import subprocess
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from common.dist import DistInfo
-from common.errors import UserError
-from common.figures import pyplot, save_figure
 from common.files import write_text_atomic
-
-T = TypeVar("T")
-
-
-def get_logger(name: str, dist: DistInfo) -> logging.Logger:
-    """A logger that prints on rank 0 and stays quiet (warnings only) elsewhere."""
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if dist.is_main else logging.WARNING)
-    return logger
-
-
-def progress(iterable: Iterable[T], dist: DistInfo, total: int | None = None,
-             desc: str = "") -> Iterator[T]:
-    """A tqdm bar on rank 0 (to stderr, refreshed at most every 2 s); plain iteration elsewhere."""
-    disable = not dist.is_main or os.environ.get("NO_PROGRESS") == "1"
-    return iter(tqdm(iterable, total=total, desc=desc, disable=disable, leave=False,
-                     mininterval=2.0, dynamic_ncols=True))
-
-
-def optional_extra(what: str, fn: Callable[[], T], log: logging.Logger) -> T | None:
-    """Run work that only adds to a finished run (plots, baselines) and return its result; on
-    failure log one warning naming ``what`` and return None.
-
-    Call it on one rank, after the run's last collective and after its results are written:
-    no peer then waits on the extra (a slow fit cannot time out a collective), and a crash in
-    it neither costs the results nor fails the job (torchrun would restart a finished run and
-    meet the same crash again).
-    """
-    try:
-        return fn()
-    except Exception as err:  # noqa: BLE001 - an extra must never cost the run its exit status
-        log.warning("%s failed, the run's results are unaffected: %s: %s", what,
-                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        return None
+from common.tensorboard import TENSORBOARD_DIR, scalars, tensorboard_writer
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -157,11 +117,6 @@ class RunRecorder:
                 self._tensorboard.add_scalar(tag, value, global_step=row["epoch"])
             self._tensorboard.flush()  # visible in TensorBoard while the run goes on
 
-    def write_json(self, name: str, obj: Any) -> None:
-        """Write ``obj`` as ``name`` in the run directory (rank 0, atomically)."""
-        if self.dist.is_main:
-            write_json_atomic(self.out_dir / name, obj)
-
     def write_text(self, name: str, text: str) -> None:
         """Write a text file (e.g. a Markdown table) in the run directory (rank 0)."""
         if self.dist.is_main:
@@ -178,57 +133,3 @@ class RunRecorder:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-
-
-TENSORBOARD_DIR = "tensorboard"
-
-
-def tensorboard_available() -> bool:
-    """True when the ``tensorboard`` package (needed by ``--tensorboard``) is installed."""
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def tensorboard_writer(log_dir: Path, start_epoch: int = 0):
-    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``, imported only here, so that
-    nothing else needs the optional package. On resume, events at steps >= ``start_epoch``
-    (written after the checkpoint, before a crash) are hidden, as in metrics.jsonl."""
-    if not tensorboard_available():
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                        "(or pip install -e '.[tensorboard]')")
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(log_dir), purge_step=start_epoch if start_epoch > 0 else None)
-
-
-def scalars(row: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
-    """The numbers of a metrics row as ``(tag, value)``, nested dicts as ``outer/inner``;
-    ``epoch`` (the step) and non-numbers (strings, None, lists, booleans) are left out."""
-    out = []
-    for key, value in row.items():
-        tag = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += scalars(value, f"{tag}/")
-        elif tag != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((tag, float(value)))
-        elif tag != "epoch" and isinstance(value, torch.Tensor) and value.numel() == 1:
-            out.append((tag, float(value.item())))
-    return out
-
-
-def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: Path,
-                title: str = "") -> None:
-    """Line plots of per-epoch metrics: one panel per entry, ``{"loss": ["train_loss", ...]}``."""
-    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    epochs = [row["epoch"] + 1 for row in rows]
-    for ax, (ylabel, keys) in zip(axes[0], panels.items()):
-        for key in keys:
-            values = [row.get(key) for row in rows]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, marker="o", markersize=3, label=key)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    save_figure(fig, path)

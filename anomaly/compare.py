@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingClassifier, IsolationForest
-from sklearn.metrics import (average_precision_score, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 from sklearn.svm import OneClassSVM
 
 from anomaly.data import hold_out, split_data

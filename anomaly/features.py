@@ -69,7 +69,7 @@ class CountEncoder(TransformerMixin, BaseEstimator):
     new row with the same value frequencies get the same feature.
     """
 
-    def fit(self, x: pd.DataFrame, y=None) -> "CountEncoder":
+    def fit(self, x: pd.DataFrame, y=None) -> CountEncoder:
         self.counts_ = {name: self._keys(x, cols).value_counts() for name, cols in COUNTED.items()}
         return self
 
@@ -97,7 +97,7 @@ class SkewedLog1p(TransformerMixin, BaseEstimator):
     def __init__(self, skew_threshold: float = 2.0) -> None:
         self.skew_threshold = skew_threshold
 
-    def fit(self, x: pd.DataFrame, y=None) -> "SkewedLog1p":
+    def fit(self, x: pd.DataFrame, y=None) -> SkewedLog1p:
         frame = pd.DataFrame(x)
         skew = frame.skew()
         self.log_columns_ = [c for c in frame.columns
@@ -167,7 +167,7 @@ class FeatureTransform:
         self.input_names = list(prepared.columns)
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def fit(self, frame: pd.DataFrame) -> "FeatureTransform":
+    def fit(self, frame: pd.DataFrame) -> FeatureTransform:
         self.fit_transform(frame)
         return self
 

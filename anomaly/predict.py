@@ -25,6 +25,8 @@ from common.dist import resolve_device
 from common.errors import UserError, run_main
 from common.files import torch_save_atomic, write_atomic
 
+CPU = torch.device("cpu")
+
 
 def write_detector(path: Path, net: torch.nn.Module, cfg, transform: FeatureTransform,
                    thresholds: dict[str, float]) -> None:
@@ -40,7 +42,7 @@ def write_detector(path: Path, net: torch.nn.Module, cfg, transform: FeatureTran
                              "score": cfg.score})
 
 
-def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dict:
+def load_detector(path: Path, device: torch.device = CPU) -> dict:
     """The bundle train.py wrote: detector kind, weights, widths, fitted transform, thresholds;
     the network and its thresholds on ``device``.
 
@@ -59,8 +61,8 @@ def load_detector(path: Path, device: torch.device = torch.device("cpu")) -> dic
     needed = ("detector", "model", "hidden", "classifier_hidden", "classifier_options", "transform",
               "thresholds")
     if not isinstance(bundle, dict) or any(k not in bundle for k in needed):
-        raise UserError(f"{path}: not an anomaly detector of this version (lacks "
-                        f"{', '.join(k for k in needed if k not in bundle) if isinstance(bundle, dict) else 'everything'}); "
+        lacks = ", ".join(k for k in needed if k not in bundle) if isinstance(bundle, dict) else "everything"
+        raise UserError(f"{path}: not an anomaly detector of this version (lacks {lacks}); "
                         "expected the detector.pt of an anomaly/train.py run: train again")
     parts = PARTS.get(bundle["detector"], ())
     if not parts or set(bundle["thresholds"]) != set(parts):
@@ -96,7 +98,7 @@ def predict_frame(frame: pd.DataFrame, detector: dict) -> pd.DataFrame:
 
 
 def predict_csv(csv_path: Path | str, detector_path: Path | str,
-                device: torch.device = torch.device("cpu")) -> pd.DataFrame:
+                device: torch.device = CPU) -> pd.DataFrame:
     """Read, validate and score one CSV with a saved detector (its network on ``device``)."""
     frame = read_csv_file(Path(csv_path), need_labels=False)
     return predict_frame(frame, load_detector(Path(detector_path), device))

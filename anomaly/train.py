@@ -23,8 +23,9 @@ transform and thresholds, for ``anomaly.predict``) in --out-dir."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,7 +37,8 @@ from anomaly.predict import write_detector
 from anomaly.scoring import autoencoder_part, normal_feature_error, score_rows, validation_loss
 from common.agree import agreed
 from common.config import RunConfig, make_parser
-from common.console import get_logger, optional_extra, progress as progress_bar
+from common.console import get_logger, optional_extra
+from common.console import progress as progress_bar
 from common.data import TrainBatches
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
@@ -74,12 +76,11 @@ class Config(RunConfig):
     split: str  # "grouped" (identical rows on one side) or "random"
     hidden: tuple[int, ...]  # autoencoder encoder widths; the last is the code size
     classifier_hidden: tuple[int, ...]  # classifier MLP widths (one width, repeated)
-    # The classifier's tabular-network parts (common/tabular.py). Defaults here (not the CLI's)
-    # are the plain MLP, so a saved config from before they existed still parses.
-    embedding: str = "none"  # numeric-feature embedding: none, ple, periodic
-    embed_bins: int = 16  # PLE bins / periodic frequencies per feature
-    embed_dim: int = 8  # embedding size per feature
-    ensemble: int = 1  # k TabM-mini members in one classifier; probabilities averaged
+    # The classifier's tabular-network parts (common/tabular.py).
+    embedding: str  # numeric-feature embedding: none, ple, periodic
+    embed_bins: int  # PLE bins / periodic frequencies per feature
+    embed_dim: int  # embedding size per feature
+    ensemble: int  # k TabM-mini members in one classifier; probabilities averaged
     novelty_alarms: float  # hybrid: share of normal validation rows its novelty watchers may flag
     holdout: str | None  # attack_cat removed from train and validation (novel-attack study)
     val_fraction: float  # of all rows (one file) or of the training file (two files)

@@ -18,8 +18,8 @@ cifar runs --preset airbench94 with --target-accuracy 0.90 (its time to 90% is r
 cifar peer row races it against airbench94's recipe (bench/bench.py --tables peer: the ratio of
 their times to 90%, informative, no bar); then bench/bench.py --device cuda measures samples/s
 at world size 1. Each row passes when the run exits 0 and its metric reaches the bar below;
-each command is killed with everything it started (its process group) after --timeout seconds. The last thing printed is the table, which is also
-written to docs/gpu.md with the card's name and the torch version.
+each command is killed with everything it started (its process group) after --timeout seconds.
+The last thing printed is the table, which is also written to docs/gpu.md with the card's name and the torch version.
 
     scripts/gpu_check.sh DATA_DIR           # needs only a CUDA PyTorch image: torch, torchvision,
                                             # pandas, scikit-learn, matplotlib, tqdm; no install
@@ -39,9 +39,9 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -346,8 +346,8 @@ def run_peer(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     stem = "cifar-vs-airbench94" + ("-cuda" if cfg.device == "cuda" else "")
     peer, mine = json.loads((cfg.runs / "peer" / f"{stem}.json").read_text())["rows"]
     ratio = "-" if mine["ratio_to_peer"] is None else f"{mine['ratio_to_peer']:.3f}"
-    note = (f"time to {CIFAR_TARGET:.0%} {ratio} x the airbench94 peer's "
-            f"({mine['time_to_target_s'] or float('nan'):.1f} s against {peer['time_to_target_s'] or float('nan'):.1f} s; "
+    mine_s, peer_s = mine["time_to_target_s"] or float("nan"), peer["time_to_target_s"] or float("nan")
+    note = (f"time to {CIFAR_TARGET:.0%} {ratio} x the airbench94 peer's ({mine_s:.1f} s against {peer_s:.1f} s; "
             f"peer accuracy {peer['test_accuracy_flip_tta']:.4f})")
     return Row("cifar", "peer", mine["test_accuracy_flip_tta"], wall, None, None, True, note)
 
@@ -402,8 +402,8 @@ def report(rows: list[Row], cfg: argparse.Namespace, total_s: float) -> str:
     import torch
 
     card = torch.cuda.get_device_name(0) if cfg.device == "cuda" else "CPU (dry run)"
-    bars = "; ".join(f"{p}: {name} {'<= 46,000' if p == 'housing' else '>= ' + str(0.85 if p == 'anomaly' else CIFAR_TARGET)}"
-                     for p, (name, _) in BARS.items())
+    limits = {"housing": "<= 46,000", "anomaly": ">= 0.85", "cifar": f">= {CIFAR_TARGET}"}
+    bars = "; ".join(f"{p}: {name} {limits[p]}" for p, (name, _) in BARS.items())
     return "\n".join([
         "# GPU acceptance check", "",
         f"Card: **{card}**, torch {torch.__version__}, CUDA {torch.version.cuda}; "

@@ -77,7 +77,7 @@ def worker_pipeline(args: argparse.Namespace) -> None:
 
         def project_epoch(epoch: int) -> int:
             delivered = 0
-            for xb, yb in batches.epoch(epoch):
+            for xb, _ in batches.epoch(epoch):
                 x = augment(normalize(xb), aug, generator).contiguous(memory_format=torch.channels_last)
                 delivered += len(x)
             _clock(dist.device)
@@ -109,7 +109,7 @@ def worker_pipeline(args: argparse.Namespace) -> None:
 
             def loader_epoch(loader: torch.utils.data.DataLoader) -> int:
                 delivered = 0
-                for xb, yb in loader:
+                for xb, _ in loader:
                     x = xb.to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     delivered += len(x)
                 _clock(dist.device)

@@ -49,7 +49,8 @@ def render(report: dict) -> str:
         "steps, the lowest rank (gloo's threads and idle-spinning OpenMP threads count too); "
         "well below 100% means other programs took cores, or (small models at world size 2) "
         "the rank sat waiting for the other one;" if dev != "cuda" else "",
-        f"- **peak memory**: {'`torch.cuda.max_memory_allocated`' if dev == 'cuda' else '`ru_maxrss` (whole process: Python, torch, the dataset)'}, "
+        "- **peak memory**: " + ("`torch.cuda.max_memory_allocated`" if dev == "cuda"
+                                 else "`ru_maxrss` (whole process: Python, torch, the dataset)") + ", "
         "largest over ranks.", *([] if dev == "cuda" else [
             "",
             "On the CPU every row uses all the cores: world size 1 is one process with one thread "

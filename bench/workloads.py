@@ -6,9 +6,9 @@ Built by the programs' own ``parse_args`` / ``build_data`` / ``build_model`` / `
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -6,8 +6,8 @@ explicit generator: the GPU never waits for a CPU loader, and a resumed run draw
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -22,7 +22,7 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return (images.to(dtype) - mean) / std
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pixel_stats(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """MEAN and STD on 0..255 pixels, shaped [1, 3, 1, 1]: copied to ``device`` once, not per
     batch (a copy from the host makes a GPU step wait for the CPU)."""

@@ -14,11 +14,32 @@ from __future__ import annotations
 import torch
 
 from cifar.augment import MEAN, STD, Augment, alternating_flips, augment, normalize
-from cifar.cache import (CACHE_VERSION, DOWNLOAD_SHA256, DOWNLOAD_URL, CifarData,
-                         cache_dirs, cache_path, download_archive, load, load_cache, to_dataset)
-from cifar.sources import (ARCHIVE_NAME, BATCHES_DIR, EXPECTED_LAYOUT, IMAGE_SIZE,
-                           IMAGE_SUFFIXES, TEST_BATCH, TRAIN_BATCHES, BatchUnpickler, Source,
-                           decode_source, find_source, unpickle_batch)
+from cifar.cache import (
+    CACHE_VERSION,
+    DOWNLOAD_SHA256,
+    DOWNLOAD_URL,
+    CifarData,
+    cache_dirs,
+    cache_path,
+    download_archive,
+    load,
+    load_cache,
+    to_dataset,
+)
+from cifar.sources import (
+    ARCHIVE_NAME,
+    BATCHES_DIR,
+    EXPECTED_LAYOUT,
+    IMAGE_SIZE,
+    IMAGE_SUFFIXES,
+    TEST_BATCH,
+    TRAIN_BATCHES,
+    BatchUnpickler,
+    Source,
+    decode_source,
+    find_source,
+    unpickle_batch,
+)
 
 __all__ = ["MEAN", "STD", "Augment", "alternating_flips", "augment", "normalize", "CACHE_VERSION", "DOWNLOAD_SHA256",
            "DOWNLOAD_URL", "CifarData", "cache_dirs", "cache_path", "download_archive", "load",

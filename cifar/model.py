@@ -144,7 +144,8 @@ def resnet18(num_classes: int, weights: str | None) -> nn.Module:
     ``weights``: a path to a state_dict (e.g. ``resnet18-f37072fd.pth``), ``"none"`` for random
     initialisation, or None to use torchvision's download cache / download (needs internet).
     """
-    from torchvision.models import ResNet18_Weights, resnet18 as tv_resnet18
+    from torchvision.models import ResNet18_Weights
+    from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(weights=None)
     if weights == "none":

@@ -1,7 +1,7 @@
 """cifar/train.py's schedule, airbench's Lookahead-EMA of the weights, and the Muon optimizer."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

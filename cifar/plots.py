@@ -1,8 +1,9 @@
 """cifar/train.py's pictures: loss/accuracy curves (common.figures.plot_curves), the confusion matrix."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

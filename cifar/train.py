@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from cifar.plots import plot_run
 from cifar.presets import PRESETS, resolve_preset
 from common.agree import on_local_rank_zero_first, stop_unless_all_ranks_agree, tensor_digest
 from common.config import RunConfig, make_parser
-from common.console import get_logger, optional_extra, progress as progress_bar
+from common.console import get_logger, optional_extra
+from common.console import progress as progress_bar
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
@@ -64,16 +66,16 @@ class Config(RunConfig):
     lr_end: float  # schedule end, as a fraction of lr
     warmup: float  # fraction of the steps spent rising to the peak
     momentum: float  # Nesterov momentum
-    optimizer: str = "sgd"  # "sgd", or "muon": Muon for the conv filters, SGD for the rest (airnet)
-    muon_lr: float = 0.24  # Muon's step along the orthogonalised momentum (per schedule factor 1)
-    muon_momentum: float = 0.6  # Muon's Nesterov momentum
+    optimizer: str  # "sgd", or "muon": Muon for the conv filters, SGD for the rest (airnet)
+    muon_lr: float  # Muon's step along the orthogonalised momentum (per schedule factor 1)
+    muon_momentum: float  # Muon's Nesterov momentum
     weight_decay: float  # L2 coefficient (biases of BatchNorm get weight_decay / bias_lr_scale)
     bias_lr_scale: float  # BatchNorm shifts learn this many times faster (airbench)
     whiten_bias_epochs: int  # epochs the whitening conv's bias trains before it is frozen
     label_smoothing: float  # 0 = off
     translate: int  # pixels, 0 = off
     flip: bool
-    alternating_flip: bool = False  # each image flipped every other epoch (airbench), not at random
+    alternating_flip: bool  # each image flipped every other epoch (airbench), not at random
     cutout: int  # pixels, 0 = off
     tta: bool  # also predict on the flipped test image and average the logits
     lookahead: bool  # airbench's Lookahead-EMA of the weights (every 5 steps, rising decay)
@@ -87,7 +89,7 @@ class Config(RunConfig):
     download: bool
     # BatchNorm statistics and augmentation draws over the global batch, not each rank's share
     # of it: the same optimisation at any world size (one all-reduce per BatchNorm layer).
-    world_size_invariant: bool = False
+    world_size_invariant: bool
 
     def check(self) -> None:
         checks = [

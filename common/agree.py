@@ -14,7 +14,8 @@ process each is the obvious no-op (the value itself, a UserError instead of an e
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist

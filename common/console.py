@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from tqdm import tqdm
 

@@ -25,7 +25,7 @@ per-sample results gathered in rank order come back in the original order.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

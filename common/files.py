@@ -13,8 +13,9 @@ import os
 import secrets
 import socket
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from common.errors import UserError
 

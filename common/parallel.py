@@ -40,7 +40,7 @@ from common.dist import DistInfo
 STRATEGIES = ("ddp", "fsdp")
 
 # Sharded model -> its unsharded twin on the meta device (no memory), kept to build local_copy.
-_UNSHARDED_TEMPLATES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = \
+_UNSHARDED_TEMPLATES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = \
     weakref.WeakKeyDictionary()
 
 

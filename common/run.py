@@ -34,22 +34,31 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import torch
 
-from common.checkpoint import (CHECKPOINT, PREVIOUS, check_meta, load_training_state, read_checkpoint,
-                               require_keys, save_checkpoint, training_state)
-from common.config import RunConfig, config_dict
-from common.data import TrainBatches
 from common.agree import all_gather_object, broadcast_object, stop_unless_all_ranks_agree, tensor_digest
+from common.checkpoint import (
+    CHECKPOINT,
+    PREVIOUS,
+    check_meta,
+    load_training_state,
+    read_checkpoint,
+    require_keys,
+    save_checkpoint,
+    training_state,
+)
+from common.config import RunConfig, config_dict
+from common.console import get_logger
+from common.data import TrainBatches
 from common.dist import DistInfo
 from common.errors import UserError
 from common.parallel import full_tensors, is_sharded, unwrap
 from common.preempt import EpochProgress, Preemption
-from common.console import get_logger
 from common.records import RunRecorder, write_json_atomic
 from common.rng import restore_rng
 from common.rundir import claim_run_dir

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, int, list[int]]:
     parser.add_argument("--subset-sizes", default="3,5,7,9,11,13,all",
                         help="numbers of top-ranked groups to try ('all' = every group)")
     args = parser.parse_args(argv)
-    cfg = Config.from_args(args)
+    cfg = Config.from_args(args, baselines=False)  # its own runs fit no baselines
     n_groups = len(cfg.features)
     try:
         sizes = sorted({n_groups if s.strip() == "all" else int(s) for s in args.subset_sizes.split(",")})
@@ -84,7 +84,7 @@ def permutation_importance(model, data: hdata.HousingData, slices: dict[str, lis
     solo = this_process_only(dist)
     base = split_metrics(model, data.val, data, solo)["rmse"]
     rows = []
-    for g, (name, cols) in enumerate(slices.items()):
+    for g, (_name, cols) in enumerate(slices.items()):
         if g % dist.world_size != dist.rank:
             continue
         rises = []

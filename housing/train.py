@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -60,17 +61,16 @@ class Config(RunConfig):
     patience: int  # epochs without a better validation RMSE before stopping
     features: tuple[str, ...]  # feature groups fed to the net (housing/data.py FEATURE_GROUPS)
     n_clusters: int  # k-means centres for the location-cluster features
-    baselines: bool = False  # also fit LinearRegression and HistGradientBoosting on the same split
-    download_url: str = hdata.DOWNLOAD_URL
-    # The tabular-DL ingredients (common/tabular.py); defaults here (not the CLI's) are the plain
-    # MLP, so a saved config from before they existed still parses.
-    quantile: bool = False  # inputs through their training quantiles to a normal
-    embedding: str = "none"  # numeric-feature embedding: none, ple, periodic
-    embed_bins: int = 16  # PLE bins / periodic frequencies per feature
-    embed_dim: int = 8  # embedding size per feature
-    ensemble: int = 1  # k members in one model (TabM); predictions averaged
-    ensemble_mode: str = "mini"  # mini: shared MLP, one adapter per member; packed: k MLPs
-    dollar_loss: float = 0.0  # weight of the squared error in dollars added to the log-space MSE
+    baselines: bool  # also fit LinearRegression and HistGradientBoosting on the same split
+    download_url: str
+    # The tabular-DL ingredients (common/tabular.py).
+    quantile: bool  # inputs through their training quantiles to a normal
+    embedding: str  # numeric-feature embedding: none, ple, periodic
+    embed_bins: int  # PLE bins / periodic frequencies per feature
+    embed_dim: int  # embedding size per feature
+    ensemble: int  # k members in one model (TabM); predictions averaged
+    ensemble_mode: str  # mini: shared MLP, one adapter per member; packed: k MLPs
+    dollar_loss: float  # weight of the squared error in dollars added to the log-space MSE
 
     def check(self) -> None:
         if self.width < 1 or self.depth < 0:

@@ -6,8 +6,8 @@ uses), does one job, and saves what it observed to ``out_dir/rank{r}.pt`` for th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -198,7 +198,7 @@ def local_rank_zero_first(dist: DistInfo, scratch: str) -> dict:
     for scenario, failing_rank in (("ok", None), ("first_fails", 0), ("later_fails", 1)):
         calls = []
 
-        def fn() -> str:
+        def fn(calls=calls, failing_rank=failing_rank, scenario=scenario) -> str:
             start = time.time()
             if node_view.local_rank == 0:
                 time.sleep(0.5)  # a waiting rank that did not wait would start inside this

@@ -1,10 +1,10 @@
 """A stand-in for torchrun in tests: the ranks of a run are forked from a server that imported
 the programs once.
 
-Why: on the 2-core CI machine a small 2-process housing run takes 12.3 CPU-seconds (8 s) under
-``torchrun --nproc_per_node=2``, nearly all of it start-up (the agent and every worker import
-torch, pandas and scikit-learn, and torch's optimizers import torch._dynamo), and the suite
-launches the programs about a hundred times. Forked from here it takes 1.9 CPU-seconds (1.5 s). The server is Python's ``forkserver``: it imports the modules below once and never runs
+Why: a small 2-process run under ``torchrun --nproc_per_node=2`` is nearly all start-up (the
+agent and every worker import torch, pandas and scikit-learn, and torch's optimizers import
+torch._dynamo), and the suite launches the programs about a hundred times; README.md, Tests,
+gives the CPU time this saves. The server is Python's ``forkserver``: it imports the modules below once and never runs
 a torch operation, so every rank is forked from a clean, single-threaded process (forking a
 process whose OpenMP pool has run is how children hang).
 

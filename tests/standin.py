@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -51,7 +52,7 @@ class StandInTensor(torch.Tensor):
     elem: torch.Tensor
 
     @staticmethod
-    def __new__(cls, elem: torch.Tensor) -> "StandInTensor":
+    def __new__(cls, elem: torch.Tensor) -> StandInTensor:
         return torch.Tensor._make_wrapper_subclass(
             cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(),
             dtype=elem.dtype, device=DEVICE, requires_grad=elem.requires_grad)
@@ -86,7 +87,7 @@ class _HostCalls(TorchFunctionMode):
     host and copies, as it does for CUDA (on meta, torch would make an empty tensor without
     dispatching any op); ``.tolist()`` copies to the host, ``.numpy()`` is refused, as for CUDA."""
 
-    def __init__(self, device: "StandInDevice") -> None:
+    def __init__(self, device: StandInDevice) -> None:
         super().__init__()
         self.device = device
 

@@ -5,8 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly.data import (TEST_FILE, TRAIN_FILE, feature_columns, load_frames, read_csv_file, seen_in,
-                          split_data)
+from anomaly.data import TEST_FILE, TRAIN_FILE, feature_columns, load_frames, read_csv_file, seen_in, split_data
 from anomaly.features import FeatureTransform
 from anomaly.synthetic import make_partition, make_raw, write_partition, write_raw
 from common.errors import UserError

@@ -20,7 +20,8 @@ from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_
 FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
         "--min-frequency", "5"]
 HYBRID = ["--detector", "hybrid"]
-SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))  # the shared run: both networks, so every path is exercised
+# The shared run: both networks, so every path is exercised.
+SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 METRICS = ("precision", "recall", "f1", "tp", "fp", "tn", "fn", "roc_auc", "pr_auc")
 
 

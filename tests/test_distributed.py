@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from tests import dist_workers as w
 from common.dist import DistInfo
+from tests import dist_workers as w
 from tests.launch import free_port, run_program, run_torchrun
 
 # The single-process reference runs in the test process itself: no process group needed.

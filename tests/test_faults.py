@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from tests.faults import (finish_nodes, kill_node_workers, start_nodes,
-                          truncate, wait_for, worker_with_rank)
+from tests.faults import finish_nodes, kill_node_workers, start_nodes, truncate, wait_for, worker_with_rank
 from tests.launch import error_messages, run_program
+
 
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     out = tmp_path / "run"

@@ -228,8 +228,8 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
     """After --resume (here at another world size than the checkpoint's), AdamW's moments are
     on the device and its step counters on the host, as a fresh AdamW keeps them: a counter
     on the device would make every step wait for it."""
-    from common.run import agreed_checkpoint
     from common.checkpoint import load_training_state
+    from common.run import agreed_checkpoint
     from housing import train as h
     from tests.test_housing import TRAIN_ARGS, synthetic_frame
 

@@ -54,7 +54,8 @@ def test_slurm_script_finds_each_nodes_address_on_the_given_interface():
     result = _script("scripts/slurm.sbatch", "tests/toy_train.py",
                      env={"DRY_RUN": "1", "NET_IF": "lo", "PYTHON": "echo"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("+ srun --kill-on-bad-exit=1 env GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo bash -c ")
+    assert result.stdout.startswith(
+        "+ srun --kill-on-bad-exit=1 env GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo bash -c ")
     # The same command without srun, with echo for python: it prints what torchrun would get.
     launched = subprocess.run(["bash", "-c", result.stdout[len("+ srun --kill-on-bad-exit=1 "):]],
                               capture_output=True, text=True, cwd=REPO)

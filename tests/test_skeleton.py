@@ -60,3 +60,24 @@ def test_the_signature_check_sees_a_difference():
         assert signatures(one) != signatures(two)
         two.write_text("def evaluate(cfg, model, data, dist, final=False):\n    return 1\n")
         assert signatures(one) == signatures(two)
+
+
+def test_config_defaults_come_from_the_command_line_alone():
+    """One source of defaults: a program's Config declares none of its own fields' defaults (the
+    CLI's DEFAULTS and presets give them), and the shared fields' defaults are the parser's."""
+    import dataclasses
+    import importlib
+
+    from common.config import RunConfig
+
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    for program in PROGRAMS:
+        train = importlib.import_module(f"{program}.train")
+        cfg = train.parse_args(["--data-dir", "data"])
+        for f in dataclasses.fields(train.Config):
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if f.name not in shared:
+                assert not has_default, f"{program}.train.Config.{f.name} has a default of its own"
+            elif f.default is not dataclasses.MISSING:
+                assert getattr(cfg, f.name) == f.default, (
+                    f"{program}: RunConfig.{f.name} defaults to {f.default!r}, the CLI to {getattr(cfg, f.name)!r}")

@@ -21,6 +21,7 @@ per seed, mean and spread. That is the table to read before calling a winner.
 Writes ``compare.md`` and ``compare.json`` into --out-dir.
 Example: ``python anomaly/compare.py --data-dir ../shared/data --runs runs/anomaly-ae runs/anomaly runs/anomaly-hybrid``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,31 +45,42 @@ from common.errors import UserError, run_main
 from common.files import write_text_atomic
 from common.records import write_json_atomic
 
-SPLIT_KEYS = ("seed", "split", "val_fraction", "test_fraction", "pca_variance", "min_frequency",
-              "max_rows", "holdout")
-DEFAULTS = {"seed": 0, "split": "grouped", "val_fraction": 0.15, "test_fraction": 0.30,
-            "pca_variance": 0.999, "min_frequency": 20, "max_rows": None, "holdout": None}
+SPLIT_KEYS = ("seed", "split", "val_fraction", "test_fraction", "pca_variance", "min_frequency", "max_rows", "holdout")
+DEFAULTS = {
+    "seed": 0,
+    "split": "grouped",
+    "val_fraction": 0.15,
+    "test_fraction": 0.30,
+    "pca_variance": 0.999,
+    "min_frequency": 20,
+    "max_rows": None,
+    "holdout": None,
+}
 # Gradient boosting's grid, searched on validation F1 (max_iter with early stopping on a
 # validation cut of the training rows, scikit-learn's default 10%).
-GB_GRID = [{"learning_rate": lr, "max_leaf_nodes": leaves}
-           for lr in (0.05, 0.1) for leaves in (31, 63, 127)]
+GB_GRID = [{"learning_rate": lr, "max_leaf_nodes": leaves} for lr in (0.05, 0.1) for leaves in (31, 63, 127)]
 OCSVM_ROWS = 5000  # normal training rows the one-class SVM is fitted on
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="UNSW-NB15 folder")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs/anomaly-compare"),
-                        help="where compare.md and compare.json go")
-    parser.add_argument("--runs", type=Path, nargs="*", default=[Path("runs/anomaly")],
-                        help="train.py run directories whose summary.json gives a row each; the "
-                             "first sets the split and feature settings (none: defaults); runs "
-                             "of several seeds: a table per seed and F1 mean and spread over them")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="split seed when there is no --runs summary (default 0)")
-    parser.add_argument("--max-rows", type=int, default=None,
-                        help="stratified subset per file when there is no --runs summary")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("runs/anomaly-compare"), help="where compare.md and compare.json go"
+    )
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        nargs="*",
+        default=[Path("runs/anomaly")],
+        help="train.py run directories whose summary.json gives a row each; the "
+        "first sets the split and feature settings (none: defaults); runs "
+        "of several seeds: a table per seed and F1 mean and spread over them",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="split seed when there is no --runs summary (default 0)")
+    parser.add_argument(
+        "--max-rows", type=int, default=None, help="stratified subset per file when there is no --runs summary"
+    )
     return parser.parse_args(argv)
 
 
@@ -93,50 +105,70 @@ def settings(args: argparse.Namespace) -> list[tuple[dict[str, Any], list[tuple[
     for run, summary in runs:
         differs = [k for k in SPLIT_KEYS if k != "seed" and summary["config"].get(k, DEFAULTS[k]) != chosen[k]]
         if differs:
-            raise UserError(f"--runs {run}: its {', '.join(differs)} differ from {runs[0][0]}; "
-                            "compare runs of the same split and features")
+            raise UserError(
+                f"--runs {run}: its {', '.join(differs)} differ from {runs[0][0]}; "
+                "compare runs of the same split and features"
+            )
         groups.setdefault(summary["config"].get("seed", DEFAULTS["seed"]), []).append((run, summary))
     for flag in ("seed", "max_rows"):
         given = getattr(args, flag)
         if given is not None and given != chosen[flag]:
-            raise UserError(f"--{flag.replace('_', '-')} {given} differs from the run "
-                            f"{runs[0][0]} ({chosen[flag]}); drop it so both use the same split")
+            raise UserError(
+                f"--{flag.replace('_', '-')} {given} differs from the run "
+                f"{runs[0][0]} ({chosen[flag]}); drop it so both use the same split"
+            )
     return [({**chosen, "seed": seed}, group) for seed, group in groups.items()]
 
 
 def metrics(y: np.ndarray, scores: np.ndarray, predicted: np.ndarray, unseen: np.ndarray) -> dict[str, float]:
     both = 0 < y.sum() < len(y)
-    return {"precision": float(precision_score(y, predicted, zero_division=0)),
-            "recall": float(recall_score(y, predicted, zero_division=0)),
-            "f1": float(f1_score(y, predicted, zero_division=0)),
-            "roc_auc": float(roc_auc_score(y, scores)) if both else float("nan"),
-            "pr_auc": float(average_precision_score(y, scores)) if both else float("nan"),
-            "f1_unseen": float(f1_score(y[unseen], predicted[unseen], zero_division=0))}
+    return {
+        "precision": float(precision_score(y, predicted, zero_division=0)),
+        "recall": float(recall_score(y, predicted, zero_division=0)),
+        "f1": float(f1_score(y, predicted, zero_division=0)),
+        "roc_auc": float(roc_auc_score(y, scores)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(y, scores)) if both else float("nan"),
+        "f1_unseen": float(f1_score(y[unseen], predicted[unseen], zero_division=0)),
+    }
 
 
-def run_detector(name: str, kind: str, fit: Callable[[], Callable[[np.ndarray], np.ndarray]],
-                 x_val: np.ndarray, y_val: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                 unseen: np.ndarray) -> dict[str, Any]:
+def run_detector(
+    name: str,
+    kind: str,
+    fit: Callable[[], Callable[[np.ndarray], np.ndarray]],
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    unseen: np.ndarray,
+) -> dict[str, Any]:
     """Fit (timed), pick the threshold on validation, measure on test."""
     start = time.time()
     score = fit()
     fit_time = time.time() - start
     threshold, _ = best_f1_threshold(score(x_val), y_val)
     test_scores = score(x_test)
-    row = {"method": name, "kind": kind, **metrics(y_test, test_scores, test_scores >= threshold, unseen),
-           "fit_time_s": fit_time, "threshold": float(threshold)}
+    row = {
+        "method": name,
+        "kind": kind,
+        **metrics(y_test, test_scores, test_scores >= threshold, unseen),
+        "fit_time_s": fit_time,
+        "threshold": float(threshold),
+    }
     return row
 
 
-def tune_boosting(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                  seed: int) -> dict[str, Any]:
+def tune_boosting(
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, seed: int
+) -> dict[str, Any]:
     """``GB_GRID``'s best setting by validation F1 (at its own best threshold), refitted never:
     the returned ``model`` is the one measured on validation."""
     best = None
     for params in GB_GRID:
         start = time.time()
-        model = HistGradientBoostingClassifier(max_iter=1000, early_stopping=True, random_state=seed,
-                                               **params).fit(x_train, y_train)
+        model = HistGradientBoostingClassifier(max_iter=1000, early_stopping=True, random_state=seed, **params).fit(
+            x_train, y_train
+        )
         seconds = time.time() - start
         f1 = best_f1_threshold(model.predict_proba(x_val)[:, 1], y_val)[1]
         if best is None or f1 > best[0]:
@@ -164,8 +196,14 @@ def pca_detector(x_normal: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
 
 def compare_one(args: argparse.Namespace, chosen: dict[str, Any], runs: list[tuple[Path, dict]]) -> dict:
     """Every method of the module docstring on the split ``chosen`` describes: the report."""
-    splits = split_data(args.data_dir, chosen["val_fraction"], chosen["test_fraction"],
-                        chosen["seed"], chosen["max_rows"], chosen["split"])
+    splits = split_data(
+        args.data_dir,
+        chosen["val_fraction"],
+        chosen["test_fraction"],
+        chosen["seed"],
+        chosen["max_rows"],
+        chosen["split"],
+    )
     if chosen["holdout"] is not None:
         splits = hold_out(splits, chosen["holdout"])
     transform, x, y = make_features(splits, chosen["min_frequency"], chosen["pca_variance"])
@@ -174,9 +212,15 @@ def compare_one(args: argparse.Namespace, chosen: dict[str, Any], runs: list[tup
     columns = classifier_inputs(transform)  # the supervised network's own inputs
     unseen = ~splits.test_seen_in_train
     common = (x_val, y_val, x_test, y_test, unseen)
-    rows = [{"method": "all-attack baseline", "kind": "trivial",
-             **metrics(y_test, np.ones(len(y_test)), np.ones(len(y_test), dtype=bool), unseen),
-             "fit_time_s": 0.0, "threshold": None}]
+    rows = [
+        {
+            "method": "all-attack baseline",
+            "kind": "trivial",
+            **metrics(y_test, np.ones(len(y_test)), np.ones(len(y_test), dtype=bool), unseen),
+            "fit_time_s": 0.0,
+            "threshold": None,
+        }
+    ]
 
     pca_info = {}
 
@@ -200,34 +244,46 @@ def compare_one(args: argparse.Namespace, chosen: dict[str, Any], runs: list[tup
         model = OneClassSVM(kernel="rbf", gamma="scale", nu=0.05).fit(sample)
         return lambda x: -model.score_samples(x)
 
-    rows.append(run_detector(f"one-class SVM (RBF, {min(OCSVM_ROWS, len(x_normal))} rows)",
-                             "semi-supervised", fit_ocsvm, *common))
+    rows.append(
+        run_detector(
+            f"one-class SVM (RBF, {min(OCSVM_ROWS, len(x_normal))} rows)", "semi-supervised", fit_ocsvm, *common
+        )
+    )
 
     gb = {}
 
     def fit_boosting():
-        gb.update(tune_boosting(x["train"].numpy()[:, columns], y_train, x_val[:, columns], y_val,
-                                chosen["seed"]))
+        gb.update(tune_boosting(x["train"].numpy()[:, columns], y_train, x_val[:, columns], y_val, chosen["seed"]))
         model = gb.pop("model")
         return lambda features: model.predict_proba(features[:, columns])[:, 1]
 
     rows.append(run_detector("gradient boosting, tuned", "supervised", fit_boosting, *common))
     # The time column is the chosen setting's own fit; the whole grid search is kept beside it.
     rows[-1]["tuning_time_s"], rows[-1]["fit_time_s"] = rows[-1]["fit_time_s"], gb.pop("fit_s")
-    rows[-1]["method"] += (f" ({', '.join(f'{k} {v}' for k, v in gb.items())}; best of "
-                           f"{len(GB_GRID)} on validation)")
+    rows[-1]["method"] += f" ({', '.join(f'{k} {v}' for k, v in gb.items())}; best of {len(GB_GRID)} on validation)"
     for run, summary in runs:
         test, unseen_part = summary["test"], summary["test_unseen"]
         detector = summary.get("detector", "autoencoder")
         kind = {"autoencoder": "semi-supervised", "classifier": "supervised"}.get(detector, "both")
-        rows.append({"method": f"{detector} network ({run}, world size {summary['world_size']})",
-                     "kind": kind, **{k: test[k] for k in ("precision", "recall", "f1", "roc_auc", "pr_auc")},
-                     "f1_unseen": unseen_part["f1"], "fit_time_s": summary["train_time_s"],
-                     "threshold": summary["thresholds"]})
+        rows.append(
+            {
+                "method": f"{detector} network ({run}, world size {summary['world_size']})",
+                "kind": kind,
+                **{k: test[k] for k in ("precision", "recall", "f1", "roc_auc", "pr_auc")},
+                "f1_unseen": unseen_part["f1"],
+                "fit_time_s": summary["train_time_s"],
+                "threshold": summary["thresholds"],
+            }
+        )
 
-    return {"settings": chosen, "data": splits.source, "test_rows": len(y_test),
-            "test_attack_share": float(y_test.mean()), "test_unseen_rows": int(unseen.sum()),
-            "rows": rows}
+    return {
+        "settings": chosen,
+        "data": splits.source,
+        "test_rows": len(y_test),
+        "test_attack_share": float(y_test.mean()),
+        "test_unseen_rows": int(unseen.sum()),
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -238,8 +294,9 @@ def main() -> None:
         report, table = reports[0], markdown(reports[0])
     else:  # several seeds: each one's table, then every method's F1 over the seeds
         report = {"seeds": reports, "summary": over_seeds(reports)}
-        table = "\n".join([*(f"## Seed {r['settings']['seed']}\n\n{markdown(r)}" for r in reports),
-                           seeds_markdown(report["summary"])])
+        table = "\n".join(
+            [*(f"## Seed {r['settings']['seed']}\n\n{markdown(r)}" for r in reports), seeds_markdown(report["summary"])]
+        )
     write_json_atomic(args.out_dir / "compare.json", report)
     write_text_atomic(args.out_dir / "compare.md", table)
     print(table)
@@ -256,31 +313,43 @@ def over_seeds(reports: list[dict]) -> list[dict[str, Any]]:
             name = row["method"].split(" (")[0]
             seen[name] = seen.get(name, 0) + 1
             per_method.setdefault(name + (f" #{seen[name]}" if seen[name] > 1 else ""), []).append(row["f1"])
-    return [{"method": name, "f1": values, "mean": float(np.mean(values)),
-             "spread": float(max(values) - min(values))}
-            for name, values in per_method.items() if len(values) == len(reports)]
+    return [
+        {"method": name, "f1": values, "mean": float(np.mean(values)), "spread": float(max(values) - min(values))}
+        for name, values in per_method.items()
+        if len(values) == len(reports)
+    ]
 
 
 def seeds_markdown(summary: list[dict[str, Any]]) -> str:
     n = len(summary[0]["f1"]) if summary else 0
-    lines = [f"## Test F1 over {n} seeds (each seed its own split)", "",
-             "| method | F1 per seed | mean | spread (max - min) |", "| --- | --- | ---: | ---: |"]
+    lines = [
+        f"## Test F1 over {n} seeds (each seed its own split)",
+        "",
+        "| method | F1 per seed | mean | spread (max - min) |",
+        "| --- | --- | ---: | ---: |",
+    ]
     for r in sorted(summary, key=lambda r: -r["mean"]):
-        lines.append(f"| {r['method']} | {', '.join(f'{v:.4f}' for v in r['f1'])} | {r['mean']:.5f} | "
-                     f"{r['spread']:.4f} |")
+        lines.append(
+            f"| {r['method']} | {', '.join(f'{v:.4f}' for v in r['f1'])} | {r['mean']:.5f} | {r['spread']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Test split: {report['test_rows']:,} rows, {report['test_attack_share']:.1%} attacks "
-             f"({report['data']}); F1 unseen = on the {report['test_unseen_rows']:,} test rows with "
-             "no identical row in train. Thresholds chosen on validation.", "",
-             "| method | kind | precision | recall | F1 | ROC-AUC | PR-AUC | F1 unseen | fit time (s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Test split: {report['test_rows']:,} rows, {report['test_attack_share']:.1%} attacks "
+        f"({report['data']}); F1 unseen = on the {report['test_unseen_rows']:,} test rows with "
+        "no identical row in train. Thresholds chosen on validation.",
+        "",
+        "| method | kind | precision | recall | F1 | ROC-AUC | PR-AUC | F1 unseen | fit time (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['kind']} | {r['precision']:.4f} | {r['recall']:.4f} | "
-                     f"{r['f1']:.4f} | {r['roc_auc']:.4f} | {r['pr_auc']:.4f} | {r['f1_unseen']:.4f} | "
-                     f"{r['fit_time_s']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {r['kind']} | {r['precision']:.4f} | {r['recall']:.4f} | "
+            f"{r['f1']:.4f} | {r['roc_auc']:.4f} | {r['pr_auc']:.4f} | {r['f1_unseen']:.4f} | "
+            f"{r['fit_time_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ random split puts copies of test rows into train. ``split_data`` marks every tes
 identical feature row in train (``test_seen_in_train``) so metrics can be reported on the whole
 test split and on the unseen part only.
 """
+
 from __future__ import annotations
 
 import io
@@ -49,24 +50,98 @@ WHERE_TO_GET = (
 CATEGORICAL = ("proto", "service", "state")
 # The numeric features both layouts share (partition names; raw names are mapped onto these).
 NUMERIC = (
-    "dur", "spkts", "dpkts", "sbytes", "dbytes", "sttl", "dttl", "sload", "dload", "sloss",
-    "dloss", "sinpkt", "dinpkt", "sjit", "djit", "swin", "stcpb", "dtcpb", "dwin", "tcprtt",
-    "synack", "ackdat", "smean", "dmean", "trans_depth", "response_body_len", "ct_srv_src",
-    "ct_state_ttl", "ct_dst_ltm", "ct_src_dport_ltm", "ct_dst_sport_ltm", "ct_dst_src_ltm",
-    "is_ftp_login", "ct_ftp_cmd", "ct_flw_http_mthd", "ct_src_ltm", "ct_srv_dst",
+    "dur",
+    "spkts",
+    "dpkts",
+    "sbytes",
+    "dbytes",
+    "sttl",
+    "dttl",
+    "sload",
+    "dload",
+    "sloss",
+    "dloss",
+    "sinpkt",
+    "dinpkt",
+    "sjit",
+    "djit",
+    "swin",
+    "stcpb",
+    "dtcpb",
+    "dwin",
+    "tcprtt",
+    "synack",
+    "ackdat",
+    "smean",
+    "dmean",
+    "trans_depth",
+    "response_body_len",
+    "ct_srv_src",
+    "ct_state_ttl",
+    "ct_dst_ltm",
+    "ct_src_dport_ltm",
+    "ct_dst_sport_ltm",
+    "ct_dst_src_ltm",
+    "is_ftp_login",
+    "ct_ftp_cmd",
+    "ct_flw_http_mthd",
+    "ct_src_ltm",
+    "ct_srv_dst",
     "is_sm_ips_ports",
 )
 PARTITION_ONLY = ("rate",)  # in the partition files, not in the raw ones
 PARTITION_COLUMNS = ("id", *NUMERIC[:5], "rate", *NUMERIC[5:], *CATEGORICAL, "attack_cat", "label")
 # Names from NUSW-NB15_features.csv, in file order, lower-cased and mapped to partition names.
 RAW_COLUMNS = (
-    "srcip", "sport", "dstip", "dsport", "proto", "state", "dur", "sbytes", "dbytes", "sttl",
-    "dttl", "sloss", "dloss", "service", "sload", "dload", "spkts", "dpkts", "swin", "dwin",
-    "stcpb", "dtcpb", "smean", "dmean", "trans_depth", "response_body_len", "sjit", "djit",
-    "stime", "ltime", "sinpkt", "dinpkt", "tcprtt", "synack", "ackdat", "is_sm_ips_ports",
-    "ct_state_ttl", "ct_flw_http_mthd", "is_ftp_login", "ct_ftp_cmd", "ct_srv_src",
-    "ct_srv_dst", "ct_dst_ltm", "ct_src_ltm", "ct_src_dport_ltm", "ct_dst_sport_ltm",
-    "ct_dst_src_ltm", "attack_cat", "label",
+    "srcip",
+    "sport",
+    "dstip",
+    "dsport",
+    "proto",
+    "state",
+    "dur",
+    "sbytes",
+    "dbytes",
+    "sttl",
+    "dttl",
+    "sloss",
+    "dloss",
+    "service",
+    "sload",
+    "dload",
+    "spkts",
+    "dpkts",
+    "swin",
+    "dwin",
+    "stcpb",
+    "dtcpb",
+    "smean",
+    "dmean",
+    "trans_depth",
+    "response_body_len",
+    "sjit",
+    "djit",
+    "stime",
+    "ltime",
+    "sinpkt",
+    "dinpkt",
+    "tcprtt",
+    "synack",
+    "ackdat",
+    "is_sm_ips_ports",
+    "ct_state_ttl",
+    "ct_flw_http_mthd",
+    "is_ftp_login",
+    "ct_ftp_cmd",
+    "ct_srv_src",
+    "ct_srv_dst",
+    "ct_dst_ltm",
+    "ct_src_ltm",
+    "ct_src_dport_ltm",
+    "ct_dst_sport_ltm",
+    "ct_dst_src_ltm",
+    "attack_cat",
+    "label",
 )
 # Raw-file columns that are blank when zero (documented quirk of the raw CSVs).
 RAW_BLANK_IS_ZERO = ("ct_flw_http_mthd", "is_ftp_login")
@@ -107,21 +182,30 @@ def _find_in_dir(data_dir: Path, name: str) -> tuple[str, bytes] | None:
             raise UserError(f"{archive}: not a readable zip file; expected a zip holding {name}") from None
         except (zlib.error, EOFError, OSError) as err:  # the index reads, the compressed data is damaged
             detail = str(err).splitlines()[0] if str(err) else "it ends too soon"
-            raise UserError(f"{archive}: damaged, {name} cannot be read from it ({detail}); "
-                            "download it again") from None
+            raise UserError(
+                f"{archive}: damaged, {name} cannot be read from it ({detail}); download it again"
+            ) from None
     return None
 
 
 def _read_csv_text(display: str, raw: bytes, header: bool, names: tuple[str, ...] | None) -> pd.DataFrame:
     """Parse CSV bytes as strings (validated and converted afterwards, with row numbers)."""
     if not raw.strip():
-        raise UserError(f"{display}: file is empty; expected a UNSW-NB15 CSV "
-                        f"({'a header line and rows' if header else 'rows of 49 values'})")
+        raise UserError(
+            f"{display}: file is empty; expected a UNSW-NB15 CSV "
+            f"({'a header line and rows' if header else 'rows of 49 values'})"
+        )
     try:
-        frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False,
-                            encoding="utf-8-sig", header=0 if header else None,
-                            names=None if header else list(names), skipinitialspace=True,
-                            low_memory=False)
+        frame = pd.read_csv(
+            io.BytesIO(raw),
+            dtype=str,
+            keep_default_na=False,
+            encoding="utf-8-sig",
+            header=0 if header else None,
+            names=None if header else list(names),
+            skipinitialspace=True,
+            low_memory=False,
+        )
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         first = str(err).strip().splitlines()[0]
         raise UserError(f"{display}: not a readable CSV ({first})") from None
@@ -144,8 +228,9 @@ def _to_number(frame: pd.DataFrame, column: str, display: str, first_line: int) 
     return numbers.astype(np.float64)
 
 
-def validate_partition(frame: pd.DataFrame, display: str, required: tuple[str, ...] = PARTITION_COLUMNS,
-                       need_labels: bool = True) -> pd.DataFrame:
+def validate_partition(
+    frame: pd.DataFrame, display: str, required: tuple[str, ...] = PARTITION_COLUMNS, need_labels: bool = True
+) -> pd.DataFrame:
     """Check the columns and types of a partition-layout frame; return it with numbers converted."""
     if len(frame) == 0:
         raise UserError(f"{display}: has a header but no rows; expected UNSW-NB15 records")
@@ -174,9 +259,11 @@ def _convert(frame: pd.DataFrame, display: str, first_line: int, need_labels: bo
         negative = (out[column] < 0).to_numpy()
         if negative.any():
             i = int(np.flatnonzero(negative)[0])
-            raise UserError(f"{display}: column '{column}' row {i + 1} (line {i + first_line}): value "
-                            f"{frame[column].iloc[i]!r}; expected a count or rate, 0 or more "
-                            "(the features take its log1p)")
+            raise UserError(
+                f"{display}: column '{column}' row {i + 1} (line {i + first_line}): value "
+                f"{frame[column].iloc[i]!r}; expected a count or rate, 0 or more "
+                "(the features take its log1p)"
+            )
     for column in CATEGORICAL:
         out[column] = out[column].str.strip().str.lower()
     if need_labels or "label" in out.columns:
@@ -184,8 +271,10 @@ def _convert(frame: pd.DataFrame, display: str, first_line: int, need_labels: bo
         bad = ~label.isin([0.0, 1.0]).to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise UserError(f"{display}: column 'label' row {i + 1} (line {i + first_line}): "
-                            f"value {frame['label'].iloc[i]!r}; expected 0 (normal) or 1 (attack)")
+            raise UserError(
+                f"{display}: column 'label' row {i + 1} (line {i + first_line}): "
+                f"value {frame['label'].iloc[i]!r}; expected 0 (normal) or 1 (attack)"
+            )
         out["label"] = label.astype(np.int64)
         cat = out.get("attack_cat", pd.Series("", index=out.index)).str.strip().replace(ATTACK_CAT_FIXES)
         # Normal rows' category is implied by the label when a file leaves it blank.
@@ -206,8 +295,10 @@ def read_raw(display: str, raw: bytes) -> pd.DataFrame:
     if short.any():
         i = int(np.flatnonzero(short)[0])
         column = RAW_COLUMNS[int(np.flatnonzero(frame.iloc[i].isna().to_numpy())[0])]
-        raise UserError(f"{display}: row {i + 1} (line {i + 1}) has no value for column '{column}'; "
-                        f"expected {len(RAW_COLUMNS)} comma-separated values per row")
+        raise UserError(
+            f"{display}: row {i + 1} (line {i + 1}) has no value for column '{column}'; "
+            f"expected {len(RAW_COLUMNS)} comma-separated values per row"
+        )
     for column in RAW_BLANK_IS_ZERO:
         frame[column] = frame[column].str.strip().replace("", "0")
     return _convert(frame, display, first_line=1, need_labels=True)
@@ -268,8 +359,7 @@ def _stratify_key(frame: pd.DataFrame) -> pd.Series:
 
 
 def _split(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    kept, taken = train_test_split(frame, test_size=fraction, random_state=seed,
-                                   stratify=_stratify_key(frame))
+    kept, taken = train_test_split(frame, test_size=fraction, random_state=seed, stratify=_stratify_key(frame))
     # Keep record order inside each split (the time-series picture depends on it).
     return kept.sort_index(), taken.sort_index()
 
@@ -285,8 +375,7 @@ def _split_groups(frame: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.D
     per_group = pd.DataFrame({"group": groups, "attack_cat": frame["attack_cat"].to_numpy()})
     sizes = per_group.value_counts().reset_index(name="rows")  # largest first
     distinct = sizes.drop_duplicates("group").set_index("group")[["attack_cat"]]
-    kept, taken = train_test_split(distinct, test_size=fraction, random_state=seed,
-                                   stratify=_stratify_key(distinct))
+    kept, taken = train_test_split(distinct, test_size=fraction, random_state=seed, stratify=_stratify_key(distinct))
     in_taken = np.isin(groups, taken.index.to_numpy())
     return frame[~in_taken], frame[in_taken]  # record order is kept
 
@@ -299,8 +388,14 @@ def seen_in(reference: pd.DataFrame, query: pd.DataFrame) -> np.ndarray:
     return qry.isin(set(ref.to_numpy())).to_numpy()
 
 
-def split_data(data_dir: Path, val_fraction: float, test_fraction: float, seed: int,
-               max_rows: int | None = None, split: str = "grouped") -> Splits:
+def split_data(
+    data_dir: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    max_rows: int | None = None,
+    split: str = "grouped",
+) -> Splits:
     """Load ``data_dir`` and cut it into train / validation / test (see the module docstring).
 
     ``val_fraction`` and ``test_fraction`` are fractions of all rows when one file is split; with
@@ -314,24 +409,29 @@ def split_data(data_dir: Path, val_fraction: float, test_fraction: float, seed: 
     cut = _split_groups if split == "grouped" else _split
     frames, time_column = load_frames(data_dir)
     if max_rows is not None:
-        frames = {k: (_split(f, max_rows / len(f), seed)[1] if len(f) > max_rows else f)
-                  for k, f in frames.items()}
+        frames = {k: (_split(f, max_rows / len(f), seed)[1] if len(f) > max_rows else f) for k, f in frames.items()}
     if "all" in frames:
         frame = frames["all"]
         rest, test = cut(frame, test_fraction, seed)
         train, val = cut(rest, val_fraction / (1 - test_fraction), seed + 1)
-        source = (f"one file, {len(frame)} rows, {split} stratified seeded split "
-                  f"{1 - val_fraction - test_fraction:.2f}/{val_fraction:.2f}/{test_fraction:.2f}")
+        source = (
+            f"one file, {len(frame)} rows, {split} stratified seeded split "
+            f"{1 - val_fraction - test_fraction:.2f}/{val_fraction:.2f}/{test_fraction:.2f}"
+        )
     else:
         train, val = cut(frames["train"], val_fraction, seed)
         test = frames["test"]  # the official test file: copies of training rows may remain
-        source = (f"official partitions: train {len(frames['train'])} rows "
-                  f"({val_fraction:.2f} carved out for validation), test {len(test)} rows")
+        source = (
+            f"official partitions: train {len(frames['train'])} rows "
+            f"({val_fraction:.2f} carved out for validation), test {len(test)} rows"
+        )
     for name, part in (("training", train), ("validation", val), ("test", test)):
         if (part["label"] == 0).sum() == 0 or (part["label"] == 1).sum() == 0:
-            raise UserError(f"--data-dir {data_dir}: the {name} split has no "
-                            f"{'normal' if (part['label'] == 0).sum() == 0 else 'attack'} rows; "
-                            "expected both classes (use more data or other split fractions)")
+            raise UserError(
+                f"--data-dir {data_dir}: the {name} split has no "
+                f"{'normal' if (part['label'] == 0).sum() == 0 else 'attack'} rows; "
+                "expected both classes (use more data or other split fractions)"
+            )
     return Splits(train, val, test, seen_in(train, test), source, time_column)
 
 
@@ -344,9 +444,15 @@ def hold_out(splits: Splits, category: str) -> Splits:
     """``splits`` without ``category`` in train and validation; test keeps every row."""
     known = attack_categories(splits.test)
     if category not in known:
-        raise UserError(f"--holdout {category!r}: not an attack category of this data; "
-                        f"expected one of {', '.join(known)}")
-    keep = {name: getattr(splits, name)[getattr(splits, name)["attack_cat"] != category]
-            for name in ("train", "val")}
-    return Splits(keep["train"], keep["val"], splits.test, splits.test_seen_in_train,
-                  f"{splits.source}; {category} removed from train and validation", splits.time_column)
+        raise UserError(
+            f"--holdout {category!r}: not an attack category of this data; expected one of {', '.join(known)}"
+        )
+    keep = {name: getattr(splits, name)[getattr(splits, name)["attack_cat"] != category] for name in ("train", "val")}
+    return Splits(
+        keep["train"],
+        keep["val"],
+        splits.test,
+        splits.test_seen_in_train,
+        f"{splits.source}; {category} removed from train and validation",
+        splits.time_column,
+    )

@@ -6,6 +6,7 @@ correlations (the most correlated pairs and a heatmap); the categorical levels.
 Example: ``python anomaly/explore.py --data-dir ../shared/data --out-dir runs/anomaly-explore``
 (writes ``report.md`` and ``plots/*.png`` there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,16 @@ def _table(frame: pd.DataFrame, floatfmt: str = "{:.4g}") -> str:
     cols = [frame.index.name or ""] + [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for idx, row in frame.iterrows():
-        cells = [f"{int(v):,}" if isinstance(v, (float, np.floating, int, np.integer)) and float(v).is_integer()
-                 and abs(v) < 1e15 else floatfmt.format(v) if isinstance(v, (float, np.floating)) else f"{v}"
-                 for v in row]
+        cells = [
+            f"{int(v):,}"
+            if isinstance(v, (float, np.floating, int, np.integer)) and float(v).is_integer() and abs(v) < 1e15
+            else floatfmt.format(v)
+            if isinstance(v, (float, np.floating))
+            else f"{v}"
+            for v in row
+        ]
         lines.append("| " + " | ".join([str(idx), *cells]) + " |")
     return "\n".join(lines)
-
 
 
 def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
@@ -40,25 +45,34 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     numeric = [c for c in (*NUMERIC, *PARTITION_ONLY) if c in frame.columns]
-    md = [f"# UNSW-NB15 exploration\n\nSource: {source}; {len(frame):,} rows, "
-          f"{len(feature_columns(frame))} feature columns ({len(numeric)} numeric, "
-          f"{len(CATEGORICAL)} categorical).\n"]
+    md = [
+        f"# UNSW-NB15 exploration\n\nSource: {source}; {len(frame):,} rows, "
+        f"{len(feature_columns(frame))} feature columns ({len(numeric)} numeric, "
+        f"{len(CATEGORICAL)} categorical).\n"
+    ]
 
     # Class balance.
     balance = frame["attack_cat"].value_counts().to_frame("rows")
     balance["share"] = balance["rows"] / len(frame)
     balance.index.name = "attack_cat"
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(balance.index[::-1], balance["rows"][::-1],
-            color=["tab:blue" if n == "Normal" else "tab:red" for n in balance.index[::-1]])
+    ax.barh(
+        balance.index[::-1],
+        balance["rows"][::-1],
+        color=["tab:blue" if n == "Normal" else "tab:red" for n in balance.index[::-1]],
+    )
     ax.set_xscale("log")
     ax.set_xlabel("rows (log scale)")
     ax.set_title("class balance per attack_cat")
     save_figure(fig, plots / "class_balance.png")
     attack_share = float((frame["label"] == 1).mean())
-    md += ["## Class balance\n", f"Attacks are {attack_share:.1%} of the rows, so flagging everything "
-           f"already scores F1 = {2 * attack_share / (1 + attack_share):.3f}: any detector must beat that.\n",
-           _table(balance), "\n![class balance](plots/class_balance.png)\n"]
+    md += [
+        "## Class balance\n",
+        f"Attacks are {attack_share:.1%} of the rows, so flagging everything "
+        f"already scores F1 = {2 * attack_share / (1 + attack_share):.3f}: any detector must beat that.\n",
+        _table(balance),
+        "\n![class balance](plots/class_balance.png)\n",
+    ]
 
     # Duplicates.
     cols = feature_columns(frame)
@@ -67,28 +81,44 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     conflicting = frame[dup_any].groupby(cols, dropna=False)["label"].nunique().gt(1).sum()
     by_cat = dup_extra.groupby(frame["attack_cat"]).mean().sort_values(ascending=False).to_frame("duplicate share")
     by_cat.index.name = "attack_cat"
-    md += ["## Duplicated feature rows\n",
-           f"{int(dup_extra.sum()):,} rows repeat the features of an earlier row ({int(dup_any.sum()):,} rows "
-           f"take part in a duplicate group); {int(conflicting)} groups carry both labels. A random split "
-           "therefore puts copies of test rows into train: `train.py` and `compare.py` also report F1 on "
-           "the test rows with no identical row in train.\n", _table(by_cat), ""]
+    md += [
+        "## Duplicated feature rows\n",
+        f"{int(dup_extra.sum()):,} rows repeat the features of an earlier row ({int(dup_any.sum()):,} rows "
+        f"take part in a duplicate group); {int(conflicting)} groups carry both labels. A random split "
+        "therefore puts copies of test rows into train: `train.py` and `compare.py` also report F1 on "
+        "the test rows with no identical row in train.\n",
+        _table(by_cat),
+        "",
+    ]
 
     # Missing and constant columns.
     missing = frame[cols].isna().sum()
     blank = frame[list(CATEGORICAL)].apply(lambda s: s.isin(["", "-"]).sum())
     constant = [c for c in cols if frame[c].nunique(dropna=False) <= 1]
-    md += ["## Missing and constant columns\n",
-           f"- missing values: {', '.join(f'{c} ({n})' for c, n in missing.items() if n) or 'none'}",
-           "- categorical levels '-' (no value): " + ", ".join(f"{c} {n:,} rows" for c, n in blank.items()),
-           f"- constant columns: {', '.join(constant) or 'none'}", ""]
+    md += [
+        "## Missing and constant columns\n",
+        f"- missing values: {', '.join(f'{c} ({n})' for c, n in missing.items() if n) or 'none'}",
+        "- categorical levels '-' (no value): " + ", ".join(f"{c} {n:,} rows" for c, n in blank.items()),
+        f"- constant columns: {', '.join(constant) or 'none'}",
+        "",
+    ]
 
     # Per-feature summaries.
     data = frame[numeric]
-    summary = pd.DataFrame({
-        "mean": data.mean(), "std": data.std(), "min": data.min(), "median": data.median(),
-        "max": data.max(), "zeros": (data == 0).mean(), "distinct": data.nunique(),
-        "skew": data.skew(),
-        "normal median": data[frame["label"] == 0].median(), "attack median": data[frame["label"] == 1].median()})
+    summary = pd.DataFrame(
+        {
+            "mean": data.mean(),
+            "std": data.std(),
+            "min": data.min(),
+            "median": data.median(),
+            "max": data.max(),
+            "zeros": (data == 0).mean(),
+            "distinct": data.nunique(),
+            "skew": data.skew(),
+            "normal median": data[frame["label"] == 0].median(),
+            "attack median": data[frame["label"] == 1].median(),
+        }
+    )
     summary.index.name = "feature"
     md += ["## Numeric features\n", "`zeros` is the share of rows equal to 0.\n", _table(summary), ""]
 
@@ -105,16 +135,18 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     axes.flat[0].legend()
     save_figure(fig, plots / "skewed_features.png")
     heavy = int((summary["skew"] > 2).sum())
-    md += ["## Most skewed features\n",
-           f"{heavy} of {len(numeric)} numeric features have skew above 2 (a few huge flows dominate "
-           "their scale), hence `log1p` before scaling in `features.py`. The eight most skewed, "
-           "after `log1p`, normal vs attack:\n",
-           _table(skewed.head(12).to_frame("|skew|")), "\n![skewed features](plots/skewed_features.png)\n"]
+    md += [
+        "## Most skewed features\n",
+        f"{heavy} of {len(numeric)} numeric features have skew above 2 (a few huge flows dominate "
+        "their scale), hence `log1p` before scaling in `features.py`. The eight most skewed, "
+        "after `log1p`, normal vs attack:\n",
+        _table(skewed.head(12).to_frame("|skew|")),
+        "\n![skewed features](plots/skewed_features.png)\n",
+    ]
 
     # Correlations.
     corr = np.log1p(data.clip(lower=0)).corr()
-    pairs = (corr.where(np.triu(np.ones(corr.shape, dtype=bool), k=1)).stack()
-             .rename("correlation").to_frame())
+    pairs = corr.where(np.triu(np.ones(corr.shape, dtype=bool), k=1)).stack().rename("correlation").to_frame()
     pairs["abs"] = pairs["correlation"].abs()
     pairs = pairs.sort_values("abs", ascending=False).drop(columns="abs").head(15)
     pairs.index = [f"{a} ~ {b}" for a, b in pairs.index]
@@ -127,12 +159,17 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
     ax.set_title("correlation of log1p(numeric features)")
     save_figure(fig, plots / "correlations.png")
     label_corr = np.log1p(data.clip(lower=0)).corrwith(frame["label"]).abs().sort_values(ascending=False)
-    md += ["## Correlations\n", "Pearson correlation of `log1p` values. Strongly correlated pairs carry "
-           "the same information twice (bytes vs packets vs load), which the autoencoder's bottleneck "
-           "and PCA exploit. Most correlated pairs:\n", _table(pairs),
-           "\nFeatures most correlated with the label (absolute): "
-           + ", ".join(f"{c} {v:.2f}" for c, v in label_corr.head(8).items()) + "\n",
-           "![correlations](plots/correlations.png)\n"]
+    md += [
+        "## Correlations\n",
+        "Pearson correlation of `log1p` values. Strongly correlated pairs carry "
+        "the same information twice (bytes vs packets vs load), which the autoencoder's bottleneck "
+        "and PCA exploit. Most correlated pairs:\n",
+        _table(pairs),
+        "\nFeatures most correlated with the label (absolute): "
+        + ", ".join(f"{c} {v:.2f}" for c, v in label_corr.head(8).items())
+        + "\n",
+        "![correlations](plots/correlations.png)\n",
+    ]
 
     # Categorical levels and the low-cardinality numeric codes.
     md.append("## Categorical levels\n")
@@ -141,16 +178,21 @@ def explore(frame: pd.DataFrame, source: str, out_dir: Path) -> str:
         counts = frame[col].value_counts()
         shares = shares.loc[counts.index[:8]].rename(columns={0: "share of normal", 1: "share of attack"})
         shares.index.name = col
-        md += [f"`{col}`: {frame[col].nunique()} levels, {int((counts < 20).sum())} seen fewer than 20 "
-               "times (folded into one level by `features.py`). Most frequent:\n", _table(shares), ""]
-    md.append("`sttl`/`dttl` take a handful of values (initial TTL of the sending stack), so "
-              "`features.py` one-hot encodes them like `proto`, `service` and `state`.\n")
+        md += [
+            f"`{col}`: {frame[col].nunique()} levels, {int((counts < 20).sum())} seen fewer than 20 "
+            "times (folded into one level by `features.py`). Most frequent:\n",
+            _table(shares),
+            "",
+        ]
+    md.append(
+        "`sttl`/`dttl` take a handful of values (initial TTL of the sending stack), so "
+        "`features.py` one-hot encodes them like `proto`, `service` and `state`.\n"
+    )
     return "\n".join(md)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="UNSW-NB15 folder")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/anomaly-explore"))
     return parser.parse_args(argv)

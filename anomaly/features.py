@@ -23,6 +23,7 @@ Steps, each suggested by ``explore.py``'s report on the 82,332-row partition:
   (``project``/``reconstruct`` give the rotation, so a model can work in PCA space while the
   anomaly score is still measured on every scaled feature, residual included).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,11 +41,13 @@ from common.safe_state import rebuild, to_plain
 
 # Numeric codes with a few distinct values that behave like categories.
 CODES = ("sttl", "dttl", "swin", "dwin", "ct_state_ttl")
-ENGINEERED = ("sbytes_per_pkt", "dbytes_per_pkt", "log_bytes_ratio", "log_pkts_ratio",
-              "log_load_ratio", "no_reply")
+ENGINEERED = ("sbytes_per_pkt", "dbytes_per_pkt", "log_bytes_ratio", "log_pkts_ratio", "log_load_ratio", "no_reply")
 # Exact values whose frequency among normal training flows is a feature (see CountEncoder).
-COUNTED = {"count_sbytes": ("sbytes",), "count_dbytes": ("dbytes",),
-           "count_sizes": ("spkts", "dpkts", "sbytes", "dbytes")}
+COUNTED = {
+    "count_sbytes": ("sbytes",),
+    "count_dbytes": ("dbytes",),
+    "count_sizes": ("spkts", "dpkts", "sbytes", "dbytes"),
+}
 
 
 def engineer(frame: pd.DataFrame) -> pd.DataFrame:
@@ -100,8 +103,7 @@ class SkewedLog1p(TransformerMixin, BaseEstimator):
     def fit(self, x: pd.DataFrame, y=None) -> SkewedLog1p:
         frame = pd.DataFrame(x)
         skew = frame.skew()
-        self.log_columns_ = [c for c in frame.columns
-                             if frame[c].min() >= 0 and skew[c] > self.skew_threshold]
+        self.log_columns_ = [c for c in frame.columns if frame[c].min() >= 0 and skew[c] > self.skew_threshold]
         self.feature_names_in_ = np.asarray(frame.columns, dtype=object)
         return self
 
@@ -122,19 +124,26 @@ def input_columns(frame: pd.DataFrame) -> tuple[list[str], list[str]]:
     return numeric + list(ENGINEERED) + list(COUNTED), [*CATEGORICAL, *CODES]
 
 
-def build_transform(frame: pd.DataFrame, min_frequency: int = 20,
-                    skew_threshold: float = 2.0) -> Pipeline:
+def build_transform(frame: pd.DataFrame, min_frequency: int = 20, skew_threshold: float = 2.0) -> Pipeline:
     """An unfitted pipeline for the columns ``frame`` has (``rate`` exists only in partitions)."""
     numeric, categorical = input_columns(frame)
     columns = ColumnTransformer(
-        [("numeric", Pipeline([("log1p", SkewedLog1p(skew_threshold)),
-                               ("scale", StandardScaler())]), numeric),
-         ("categorical", OneHotEncoder(min_frequency=min_frequency,
-                                       handle_unknown="infrequent_if_exist",
-                                       sparse_output=False, dtype=np.float64), categorical)],
-        verbose_feature_names_out=False)
-    return Pipeline([("engineer", FunctionTransformer(engineer)), ("counts", CountEncoder()),
-                     ("columns", columns)])
+        [
+            ("numeric", Pipeline([("log1p", SkewedLog1p(skew_threshold)), ("scale", StandardScaler())]), numeric),
+            (
+                "categorical",
+                OneHotEncoder(
+                    min_frequency=min_frequency,
+                    handle_unknown="infrequent_if_exist",
+                    sparse_output=False,
+                    dtype=np.float64,
+                ),
+                categorical,
+            ),
+        ],
+        verbose_feature_names_out=False,
+    )
+    return Pipeline([("engineer", FunctionTransformer(engineer)), ("counts", CountEncoder()), ("columns", columns)])
 
 
 def prepare(frame: pd.DataFrame) -> pd.DataFrame:
@@ -151,8 +160,7 @@ def prepare(frame: pd.DataFrame) -> pd.DataFrame:
 class FeatureTransform:
     """The fitted feature pipeline plus PCA; stored as plain data, applied identically at inference."""
 
-    def __init__(self, min_frequency: int = 20, skew_threshold: float = 2.0,
-                 pca_variance: float = 0.999) -> None:
+    def __init__(self, min_frequency: int = 20, skew_threshold: float = 2.0, pca_variance: float = 0.999) -> None:
         self.min_frequency = min_frequency
         self.skew_threshold = skew_threshold
         self.pca_variance = pca_variance
@@ -175,8 +183,10 @@ class FeatureTransform:
         """Scaled features (n_rows, n_features) as float32, before PCA."""
         missing = [c for c in self.input_names if c not in frame.columns]
         if missing:
-            raise UserError(f"input lacks column(s) {', '.join(missing)} that this detector was "
-                            "trained with; expected the same layout as the training files")
+            raise UserError(
+                f"input lacks column(s) {', '.join(missing)} that this detector was "
+                "trained with; expected the same layout as the training files"
+            )
         return np.ascontiguousarray(self.pipeline.transform(prepare(frame)), dtype=np.float32)
 
     @property
@@ -199,19 +209,33 @@ class FeatureTransform:
 
     def describe(self) -> dict:
         """What was fitted, for summary.json and the README."""
-        log_columns = self.pipeline.named_steps["columns"].named_transformers_["numeric"] \
-            .named_steps["log1p"].log_columns_
-        return {"n_features": self.n_features, "pca_components": self.n_components,
-                "pca_variance": self.pca_variance,
-                "pca_explained": float(self.pca.explained_variance_ratio_.sum()),
-                "log1p_columns": list(log_columns),
-                "engineered": list(ENGINEERED) + list(COUNTED)}
+        log_columns = (
+            self.pipeline.named_steps["columns"].named_transformers_["numeric"].named_steps["log1p"].log_columns_
+        )
+        return {
+            "n_features": self.n_features,
+            "pca_components": self.n_components,
+            "pca_variance": self.pca_variance,
+            "pca_explained": float(self.pca.explained_variance_ratio_.sum()),
+            "log1p_columns": list(log_columns),
+            "engineered": list(ENGINEERED) + list(COUNTED),
+        }
 
 
 # Everything a fitted FeatureTransform is built from: the only classes and functions that loading
 # one from a checkpoint or detector.pt may call (common/safe_state.py).
-TRUSTED = (FeatureTransform, Pipeline, FunctionTransformer, engineer, CountEncoder, ColumnTransformer,
-           SkewedLog1p, StandardScaler, OneHotEncoder, PCA)
+TRUSTED = (
+    FeatureTransform,
+    Pipeline,
+    FunctionTransformer,
+    engineer,
+    CountEncoder,
+    ColumnTransformer,
+    SkewedLog1p,
+    StandardScaler,
+    OneHotEncoder,
+    PCA,
+)
 
 
 def transform_to_plain(transform: FeatureTransform) -> dict:
@@ -221,13 +245,14 @@ def transform_to_plain(transform: FeatureTransform) -> dict:
 
 def transform_from_plain(tree: dict, where: str) -> FeatureTransform:
     """Inverse of ``transform_to_plain``; UserError naming ``where`` if it is not one."""
-    return rebuild(tree, TRUSTED, FeatureTransform, where, "feature transform",
-                   "re-run anomaly/train.py to write a new detector")
+    return rebuild(
+        tree, TRUSTED, FeatureTransform, where, "feature transform", "re-run anomaly/train.py to write a new detector"
+    )
 
 
-def make_features(splits: Splits, min_frequency: int, pca_variance: float,
-                  fitted: FeatureTransform | None = None
-                  ) -> tuple[FeatureTransform, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def make_features(
+    splits: Splits, min_frequency: int, pca_variance: float, fitted: FeatureTransform | None = None
+) -> tuple[FeatureTransform, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Fit the transform on the normal training rows; features and labels of every split.
 
     ``fitted``: the transform saved with a run (``--eval-only``), used as it is: the run's
@@ -241,9 +266,12 @@ def make_features(splits: Splits, min_frequency: int, pca_variance: float,
         transform, x_normal = fitted, fitted.transform(splits.train[normal])
     x_train = transform.transform(splits.train)
     x_train[normal] = x_normal  # every training row's frequencies count the *other* rows only
-    x = {"train": torch.from_numpy(x_train), "train_normal": torch.from_numpy(x_normal),
-         "val": torch.from_numpy(transform.transform(splits.val)),
-         "test": torch.from_numpy(transform.transform(splits.test))}
+    x = {
+        "train": torch.from_numpy(x_train),
+        "train_normal": torch.from_numpy(x_normal),
+        "val": torch.from_numpy(transform.transform(splits.val)),
+        "test": torch.from_numpy(transform.transform(splits.test)),
+    }
     y = {name: torch.tensor(getattr(splits, name)["label"].to_numpy()) for name in ("train", "val", "test")}
     y["train_normal"] = torch.zeros(len(x_normal), dtype=y["train"].dtype)
     return transform, x, y

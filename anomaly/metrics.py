@@ -3,6 +3,7 @@
 Counts (confusion matrices, detections per attack category) come from each rank's shard of the
 gathered scores, summed over ranks; the AUCs from the gathered scores every rank holds.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,7 @@ from common.dist import DistInfo
 from common.metrics import all_reduce_tensor, confusion_matrix
 
 
-def best_f1_threshold(scores: np.ndarray, labels: np.ndarray,
-                      always: np.ndarray | None = None) -> tuple[float, float]:
+def best_f1_threshold(scores: np.ndarray, labels: np.ndarray, always: np.ndarray | None = None) -> tuple[float, float]:
     """The threshold (attack if score >= it) with the highest F1 on these rows, and that F1.
 
     ``always``: rows flagged whatever the threshold (the hybrid's novelty alarms); the F1 counts
@@ -36,8 +36,9 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray,
     return float(ordered[last_of_value][best]), float(f1[best])
 
 
-def calibrate(parts: tuple[str, ...], raw: np.ndarray, labels: np.ndarray,
-              novelty_alarms: float) -> tuple[dict[str, float], float]:
+def calibrate(
+    parts: tuple[str, ...], raw: np.ndarray, labels: np.ndarray, novelty_alarms: float
+) -> tuple[dict[str, float], float]:
     """Thresholds per part (``parts``, e.g. ``PARTS[detector]``: ``raw``'s columns), chosen on
     validation; and the validation F1 they give.
 
@@ -57,10 +58,13 @@ def calibrate(parts: tuple[str, ...], raw: np.ndarray, labels: np.ndarray,
         thresholds[part] = float(np.quantile(column[labels == 0], 1 - share, method="higher"))
         # The rule combined_score applies, so a score that never varies (the disagreement of
         # a single member: always 0, threshold 0) flags no row.
-        alarms |= combined_score(torch.from_numpy(column[:, None]),
-                                 torch.tensor([thresholds[part]], dtype=torch.float64)).numpy() >= 1
-    thresholds["classifier"], f1 = best_f1_threshold(raw[:, parts.index("classifier")], labels,
-                                                     always=alarms)
+        alarms |= (
+            combined_score(
+                torch.from_numpy(column[:, None]), torch.tensor([thresholds[part]], dtype=torch.float64)
+            ).numpy()
+            >= 1
+        )
+    thresholds["classifier"], f1 = best_f1_threshold(raw[:, parts.index("classifier")], labels, always=alarms)
     return {part: thresholds[part] for part in parts}, f1
 
 
@@ -70,13 +74,22 @@ def counts_to_metrics(cm: torch.Tensor) -> dict[str, float]:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1,
-            "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-            "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": (tp + tn) / max(tp + tn + fp + fn, 1),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "false_alarm_rate": fp / (fp + tn) if fp + tn else 0.0,
+    }
 
 
-def metrics_at(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo,
-               mask: torch.Tensor | None = None) -> dict[str, float]:
+def metrics_at(
+    scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: DistInfo, mask: torch.Tensor | None = None
+) -> dict[str, float]:
     """Metrics of ``score >= threshold`` on the rows (optionally those in ``mask``).
 
     Counts come from each rank's shard, summed over ranks (exact); the AUCs use the gathered
@@ -95,19 +108,29 @@ def metrics_at(scores: torch.Tensor, y: torch.Tensor, threshold: float, dist: Di
     return out
 
 
-def per_category(scores: torch.Tensor, categories: np.ndarray, threshold: float,
-                 dist: DistInfo) -> dict[str, dict[str, float]]:
+def per_category(
+    scores: torch.Tensor, categories: np.ndarray, threshold: float, dist: DistInfo
+) -> dict[str, dict[str, float]]:
     """Detection rate (share flagged) per attack_cat, from counts summed over ranks."""
     names = sorted(set(categories))
     shard = eval_shard(len(scores), dist)
     codes = torch.from_numpy(np.searchsorted(names, categories[shard]))
     flagged = (scores[shard] >= threshold).long()
-    counts = torch.stack([torch.bincount(codes, minlength=len(names)),
-                          torch.bincount(codes, weights=flagged.double(), minlength=len(names)).long()])
+    counts = torch.stack(
+        [
+            torch.bincount(codes, minlength=len(names)),
+            torch.bincount(codes, weights=flagged.double(), minlength=len(names)).long(),
+        ]
+    )
     counts = all_reduce_tensor(counts, dist)
-    return {name: {"rows": int(counts[0, i]), "flagged": int(counts[1, i]),
-                   "detection_rate": float(counts[1, i] / max(int(counts[0, i]), 1))}
-            for i, name in enumerate(names)}
+    return {
+        name: {
+            "rows": int(counts[0, i]),
+            "flagged": int(counts[1, i]),
+            "detection_rate": float(counts[1, i] / max(int(counts[0, i]), 1)),
+        }
+        for i, name in enumerate(names)
+    }
 
 
 def figures(result: dict) -> dict:
@@ -118,26 +141,44 @@ def figures(result: dict) -> dict:
 def log_result(result: dict, cfg, log) -> None:
     """The thresholds and test figures, one line each (rank 0)."""
     test, unseen = result["test"], result["test_unseen"]
-    log.info("thresholds %s (validation F1 %.4f)",
-             ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()), result["val_f1"])
-    log.info("test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows "
-             "flagged %.4f (%d rows)", test["precision"], test["recall"], test["f1"],
-             test["roc_auc"], test["pr_auc"], test["false_alarm_rate"], test["n"])
+    log.info(
+        "thresholds %s (validation F1 %.4f)",
+        ", ".join(f"{k} {v:.5g}" for k, v in result["thresholds"].items()),
+        result["val_f1"],
+    )
+    log.info(
+        "test: precision %.4f recall %.4f F1 %.4f ROC-AUC %.4f PR-AUC %.4f, normal rows flagged %.4f (%d rows)",
+        test["precision"],
+        test["recall"],
+        test["f1"],
+        test["roc_auc"],
+        test["pr_auc"],
+        test["false_alarm_rate"],
+        test["n"],
+    )
     if cfg.split == "random":
-        log.info("test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f "
-                 "(%d rows)", unseen["precision"], unseen["recall"], unseen["f1"], unseen["n"])
+        log.info(
+            "test rows with no identical row in train: precision %.4f recall %.4f F1 %.4f (%d rows)",
+            unseen["precision"],
+            unseen["recall"],
+            unseen["f1"],
+            unseen["n"],
+        )
     if cfg.holdout is not None:
-        log.info("held-out %s: %.4f detected", cfg.holdout,
-                 result["per_attack_cat"][cfg.holdout]["detection_rate"])
+        log.info("held-out %s: %.4f detected", cfg.holdout, result["per_attack_cat"][cfg.holdout]["detection_rate"])
 
 
 # What the hybrid holds, each calibrated as a detector of those parts alone would be.
-ALONE = {"classifier": ("classifier",), "classifier+disagreement": ("classifier", "disagreement"),
-         "autoencoder": ("autoencoder",)}
+ALONE = {
+    "classifier": ("classifier",),
+    "classifier+disagreement": ("classifier", "disagreement"),
+    "autoencoder": ("autoencoder",),
+}
 
 
-def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data,
-                 dist: DistInfo, novelty_alarms: float) -> dict[str, dict]:
+def part_metrics(
+    detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, data, dist: DistInfo, novelty_alarms: float
+) -> dict[str, dict]:
     """The hybrid's parts measured as detectors of their own (``ALONE``): the classifier, the
     classifier with its members' disagreement, and the autoencoder; each calibrated on
     validation as that detector would be (``calibrate``), so each novelty watcher's share is
@@ -153,11 +194,12 @@ def part_metrics(detector: str, val_raw: torch.Tensor, test_raw: torch.Tensor, d
     out = {}
     for name, parts in ALONE.items():
         columns = [PARTS[detector].index(part) for part in parts]
-        thresholds, val_f1 = calibrate(parts, val_raw[:, columns].numpy(), data.y["val"].numpy(),
-                                       novelty_alarms)
+        thresholds, val_f1 = calibrate(parts, val_raw[:, columns].numpy(), data.y["val"].numpy(), novelty_alarms)
         scores = combined_score(test_raw[:, columns], thresholds_tensor(parts, thresholds))
-        out[name] = {"thresholds": thresholds, "val_f1": val_f1,
-                     "test": metrics_at(scores, data.y["test"], 1.0, dist),
-                     "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(),
-                                                    1.0, dist)}
+        out[name] = {
+            "thresholds": thresholds,
+            "val_f1": val_f1,
+            "test": metrics_at(scores, data.y["test"], 1.0, dist),
+            "per_attack_cat": per_category(scores, data.splits.test["attack_cat"].to_numpy(), 1.0, dist),
+        }
     return out

@@ -29,6 +29,7 @@ score is the mean squared error over *all* scaled features, so the part of ``x``
 1 / (mean squared error of feature j on normal *validation* rows), so a feature the model always
 reconstructs well weighs more when it suddenly does not.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,8 +43,13 @@ from common.tabular import TabularMLP
 class Autoencoder(nn.Module):
     """MLP autoencoder working in PCA space; ``forward`` returns the reconstruction of ``x``."""
 
-    def __init__(self, pca_mean: torch.Tensor, pca_components: torch.Tensor,
-                 hidden: tuple[int, ...] = (128, 64, 16), dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        pca_mean: torch.Tensor,
+        pca_components: torch.Tensor,
+        hidden: tuple[int, ...] = (128, 64, 16),
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         n_features = pca_components.shape[1]
         n_components = pca_components.shape[0]
@@ -94,19 +100,39 @@ class Classifier(nn.Module):
     None when weights and buffers come from a checkpoint.
     """
 
-    def __init__(self, input_index: torch.Tensor, hidden: tuple[int, ...] = (128, 128, 128),
-                 dropout: float = 0.1, *, embedding: str = "ple", embed_bins: int = 96,
-                 embed_dim: int = 8, ensemble: int = 8, plain: tuple[int, ...] = (),
-                 train_x: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        input_index: torch.Tensor,
+        hidden: tuple[int, ...] = (128, 128, 128),
+        dropout: float = 0.1,
+        *,
+        embedding: str = "ple",
+        embed_bins: int = 96,
+        embed_dim: int = 8,
+        ensemble: int = 8,
+        plain: tuple[int, ...] = (),
+        train_x: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if len(set(hidden)) != 1:
-            raise UserError(f"--classifier-hidden {','.join(map(str, hidden))}: the layers of the "
-                            "classifier share one width (for example 256,256)")
+            raise UserError(
+                f"--classifier-hidden {','.join(map(str, hidden))}: the layers of the "
+                "classifier share one width (for example 256,256)"
+            )
         self.register_buffer("input_index", input_index.clone().long())
-        self.net = TabularMLP(len(input_index), hidden[0], len(hidden), "gelu", dropout,
-                              embedding=embedding, embed_bins=embed_bins, embed_dim=embed_dim,
-                              ensemble=ensemble, plain=plain,
-                              train_x=None if train_x is None else train_x[:, input_index])
+        self.net = TabularMLP(
+            len(input_index),
+            hidden[0],
+            len(hidden),
+            "gelu",
+            dropout,
+            embedding=embedding,
+            embed_bins=embed_bins,
+            embed_dim=embed_dim,
+            ensemble=ensemble,
+            plain=plain,
+            train_x=None if train_x is None else train_x[:, input_index],
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, features] -> [batch, k] logits."""
@@ -141,15 +167,17 @@ class Hybrid(nn.Module):
 
 
 # The parts of each detector, in the order of raw_scores' columns.
-PARTS = {"autoencoder": ("autoencoder",), "classifier": ("classifier",),
-         "hybrid": ("classifier", "disagreement", "autoencoder")}
+PARTS = {
+    "autoencoder": ("autoencoder",),
+    "classifier": ("classifier",),
+    "hybrid": ("classifier", "disagreement", "autoencoder"),
+}
 # Parts that watch for what no label has shown: beside a classifier their thresholds come from
 # a false-alarm budget (--novelty-alarms), not from validation F1.
 NOVELTY_PARTS = ("disagreement", "autoencoder")
 
 
-def training_loss(detector: str, out, x: torch.Tensor, y: torch.Tensor,
-                  normal_share: float) -> torch.Tensor:
+def training_loss(detector: str, out, x: torch.Tensor, y: torch.Tensor, normal_share: float) -> torch.Tensor:
     """Mean loss over this rank's rows (so ``TrainBatches.global_mean`` applies).
 
     The classifier's k members each learn from their own binary cross-entropy (their mean over
@@ -195,9 +223,14 @@ def classifier_inputs(transform: FeatureTransform) -> list[int]:
     return [i for i, name in enumerate(transform.feature_names) if name not in COUNTED]
 
 
-def make_detector(detector: str, transform: FeatureTransform, hidden: tuple[int, ...],
-                  classifier_hidden: tuple[int, ...], classifier_options: dict,
-                  train_x: torch.Tensor | None = None) -> torch.nn.Module:
+def make_detector(
+    detector: str,
+    transform: FeatureTransform,
+    hidden: tuple[int, ...],
+    classifier_hidden: tuple[int, ...],
+    classifier_options: dict,
+    train_x: torch.Tensor | None = None,
+) -> torch.nn.Module:
     """Build a detector network (also used by ``anomaly.predict`` to load ``detector.pt``).
 
     ``classifier_options``: the classifier's ``embedding``, ``embed_bins``, ``embed_dim`` and
@@ -207,10 +240,8 @@ def make_detector(detector: str, transform: FeatureTransform, hidden: tuple[int,
     autoencoder = Autoencoder(torch.from_numpy(mean), torch.from_numpy(components), hidden)
     inputs, indicators = classifier_inputs(transform), set(transform.indicator_columns())
     plain = tuple(position for position, column in enumerate(inputs) if column in indicators)
-    classifier = Classifier(torch.tensor(inputs), classifier_hidden, plain=plain, train_x=train_x,
-                            **classifier_options)
-    return {"autoencoder": autoencoder, "classifier": classifier,
-            "hybrid": Hybrid(autoencoder, classifier)}[detector]
+    classifier = Classifier(torch.tensor(inputs), classifier_hidden, plain=plain, train_x=train_x, **classifier_options)
+    return {"autoencoder": autoencoder, "classifier": classifier, "hybrid": Hybrid(autoencoder, classifier)}[detector]
 
 
 def thresholds_tensor(parts: tuple[str, ...], thresholds: dict[str, float]) -> torch.Tensor:

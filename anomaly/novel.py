@@ -17,6 +17,7 @@ Every other option is ``train.py``'s (``--detector`` is always hybrid here). Wri
 category under it (``holdout-<category>/``). ``--resume`` continues an interrupted study: a
 finished category is only evaluated again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, list[str] |
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print("train.py's options apply; this program adds:\n  --categories A,B   "
-              "only these attack categories (default: every one in the data)\n")
+        print(
+            "train.py's options apply; this program adds:\n  --categories A,B   "
+            "only these attack categories (default: every one in the data)\n"
+        )
         train.parse_args(["--help"])
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--categories", default=None)
@@ -53,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, list[str] |
     extra.add_argument("--holdout", default=None)
     own, rest = extra.parse_known_args(argv)
     if own.detector != "hybrid" or own.holdout is not None:
-        raise UserError("anomaly/novel.py always trains the hybrid and chooses --holdout itself; "
-                        "drop --detector and --holdout")
+        raise UserError(
+            "anomaly/novel.py always trains the hybrid and chooses --holdout itself; drop --detector and --holdout"
+        )
     if not any(a == "--out-dir" or a.startswith("--out-dir=") for a in rest):
         rest += ["--out-dir", "runs/anomaly-novel"]
     cfg = train.parse_args(rest + ["--detector", "hybrid"])
@@ -64,28 +68,37 @@ def parse_args(argv: list[str] | None = None) -> tuple[train.Config, list[str] |
 
 def held_out_rates(summary: dict, category: str) -> dict[str, dict[str, float]]:
     """Per detector: detection rate of ``category`` and false-alarm rate on normal test rows."""
-    out = {"hybrid": {"detected": summary["per_attack_cat"][category]["detection_rate"],
-                      "false_alarms": summary["test"]["false_alarm_rate"],
-                      "f1": summary["test"]["f1"]}}
+    out = {
+        "hybrid": {
+            "detected": summary["per_attack_cat"][category]["detection_rate"],
+            "false_alarms": summary["test"]["false_alarm_rate"],
+            "f1": summary["test"]["f1"],
+        }
+    }
     for part, measured in summary["parts"].items():
-        out[part] = {"detected": measured["per_attack_cat"][category]["detection_rate"],
-                     "false_alarms": measured["test"]["false_alarm_rate"],
-                     "f1": measured["test"]["f1"]}
+        out[part] = {
+            "detected": measured["per_attack_cat"][category]["detection_rate"],
+            "false_alarms": measured["test"]["false_alarm_rate"],
+            "f1": measured["test"]["f1"],
+        }
     return out
 
 
 def markdown(rows: dict[str, dict], novelty_alarms: float) -> str:
-    lines = ["Each row: that attack category removed from train and validation; test keeps it. "
-             "Detected = share of the held-out category's test rows flagged; false alarms = share "
-             "of normal test rows flagged; thresholds from validation (the novelty watchers flag "
-             f"{novelty_alarms:g} of normal validation rows: the hybrid's members' disagreement "
-             "and autoencoder half each, classifier+disagreement's all of it).", "",
-             "| held out | test rows | " + " | ".join(f"{d} detected | {d} false alarms"
-                                                      for d in DETECTORS) + " |",
-             "| --- | ---: | " + " | ".join("---: | ---:" for _ in DETECTORS) + " |"]
+    lines = [
+        "Each row: that attack category removed from train and validation; test keeps it. "
+        "Detected = share of the held-out category's test rows flagged; false alarms = share "
+        "of normal test rows flagged; thresholds from validation (the novelty watchers flag "
+        f"{novelty_alarms:g} of normal validation rows: the hybrid's members' disagreement "
+        "and autoencoder half each, classifier+disagreement's all of it).",
+        "",
+        "| held out | test rows | " + " | ".join(f"{d} detected | {d} false alarms" for d in DETECTORS) + " |",
+        "| --- | ---: | " + " | ".join("---: | ---:" for _ in DETECTORS) + " |",
+    ]
     for category, row in rows.items():
-        cells = " | ".join(f"{row['rates'][d]['detected']:.3f} | {row['rates'][d]['false_alarms']:.3f}"
-                           for d in DETECTORS)
+        cells = " | ".join(
+            f"{row['rates'][d]['detected']:.3f} | {row['rates'][d]['false_alarms']:.3f}" for d in DETECTORS
+        )
         lines.append(f"| {category} | {row['rows']:,} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -99,8 +112,12 @@ def bar_chart(rows: dict[str, dict], path: Path) -> None:
     for i, detector in enumerate(DETECTORS):
         rates = [rows[n]["rates"][detector]["detected"] for n in names]
         alarms = np.mean([rows[n]["rates"][detector]["false_alarms"] for n in names])
-        ax.bar(np.arange(len(names)) + (i - (len(DETECTORS) - 1) / 2) * width, rates, width,
-               label=f"{detector} (false alarms {alarms:.1%} of normal rows, mean)")
+        ax.bar(
+            np.arange(len(names)) + (i - (len(DETECTORS) - 1) / 2) * width,
+            rates,
+            width,
+            label=f"{detector} (false alarms {alarms:.1%} of normal rows, mean)",
+        )
     ax.set_xticks(np.arange(len(names)), names, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("held-out category detected")
@@ -115,25 +132,26 @@ def main() -> None:
     with distributed(cfg.device, cfg.dist_timeout) as dist:
         log = get_logger("anomaly.novel", dist)
         # Every attack category of the test split (the same on every rank), checked up front.
-        splits = train.split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed,
-                                  cfg.max_rows, cfg.split)
+        splits = train.split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows, cfg.split)
         known = attack_categories(splits.test)
         unknown = sorted(set(categories or []) - set(known))
         if unknown:
-            raise UserError(f"--categories: {', '.join(unknown)} not in this test split; "
-                            f"expected some of {', '.join(known)}")
+            raise UserError(
+                f"--categories: {', '.join(unknown)} not in this test split; expected some of {', '.join(known)}"
+            )
         categories = categories or known
         rows = {}
         for category in categories:
             run_dir = cfg.out_dir / f"holdout-{category}"
             log.info("holding out %s -> %s", category, run_dir)
             summary = train.train(dataclasses.replace(cfg, holdout=category, out_dir=run_dir), dist)
-            rows[category] = {"rows": summary["per_attack_cat"][category]["rows"],
-                              "rates": held_out_rates(summary, category)}
+            rows[category] = {
+                "rows": summary["per_attack_cat"][category]["rows"],
+                "rates": held_out_rates(summary, category),
+            }
         if dist.is_main:
             table = markdown(rows, cfg.novelty_alarms)
-            write_json_atomic(cfg.out_dir / "novel.json",
-                              {"config": dataclasses.asdict(cfg), "rows": rows})
+            write_json_atomic(cfg.out_dir / "novel.json", {"config": dataclasses.asdict(cfg), "rows": rows})
             write_text_atomic(cfg.out_dir / "novel.md", table)
             (cfg.out_dir / "plots").mkdir(parents=True, exist_ok=True)
             bar_chart(rows, cfg.out_dir / "plots" / "novel.png")

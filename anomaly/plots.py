@@ -1,4 +1,5 @@
 """Pictures of a detector run (rank 0 only): what the numbers in summary.json look like."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,7 @@ from common.figures import plot_curves, pyplot, save_figure
 plt = pyplot()  # this module only draws: Agg backend, loaded when it is imported
 
 
-def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float, path: Path,
-                    title: str) -> None:
+def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float, path: Path, title: str) -> None:
     """Normal vs attack score distributions (log x) with the threshold."""
     fig, ax = plt.subplots(figsize=(7, 4))
     positive = scores[scores > 0]
@@ -31,13 +31,17 @@ def score_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float, pa
     save_figure(fig, path)
 
 
-def pr_curve(scores: np.ndarray, labels: np.ndarray, test: dict[str, Any], path: Path,
-             detector: str) -> None:
+def pr_curve(scores: np.ndarray, labels: np.ndarray, test: dict[str, Any], path: Path, detector: str) -> None:
     precision, recall, _ = precision_recall_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.plot(recall, precision, label=f"{detector} (PR-AUC {test['pr_auc']:.3f})")
-    ax.scatter([test["recall"]], [test["precision"]], color="black", zorder=3,
-               label=f"validation threshold (F1 {test['f1']:.3f})")
+    ax.scatter(
+        [test["recall"]],
+        [test["precision"]],
+        color="black",
+        zorder=3,
+        label=f"validation threshold (F1 {test['f1']:.3f})",
+    )
     ax.axhline(labels.mean(), color="grey", linestyle=":", label="all-attack baseline")
     ax.set_xlabel("recall (attacks found)")
     ax.set_ylabel("precision")
@@ -53,8 +57,9 @@ def confusion(test: dict[str, Any], path: Path) -> None:
     ax.imshow(cm, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, f"{cm[i, j]:,}", ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j, i, f"{cm[i, j]:,}", ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     ax.set_xticks([0, 1], ["normal", "attack"])
     ax.set_yticks([0, 1], ["normal", "attack"])
     ax.set_xlabel("predicted")
@@ -77,15 +82,21 @@ def per_category(categories: dict[str, dict[str, float]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def timeline(scores: np.ndarray, labels: np.ndarray, times: np.ndarray, time_label: str,
-             threshold: float, path: Path, has_time: bool) -> None:
+def timeline(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    times: np.ndarray,
+    time_label: str,
+    threshold: float,
+    path: Path,
+    has_time: bool,
+) -> None:
     """Scores over time with the threshold (top) and detected vs true attacks per time bin
     (bottom). Without timestamps the x axis is record order and the title says so."""
     order = np.argsort(times, kind="stable")
     t, s, y = times[order], scores[order], labels[order]
     flagged = s >= threshold
-    fig, (ax, counts) = plt.subplots(2, 1, figsize=(11, 6), sharex=True,
-                                     gridspec_kw={"height_ratios": [2, 1]})
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(11, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     floor = max(s[s > 0].min() if (s > 0).any() else 1e-6, 1e-6)
     ax.scatter(t[y == 0], np.maximum(s[y == 0], floor), s=2, alpha=0.4, color="tab:blue", label="normal")
     ax.scatter(t[y == 1], np.maximum(s[y == 1], floor), s=2, alpha=0.4, color="tab:red", label="attack (true)")
@@ -104,27 +115,42 @@ def timeline(scores: np.ndarray, labels: np.ndarray, times: np.ndarray, time_lab
     counts.set_ylabel("rows per bin")
     counts.set_xlabel(time_label)
     counts.legend(loc="upper right")
-    what = f"over {time_label}" if has_time else (
-        f"in {time_label}\n(these files hold no timestamps: record order is not time)")
-    ax.set_title(f"test rows {what}: {int((flagged & (y == 1)).sum()):,} of {int(y.sum()):,} "
-                 f"attacks detected, {int((flagged & (y == 0)).sum()):,} false alarms")
+    what = (
+        f"over {time_label}"
+        if has_time
+        else (f"in {time_label}\n(these files hold no timestamps: record order is not time)")
+    )
+    ax.set_title(
+        f"test rows {what}: {int((flagged & (y == 1)).sum()):,} of {int(y.sum()):,} "
+        f"attacks detected, {int((flagged & (y == 0)).sum()):,} false alarms"
+    )
     save_figure(fig, path)
 
 
-def training_plots(plots_dir: Path, rows: list[dict[str, Any]], val_scores: np.ndarray,
-                   val_labels: np.ndarray, test_scores: np.ndarray, splits,
-                   test: dict[str, Any], categories: dict[str, dict[str, float]],
-                   detector: str) -> None:
+def training_plots(
+    plots_dir: Path,
+    rows: list[dict[str, Any]],
+    val_scores: np.ndarray,
+    val_labels: np.ndarray,
+    test_scores: np.ndarray,
+    splits,
+    test: dict[str, Any],
+    categories: dict[str, dict[str, float]],
+    detector: str,
+) -> None:
     """Every picture of a train run, into ``plots_dir``; scores are ``score / threshold``."""
     plots_dir = Path(plots_dir)
     test_labels = splits.test["label"].to_numpy()
     if rows:
-        plot_curves(rows, {"loss": ["train_loss", "val_loss"]}, plots_dir / "loss.png",
-                    f"{detector} training")
-    score_histogram(val_scores, val_labels, 1.0, plots_dir / "scores_val.png",
-                    f"{detector}: validation scores (threshold chosen here)")
-    score_histogram(test_scores, test_labels, 1.0, plots_dir / "scores_test.png",
-                    f"{detector}: test scores")
+        plot_curves(rows, {"loss": ["train_loss", "val_loss"]}, plots_dir / "loss.png", f"{detector} training")
+    score_histogram(
+        val_scores,
+        val_labels,
+        1.0,
+        plots_dir / "scores_val.png",
+        f"{detector}: validation scores (threshold chosen here)",
+    )
+    score_histogram(test_scores, test_labels, 1.0, plots_dir / "scores_test.png", f"{detector}: test scores")
     pr_curve(test_scores, test_labels, test, plots_dir / "pr_curve.png", detector)
     confusion(test, plots_dir / "confusion.png")
     per_category(categories, plots_dir / "per_attack_cat.png")
@@ -135,13 +161,20 @@ def training_plots(plots_dir: Path, rows: list[dict[str, Any]], val_scores: np.n
         times, label = splits.test["id"].to_numpy(), "record order (id)"
     else:
         times, label = np.arange(len(test_scores)), "record order"
-    timeline(test_scores, test_labels, times, label, 1.0, plots_dir / "timeline.png",
-             has_time=bool(splits.time_column))
+    timeline(test_scores, test_labels, times, label, 1.0, plots_dir / "timeline.png", has_time=bool(splits.time_column))
 
 
 def draw_plots(plots_dir, rows: list[dict], result: dict, data, cfg) -> None:
     """The training curves and score plots of a finished run (rank 0): ``result`` is
     ``anomaly/train.py``'s ``evaluate(final=True)``, ``data`` its Data."""
-    training_plots(plots_dir, rows, result["val_scores"].numpy(), data.y["val"].numpy(),
-                         result["test_scores"].numpy(), data.splits, result["test"],
-                         result["per_attack_cat"], cfg.detector)
+    training_plots(
+        plots_dir,
+        rows,
+        result["val_scores"].numpy(),
+        data.y["val"].numpy(),
+        result["test_scores"].numpy(),
+        data.splits,
+        result["test"],
+        result["per_attack_cat"],
+        cfg.detector,
+    )

@@ -8,6 +8,7 @@ The CSV may be a partition-layout file (header; ``label``/``attack_cat`` optiona
 headerless ``UNSW-NB15_N.csv``. From the shell:
 ``python anomaly/predict.py new_flows.csv --detector runs/anomaly/detector.pt --out scored.csv``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,18 +29,27 @@ from common.files import torch_save_atomic, write_atomic
 CPU = torch.device("cpu")
 
 
-def write_detector(path: Path, net: torch.nn.Module, cfg, transform: FeatureTransform,
-                   thresholds: dict[str, float]) -> None:
+def write_detector(
+    path: Path, net: torch.nn.Module, cfg, transform: FeatureTransform, thresholds: dict[str, float]
+) -> None:
     """Everything ``anomaly.predict`` needs to score a new CSV, written atomically.
 
     Tensors and plain values only (the transform through ``transform_to_plain``), so
     ``anomaly.predict`` loads it without running code from the file.
     """
-    torch_save_atomic(path, {"detector": cfg.detector, "model": net.state_dict(),
-                             "hidden": list(cfg.hidden), "classifier_hidden": list(cfg.classifier_hidden),
-                             "classifier_options": cfg.classifier_options,
-                             "transform": transform_to_plain(transform), "thresholds": thresholds,
-                             "score": cfg.score})
+    torch_save_atomic(
+        path,
+        {
+            "detector": cfg.detector,
+            "model": net.state_dict(),
+            "hidden": list(cfg.hidden),
+            "classifier_hidden": list(cfg.classifier_hidden),
+            "classifier_options": cfg.classifier_options,
+            "transform": transform_to_plain(transform),
+            "thresholds": thresholds,
+            "score": cfg.score,
+        },
+    )
 
 
 def load_detector(path: Path, device: torch.device = CPU) -> dict:
@@ -58,26 +68,35 @@ def load_detector(path: Path, device: torch.device = CPU) -> dict:
         raise
     except Exception as err:  # noqa: BLE001 - any failure to read means an unusable file
         raise UserError(f"{path}: not a readable detector ({type(err).__name__})") from None
-    needed = ("detector", "model", "hidden", "classifier_hidden", "classifier_options", "transform",
-              "thresholds")
+    needed = ("detector", "model", "hidden", "classifier_hidden", "classifier_options", "transform", "thresholds")
     if not isinstance(bundle, dict) or any(k not in bundle for k in needed):
         lacks = ", ".join(k for k in needed if k not in bundle) if isinstance(bundle, dict) else "everything"
-        raise UserError(f"{path}: not an anomaly detector of this version (lacks {lacks}); "
-                        "expected the detector.pt of an anomaly/train.py run: train again")
+        raise UserError(
+            f"{path}: not an anomaly detector of this version (lacks {lacks}); "
+            "expected the detector.pt of an anomaly/train.py run: train again"
+        )
     parts = PARTS.get(bundle["detector"], ())
     if not parts or set(bundle["thresholds"]) != set(parts):
-        raise UserError(f"{path}: thresholds for {', '.join(bundle['thresholds']) or 'nothing'}, where a "
-                        f"{bundle['detector']} detector of this version has {', '.join(parts) or 'none'} "
-                        "(written by an earlier version); train again")
+        raise UserError(
+            f"{path}: thresholds for {', '.join(bundle['thresholds']) or 'nothing'}, where a "
+            f"{bundle['detector']} detector of this version has {', '.join(parts) or 'none'} "
+            "(written by an earlier version); train again"
+        )
     transform = transform_from_plain(bundle["transform"], str(path))
     bundle["transform"] = transform
-    model = make_detector(bundle["detector"], transform, tuple(bundle["hidden"]),
-                          tuple(bundle["classifier_hidden"]), bundle["classifier_options"])
+    model = make_detector(
+        bundle["detector"],
+        transform,
+        tuple(bundle["hidden"]),
+        tuple(bundle["classifier_hidden"]),
+        bundle["classifier_options"],
+    )
     try:
         model.load_state_dict(bundle["model"])
     except RuntimeError as err:
-        raise UserError(f"{path}: its weights do not fit a {bundle['detector']} detector "
-                        f"({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: its weights do not fit a {bundle['detector']} detector ({str(err).splitlines()[0]})"
+        ) from None
     bundle["net"] = model.double().eval().to(device)
     bundle["cut"] = thresholds_tensor(parts, bundle["thresholds"]).to(device)
     return bundle
@@ -91,27 +110,38 @@ def predict_frame(frame: pd.DataFrame, detector: dict) -> pd.DataFrame:
     # On the network's device, in train.py's chunks: a file holding a run's test rows gets the
     # very scores the run computed for them.
     with torch.no_grad():
-        scores = torch.cat([combined_score(chunk_scores(detector["detector"], detector["net"], part.to(device)),
-                                           detector["cut"]).cpu() for part in x.split(SCORE_CHUNK)]).numpy() \
-            if len(x) else []
+        scores = (
+            torch.cat(
+                [
+                    combined_score(
+                        chunk_scores(detector["detector"], detector["net"], part.to(device)), detector["cut"]
+                    ).cpu()
+                    for part in x.split(SCORE_CHUNK)
+                ]
+            ).numpy()
+            if len(x)
+            else []
+        )
     return frame.assign(score=scores, is_attack=scores >= 1.0)
 
 
-def predict_csv(csv_path: Path | str, detector_path: Path | str,
-                device: torch.device = CPU) -> pd.DataFrame:
+def predict_csv(csv_path: Path | str, detector_path: Path | str, device: torch.device = CPU) -> pd.DataFrame:
     """Read, validate and score one CSV with a saved detector (its network on ``device``)."""
     frame = read_csv_file(Path(csv_path), need_labels=False)
     return predict_frame(frame, load_detector(Path(detector_path), device))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", type=Path, help="flow records to score")
     parser.add_argument("--detector", type=Path, default=Path("runs/anomaly/detector.pt"))
     parser.add_argument("--out", type=Path, default=None, help="write the scored rows here (CSV)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the network scores: auto = the first GPU if there is one")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the network scores: auto = the first GPU if there is one",
+    )
     return parser.parse_args(argv)
 
 

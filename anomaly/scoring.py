@@ -4,6 +4,7 @@ Each rank scores its contiguous shard of the rows with a plain copy of the model
 (``local_copy``: whole under FSDP, so the forward runs no collectives); the results are
 gathered in row order or reduced as sums.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ def autoencoder_part(net: torch.nn.Module) -> Autoencoder | None:
     return net if isinstance(net, Autoencoder) else getattr(net, "autoencoder", None)
 
 
-def validation_loss(model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo, detector: str,
-                    normal_share: float) -> float:
+def validation_loss(
+    model, x: torch.Tensor, y: torch.Tensor, dist: DistInfo, detector: str, normal_share: float
+) -> float:
     """The training loss on validation rows (normal ones only for the autoencoder), exact."""
     if detector == "autoencoder":
         x, y = x[y == 0], y[y == 0]

@@ -3,6 +3,7 @@
 Normal flows and attacks differ the way they do in the real set (attacks: TTL 254, one-sided,
 few packets, repeated sizes), so a detector has something to find in a few seconds.
 """
+
 from __future__ import annotations
 
 import zipfile

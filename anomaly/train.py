@@ -20,6 +20,7 @@ the same weights (resuming a finished run, the same ``--epochs``, also trains no
 
 Writes metrics.jsonl, summary.json, checkpoint.pt, plots/ and detector.pt (network, feature
 transform and thresholds, for ``anomaly.predict``) in --out-dir."""
+
 from __future__ import annotations
 
 import time
@@ -56,9 +57,11 @@ DETECTORS = tuple(PARTS)
 DEFAULTS = {"epochs": 30, "batch_size": 256, "lr": 3e-3, "data_dir": "data", "out_dir": "runs/anomaly"}
 # Per detector: epochs, global batch, peak lr; --epochs, --batch-size, --lr override them. The
 # autoencoder's epochs pass over the normal training rows only (about 45% of them).
-PRESETS = {"autoencoder": dict(epochs=100, batch_size=240, lr=3e-3),
-           "classifier": dict(epochs=30, batch_size=256, lr=3e-3),
-           "hybrid": dict(epochs=30, batch_size=256, lr=3e-3)}
+PRESETS = {
+    "autoencoder": dict(epochs=100, batch_size=240, lr=3e-3),
+    "classifier": dict(epochs=30, batch_size=256, lr=3e-3),
+    "hybrid": dict(epochs=30, batch_size=256, lr=3e-3),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,8 +94,9 @@ class Config(RunConfig):
     max_rows: int | None  # stratified subset of each file, for quick runs
 
     def check(self) -> None:
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
-                and self.val_fraction + self.test_fraction < 1):
+        if not (
+            0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
             raise UserError("--val-fraction and --test-fraction must be in (0, 1) and sum to less than 1")
         if not 0 < self.pca_variance < 1:
             raise UserError(f"--pca-variance must be in (0, 1), got {self.pca_variance}")
@@ -110,14 +114,20 @@ class Config(RunConfig):
     @property
     def classifier_options(self) -> dict:
         """The classifier's ``common.tabular`` options (``anomaly.model.Classifier``)."""
-        return {"embedding": self.embedding, "embed_bins": self.embed_bins, "embed_dim": self.embed_dim,
-                "ensemble": self.ensemble}
+        return {
+            "embedding": self.embedding,
+            "embed_bins": self.embed_bins,
+            "embed_dim": self.embed_dim,
+            "ensemble": self.ensemble,
+        }
 
     @property
     def arch(self) -> str:
         parts = f"-{self.embedding}{self.embed_bins}x{self.embed_dim}" if self.embedding != "none" else ""
-        return (f"{self.detector}-ae{'-'.join(map(str, self.hidden))}-clf{'-'.join(map(str, self.classifier_hidden))}"
-                f"{parts}-k{self.ensemble}")
+        return (
+            f"{self.detector}-ae{'-'.join(map(str, self.hidden))}-clf{'-'.join(map(str, self.classifier_hidden))}"
+            f"{parts}-k{self.ensemble}"
+        )
 
 
 @dataclass
@@ -145,50 +155,82 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "python anomaly/train.py --data-dir ../shared/data --epochs 5   # one process, quick\n\n"
         "--epochs, --batch-size and --lr default per detector (epochs / batch / lr): "
         + "; ".join(f"{d} {p['epochs']} / {p['batch_size']} / {p['lr']:g}" for d, p in PRESETS.items()),
-        DEFAULTS, eval_only="evaluate the checkpoint given by --resume (its thresholds chosen again on "
-                            "validation with this --novelty-alarms and --score), no training")
+        DEFAULTS,
+        eval_only="evaluate the checkpoint given by --resume (its thresholds chosen again on "
+        "validation with this --novelty-alarms and --score), no training",
+    )
     group = parser.add_argument_group("anomaly")
-    group.add_argument("--detector", choices=DETECTORS, default="classifier",
-                       help="classifier: supervised; autoencoder: normal traffic only; "
-                            "hybrid: both, an attack if either flags it")
-    group.add_argument("--split", choices=SPLITS, default="grouped",
-                       help="grouped: identical feature rows stay on one side (no test row has a "
-                            "copy in train); random: rows split independently")
+    group.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default="classifier",
+        help="classifier: supervised; autoencoder: normal traffic only; hybrid: both, an attack if either flags it",
+    )
+    group.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="grouped",
+        help="grouped: identical feature rows stay on one side (no test row has a "
+        "copy in train); random: rows split independently",
+    )
     group.add_argument("--hidden", default="128,64,16", help="autoencoder encoder widths")
-    group.add_argument("--classifier-hidden", default="128,128,128",
-                       help="classifier MLP widths (one width per layer, all equal)")
-    group.add_argument("--embedding", default="ple", choices=EMBEDDINGS,
-                       help="classifier: per-feature embedding, piecewise-linear over training "
-                            "quantile bins (ple) or periodic, or none (common/tabular.py)")
+    group.add_argument(
+        "--classifier-hidden", default="128,128,128", help="classifier MLP widths (one width per layer, all equal)"
+    )
+    group.add_argument(
+        "--embedding",
+        default="ple",
+        choices=EMBEDDINGS,
+        help="classifier: per-feature embedding, piecewise-linear over training "
+        "quantile bins (ple) or periodic, or none (common/tabular.py)",
+    )
     group.add_argument("--embed-bins", type=int, default=96, help="PLE bins / periodic frequencies")
     group.add_argument("--embed-dim", type=int, default=8, help="embedding size per feature")
-    group.add_argument("--ensemble", type=int, default=8,
-                       help="classifier: k TabM-mini members sharing one MLP (1 = a single MLP)")
-    group.add_argument("--novelty-alarms", type=float, default=0.01,
-                       help="hybrid: the novelty watchers (the classifier members' disagreement "
-                            "and the autoencoder, half each) flag at most this share of normal "
-                            "validation rows; the classifier's threshold is tuned given those alarms")
-    group.add_argument("--holdout", default=None, metavar="ATTACK_CAT",
-                       help="remove this attack category from train and validation (test keeps "
-                            "it): how well is a never-seen kind of attack caught?")
+    group.add_argument(
+        "--ensemble", type=int, default=8, help="classifier: k TabM-mini members sharing one MLP (1 = a single MLP)"
+    )
+    group.add_argument(
+        "--novelty-alarms",
+        type=float,
+        default=0.01,
+        help="hybrid: the novelty watchers (the classifier members' disagreement "
+        "and the autoencoder, half each) flag at most this share of normal "
+        "validation rows; the classifier's threshold is tuned given those alarms",
+    )
+    group.add_argument(
+        "--holdout",
+        default=None,
+        metavar="ATTACK_CAT",
+        help="remove this attack category from train and validation (test keeps "
+        "it): how well is a never-seen kind of attack caught?",
+    )
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     group.add_argument("--val-fraction", type=float, default=0.15, help="validation share")
-    group.add_argument("--test-fraction", type=float, default=0.30,
-                       help="test share when a single file is split")
-    group.add_argument("--pca-variance", type=float, default=0.999,
-                       help="explained variance the PCA components must reach")
-    group.add_argument("--min-frequency", type=int, default=20,
-                       help="categorical levels rarer than this (rows) are folded together")
-    group.add_argument("--score", choices=["mse", "normalized"], default="mse",
-                       help="autoencoder score: mse = mean squared error over scaled features; "
-                            "normalized = each feature's error / its mean on normal validation rows")
-    group.add_argument("--max-rows", type=int, default=None,
-                       help="use a stratified subset of this many rows per file (quick runs)")
+    group.add_argument("--test-fraction", type=float, default=0.30, help="test share when a single file is split")
+    group.add_argument(
+        "--pca-variance", type=float, default=0.999, help="explained variance the PCA components must reach"
+    )
+    group.add_argument(
+        "--min-frequency", type=int, default=20, help="categorical levels rarer than this (rows) are folded together"
+    )
+    group.add_argument(
+        "--score",
+        choices=["mse", "normalized"],
+        default="mse",
+        help="autoencoder score: mse = mean squared error over scaled features; "
+        "normalized = each feature's error / its mean on normal validation rows",
+    )
+    group.add_argument(
+        "--max-rows", type=int, default=None, help="use a stratified subset of this many rows per file (quick runs)"
+    )
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESETS[known.detector])
     args = parser.parse_args(argv)
-    return Config.from_args(args, hidden=parse_widths("--hidden", args.hidden),
-                            classifier_hidden=parse_widths("--classifier-hidden", args.classifier_hidden))
+    return Config.from_args(
+        args,
+        hidden=parse_widths("--hidden", args.hidden),
+        classifier_hidden=parse_widths("--classifier-hidden", args.classifier_hidden),
+    )
 
 
 def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None) -> Data:
@@ -200,8 +242,7 @@ def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None)
     transform = transform_from_plain(saved["transform"], saved["loaded_from"]) if saved is not None else None
 
     def read() -> Data:
-        splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows,
-                            cfg.split)
+        splits = split_data(cfg.data_dir, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.max_rows, cfg.split)
         if cfg.holdout is not None:
             splits = hold_out(splits, cfg.holdout)
         return Data(splits, *make_features(splits, cfg.min_frequency, cfg.pca_variance, transform))
@@ -212,16 +253,16 @@ def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None)
 def build_model(cfg: Config, data: Data) -> torch.nn.Module:
     """The network ``cfg.detector`` names, with the fitted PCA, input columns and embedding bins
     (cut on the training rows) as buffers."""
-    return make_detector(cfg.detector, data.transform, cfg.hidden, cfg.classifier_hidden,
-                         cfg.classifier_options, train_x=data.x["train"])
+    return make_detector(
+        cfg.detector, data.transform, cfg.hidden, cfg.classifier_hidden, cfg.classifier_options, train_x=data.x["train"]
+    )
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     """AdamW with a one-cycle schedule stepped per batch."""
     # foreach: under FSDP a per-tensor loop misses DTensor's sharding cache every step
     # (common/parallel.py, docs/fsdp.md).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps)
     return optimizer, scheduler
 
@@ -242,8 +283,9 @@ def build_training(cfg: Config, data: Data, dist: DistInfo) -> Training:
     return Training(model, optimizer, scheduler, batches, make_loss(cfg, data))
 
 
-def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, dist: DistInfo,
-                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+def train_one_epoch(
+    cfg: Config, training: Training, progress: EpochProgress, dist: DistInfo, stop: Callable[[], bool] | None = None
+) -> dict[str, float] | None:
     """One pass over the training rows from ``progress.step``; returns ``{"train_loss"}``, the
     exact mean loss per row over all ranks, or None when ``stop()`` said so after a step
     (pre-emption: ``progress`` then says where it stopped)."""
@@ -254,8 +296,9 @@ def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, di
     loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
     seen = progress.sums.get("n", 0)
     finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
-    for batch in progress_bar(batches.epoch(epoch, progress.step), dist, len(batches) - progress.step,
-                              f"epoch {epoch}"):
+    for batch in progress_bar(
+        batches.epoch(epoch, progress.step), dist, len(batches) - progress.step, f"epoch {epoch}"
+    ):
         loss = training.loss(model(batch[0]), batch)  # mean over this rank's rows
         finite.update(loss, epoch * len(batches) + progress.step)
         training.optimizer.zero_grad(set_to_none=True)
@@ -274,34 +317,34 @@ def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, di
     return {"train_loss": totals["loss"] / totals["n"]}
 
 
-def evaluate(cfg: Config, model: torch.nn.Module, data: Data, dist: DistInfo,
-             final: bool = False) -> dict[str, Any]:
+def evaluate(cfg: Config, model: torch.nn.Module, data: Data, dist: DistInfo, final: bool = False) -> dict[str, Any]:
     """The validation loss; ``final``: calibrate on validation (the autoencoder's feature
     weights, the thresholds), then measure on test: metrics, per-category detection, the
     hybrid's parts alone, and the scores (score / threshold, every row, on every rank) for the
     plots. Exact at any world size."""
     if not final:
-        return {"val_loss": validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector,
-                                            data.normal_share)}
+        return {"val_loss": validation_loss(model, data.x["val"], data.y["val"], dist, cfg.detector, data.normal_share)}
     autoencoder = autoencoder_part(unwrap(model))
     if cfg.score == "normalized" and autoencoder is not None:
         error = normal_feature_error(model, data.x["val"], data.y["val"], dist)
         # A buffer: every rank holds it whole under either strategy.
         autoencoder.error_weight.copy_((1.0 / error.clamp(min=1e-6)).float())
     val_raw = score_rows(model, data.x["val"], dist, cfg.detector)
-    thresholds, val_f1 = calibrate(PARTS[cfg.detector], val_raw.numpy(), data.y["val"].numpy(),
-                                   cfg.novelty_alarms)
+    thresholds, val_f1 = calibrate(PARTS[cfg.detector], val_raw.numpy(), data.y["val"].numpy(), cfg.novelty_alarms)
     test_raw = score_rows(model, data.x["test"], dist, cfg.detector)
     cut = thresholds_tensor(PARTS[cfg.detector], thresholds)
     val_scores, test_scores = combined_score(val_raw, cut), combined_score(test_raw, cut)
     unseen = torch.from_numpy(~data.splits.test_seen_in_train)
-    return {"thresholds": thresholds, "val_f1": val_f1,
-            "test": metrics_at(test_scores, data.y["test"], 1.0, dist),
-            "test_unseen": metrics_at(test_scores, data.y["test"], 1.0, dist, unseen),
-            "per_attack_cat": per_category(test_scores, data.splits.test["attack_cat"].to_numpy(),
-                                           1.0, dist),
-            "parts": part_metrics(cfg.detector, val_raw, test_raw, data, dist, cfg.novelty_alarms),
-            "val_scores": val_scores, "test_scores": test_scores}
+    return {
+        "thresholds": thresholds,
+        "val_f1": val_f1,
+        "test": metrics_at(test_scores, data.y["test"], 1.0, dist),
+        "test_unseen": metrics_at(test_scores, data.y["test"], 1.0, dist, unseen),
+        "per_attack_cat": per_category(test_scores, data.splits.test["attack_cat"].to_numpy(), 1.0, dist),
+        "parts": part_metrics(cfg.detector, val_raw, test_raw, data, dist, cfg.novelty_alarms),
+        "val_scores": val_scores,
+        "test_scores": test_scores,
+    }
 
 
 def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
@@ -311,8 +354,14 @@ def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> d
     model = load_for_evaluation(build_model(cfg, data), state["model"], state, dist)
     result = evaluate(cfg, model, data, dist, final=True)
     log_result(result, cfg, get_logger("anomaly", dist))
-    return {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout, "score": cfg.score,
-            "novelty_alarms": cfg.novelty_alarms, **figures(result)}
+    return {
+        "detector": cfg.detector,
+        "split": cfg.split,
+        "holdout": cfg.holdout,
+        "score": cfg.score,
+        "novelty_alarms": cfg.novelty_alarms,
+        **figures(result),
+    }
 
 
 def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
@@ -322,16 +371,31 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     log = get_logger("anomaly", dist)
     data = build_data(cfg, dist)  # every file validated before anything is written
     splits = data.splits
-    log.info("data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
-             "identical row in train); %d features -> %d PCA components; detector %s",
-             splits.source, len(splits.train), len(data.x["train_normal"]), len(splits.val),
-             len(splits.test), int(splits.test_seen_in_train.sum()),
-             data.transform.n_features, data.transform.n_components, cfg.detector)
+    log.info(
+        "data: %s; train %d (%d normal) / val %d / test %d rows (%d test rows have an "
+        "identical row in train); %d features -> %d PCA components; detector %s",
+        splits.source,
+        len(splits.train),
+        len(data.x["train_normal"]),
+        len(splits.val),
+        len(splits.test),
+        int(splits.test_seen_in_train.sum()),
+        data.transform.n_features,
+        data.transform.n_components,
+        cfg.detector,
+    )
     training = build_training(cfg, data, dist)
     model, rows_per_epoch = training.model, len(training.batches.tensors[0])
     meta = {"program": "anomaly", "arch": cfg.arch}
-    run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler,
-              constants={"transform": transform_to_plain(data.transform)})
+    run = Run(
+        cfg,
+        dist,
+        meta,
+        model,
+        training.optimizer,
+        training.scheduler,
+        constants={"transform": transform_to_plain(data.transform)},
+    )
 
     train_time = 0.0
     for progress in run.epochs():
@@ -342,26 +406,50 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
         epoch_train_s = time.time() - t0  # the training pass alone: what samples/s measures
         train_time += epoch_train_s
         val = evaluate(cfg, model, data, dist)
-        run.log_epoch({"epoch": progress.epoch, **train, **val, "lr": training.scheduler.get_last_lr()[0],
-                       "epoch_s": time.time() - t0, "samples_per_s": rows_per_epoch / epoch_train_s})
-        log.info("epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
-                 progress.epoch + 1, cfg.epochs, train["train_loss"], val["val_loss"], time.time() - t0)
+        run.log_epoch(
+            {
+                "epoch": progress.epoch,
+                **train,
+                **val,
+                "lr": training.scheduler.get_last_lr()[0],
+                "epoch_s": time.time() - t0,
+                "samples_per_s": rows_per_epoch / epoch_train_s,
+            }
+        )
+        log.info(
+            "epoch %d/%d  train loss %.5f  val loss %.5f  (%.1fs)",
+            progress.epoch + 1,
+            cfg.epochs,
+            train["train_loss"],
+            val["val_loss"],
+            time.time() - t0,
+        )
         run.save(progress.epoch)
 
     result = evaluate(cfg, model, data, dist, final=True)
     log_result(result, cfg, log)
     epochs_run = cfg.epochs - run.start_epoch
-    summary = {"detector": cfg.detector, "split": cfg.split, "holdout": cfg.holdout,
-               **figures(result), "score": cfg.score,
-               "data": {"source": splits.source, "train_rows": len(splits.train),
-                        "train_normal_rows": len(data.x["train_normal"]),
-                        "val_rows": len(splits.val), "test_rows": len(splits.test),
-                        "test_seen_in_train": int(splits.test_seen_in_train.sum())},
-               "features": data.transform.describe(),
-               "epochs_run": epochs_run, "train_time_s": train_time,
-               "samples_per_s": rows_per_epoch * epochs_run / train_time if train_time else None,
-               "memory_per_rank": memory_per_rank(model, training.optimizer),
-               "wall_time_s": time.time() - start}
+    summary = {
+        "detector": cfg.detector,
+        "split": cfg.split,
+        "holdout": cfg.holdout,
+        **figures(result),
+        "score": cfg.score,
+        "data": {
+            "source": splits.source,
+            "train_rows": len(splits.train),
+            "train_normal_rows": len(data.x["train_normal"]),
+            "val_rows": len(splits.val),
+            "test_rows": len(splits.test),
+            "test_seen_in_train": int(splits.test_seen_in_train.sum()),
+        },
+        "features": data.transform.describe(),
+        "epochs_run": epochs_run,
+        "train_time_s": train_time,
+        "samples_per_s": rows_per_epoch * epochs_run / train_time if train_time else None,
+        "memory_per_rank": memory_per_rank(model, training.optimizer),
+        "wall_time_s": time.time() - start,
+    }
     net = local_copy(model)  # every rank: a collective under FSDP, the last one of the run
     run.write_summary(summary)  # the results reach disk before any extra
     if dist.is_main:

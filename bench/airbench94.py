@@ -23,6 +23,7 @@ reaches it, plus that evaluation (how ``cifar/train.py`` reports ``time_to_targe
 
 ``bench/bench.py --tables peer`` runs it beside ``cifar/train.py --preset airbench94``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,20 @@ from common.dist import resolve_device
 from common.errors import UserError, run_main
 from common.timing import DeviceClock
 
-RECIPE = dict(epochs=9.9, batch_size=1024, lr=11.5, momentum=0.85, weight_decay=0.0153,
-              bias_scaler=64.0, label_smoothing=0.2, whiten_bias_epochs=3, translate=2,
-              widths=(64, 256, 256), bn_momentum=0.4, head_scale=1 / 9)
+RECIPE = dict(
+    epochs=9.9,
+    batch_size=1024,
+    lr=11.5,
+    momentum=0.85,
+    weight_decay=0.0153,
+    bias_scaler=64.0,
+    label_smoothing=0.2,
+    whiten_bias_epochs=3,
+    translate=2,
+    widths=(64, 256, 256),
+    bn_momentum=0.4,
+    head_scale=1 / 9,
+)
 
 
 class Conv(nn.Conv2d):
@@ -70,8 +82,9 @@ def norm(channels: int) -> nn.BatchNorm2d:
 
 
 def group(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(Conv(cin, cout), nn.MaxPool2d(2), norm(cout), nn.GELU(),
-                         Conv(cout, cout), norm(cout), nn.GELU())
+    return nn.Sequential(
+        Conv(cin, cout), nn.MaxPool2d(2), norm(cout), nn.GELU(), Conv(cout, cout), norm(cout), nn.GELU()
+    )
 
 
 class Scale(nn.Module):
@@ -87,9 +100,17 @@ def make_net(classes: int) -> nn.Sequential:
     w1, w2, w3 = RECIPE["widths"]
     whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)  # 12 eigen-patches and negatives
     whiten.weight.requires_grad_(False)
-    return nn.Sequential(whiten, nn.GELU(), group(24, w1), group(w1, w2), group(w2, w3),
-                         nn.MaxPool2d(3), nn.Flatten(), nn.Linear(w3, classes, bias=False),
-                         Scale(RECIPE["head_scale"]))
+    return nn.Sequential(
+        whiten,
+        nn.GELU(),
+        group(24, w1),
+        group(w1, w2),
+        group(w2, w3),
+        nn.MaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(w3, classes, bias=False),
+        Scale(RECIPE["head_scale"]),
+    )
 
 
 @torch.no_grad()
@@ -118,20 +139,21 @@ class EpochImages:
         for dy in range(2 * r + 1):  # one copy per shift: cheaper than a gather per pixel
             for dx in range(2 * r + 1):
                 chosen = (shifts[0] == dy) & (shifts[1] == dx)
-                out[chosen] = self.padded[chosen, :, dy:dy + out.shape[2], dx:dx + out.shape[3]]
+                out[chosen] = self.padded[chosen, :, dy : dy + out.shape[2], dx : dx + out.shape[3]]
         return out.flip(3) if epoch % 2 else out
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, translate_tta: bool,
-             autocast: bool) -> float:
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, translate_tta: bool, autocast: bool) -> float:
     """Test accuracy with flip TTA (and, with ``translate_tta``, airbench's one-pixel shifts)."""
     net.eval()
     correct = 0
     for x, y in zip(images.split(2000), labels.split(2000)):
         with torch.autocast(x.device.type, torch.bfloat16, enabled=autocast):
+
             def mirror(v: torch.Tensor) -> torch.Tensor:
                 return (net(v).float() + net(v.flip(3)).float()) / 2
+
             logits = mirror(x)
             if translate_tta:
                 padded = F.pad(x, (1,) * 4, mode="reflect")
@@ -141,9 +163,16 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, transla
     return correct / len(labels)
 
 
-def train(data_dir: str, seed: int, device: torch.device, target: float, epochs: float,
-          train_per_class: int | None = None, test_limit: int | None = None,
-          batch: int = RECIPE["batch_size"]) -> dict:
+def train(
+    data_dir: str,
+    seed: int,
+    device: torch.device,
+    target: float,
+    epochs: float,
+    train_per_class: int | None = None,
+    test_limit: int | None = None,
+    batch: int = RECIPE["batch_size"],
+) -> dict:
     """One run of the recipe; returns per-epoch accuracies, times and the final accuracies."""
     wall_start = time.time()
     torch.manual_seed(seed)
@@ -159,16 +188,25 @@ def train(data_dir: str, seed: int, device: torch.device, target: float, epochs:
     kilostep = 1024 * (1 + 1 / (1 - momentum))  # airbench's decoupled lr and weight decay
     lr, wd = RECIPE["lr"] / kilostep, RECIPE["weight_decay"] * batch / kilostep
     bias_lr = lr * RECIPE["bias_scaler"]
-    shifts = [p for name, p in net.named_parameters() if p.requires_grad and name.endswith("bias")
-              and isinstance(net.get_submodule(name.rsplit(".", 1)[0]), nn.BatchNorm2d)]
+    shifts = [
+        p
+        for name, p in net.named_parameters()
+        if p.requires_grad
+        and name.endswith("bias")
+        and isinstance(net.get_submodule(name.rsplit(".", 1)[0]), nn.BatchNorm2d)
+    ]
     others = [p for p in net.parameters() if p.requires_grad and all(p is not s for s in shifts)]
-    optimizer = torch.optim.SGD([dict(params=shifts, lr=bias_lr, weight_decay=wd / bias_lr),
-                                 dict(params=others, lr=lr, weight_decay=wd / lr)],
-                                momentum=momentum, nesterov=True)
+    optimizer = torch.optim.SGD(
+        [dict(params=shifts, lr=bias_lr, weight_decay=wd / bias_lr), dict(params=others, lr=lr, weight_decay=wd / lr)],
+        momentum=momentum,
+        nesterov=True,
+    )
     steps_per_epoch = len(train_x) // batch
     if steps_per_epoch == 0 or epochs <= 0:
-        raise UserError(f"the recipe needs at least {batch} training images and --epochs above 0 "
-                        f"(got {len(train_x)} images, --epochs {epochs:g})")
+        raise UserError(
+            f"the recipe needs at least {batch} training images and --epochs above 0 "
+            f"(got {len(train_x)} images, --epochs {epochs:g})"
+        )
     total = math.ceil(steps_per_epoch * epochs)
     warmup = int(total * 0.23)
 
@@ -200,11 +238,12 @@ def train(data_dir: str, seed: int, device: torch.device, target: float, epochs:
             images = epoch_images.epoch(epoch)
             order = torch.randperm(len(images), generator=generator, device=device)
             for i in range(steps_per_epoch):
-                index = order[i * batch:(i + 1) * batch]
+                index = order[i * batch : (i + 1) * batch]
                 with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     logits = net(images[index])
-                loss = F.cross_entropy(logits.float(), train_y[index], reduction="sum",
-                                       label_smoothing=RECIPE["label_smoothing"])
+                loss = F.cross_entropy(
+                    logits.float(), train_y[index], reduction="sum", label_smoothing=RECIPE["label_smoothing"]
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -220,43 +259,73 @@ def train(data_dir: str, seed: int, device: torch.device, target: float, epochs:
         if time_to_target is None and flip_accuracy >= target:
             time_to_target = clock.seconds + eval_clock.last_section
         rows.append({"epoch": epoch, "test_accuracy_flip_tta": flip_accuracy, "timed_s": clock.seconds})
-        print(f"epoch {epoch + 1}/{math.ceil(epochs)}  flip-TTA accuracy {flip_accuracy:.4f}  "
-              f"{clock.seconds:.1f} s timed", flush=True)
+        print(
+            f"epoch {epoch + 1}/{math.ceil(epochs)}  flip-TTA accuracy {flip_accuracy:.4f}  "
+            f"{clock.seconds:.1f} s timed",
+            flush=True,
+        )
     with clock.timed():  # airbench's final evaluation (flip + translate TTA) is timed
         final = accuracy(net, test_x, test_y, True, autocast)
-    return {"system": "airbench94 peer", "seed": seed, "device": str(device), "batch_size": batch,
-            "threads": torch.get_num_threads(), "epochs": epochs, "bf16": autocast,
-            "test_accuracy_flip_tta": rows[-1]["test_accuracy_flip_tta"],
-            "test_accuracy_flip_translate_tta": final, "target_accuracy": target,
-            "time_to_target_s": time_to_target, "timed_s": clock.seconds,
-            "wall_time_s": time.time() - wall_start, "epochs_log": rows}
+    return {
+        "system": "airbench94 peer",
+        "seed": seed,
+        "device": str(device),
+        "batch_size": batch,
+        "threads": torch.get_num_threads(),
+        "epochs": epochs,
+        "bf16": autocast,
+        "test_accuracy_flip_tta": rows[-1]["test_accuracy_flip_tta"],
+        "test_accuracy_flip_translate_tta": final,
+        "target_accuracy": target,
+        "time_to_target_s": time_to_target,
+        "timed_s": clock.seconds,
+        "wall_time_s": time.time() - wall_start,
+        "epochs_log": rows,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="CIFAR-10 as cifar/train.py reads it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--target-accuracy", type=float, default=0.90, metavar="FRACTION")
-    parser.add_argument("--epochs", type=float, default=RECIPE["epochs"],
-                        help="the recipe's 9.9; fewer only to try the program quickly")
-    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"],
-                        help="the recipe's 1024; smaller only to try the program quickly (lr and "
-                             "weight decay are per 1024 images, so they carry over)")
-    parser.add_argument("--train-per-class", type=int, default=None, metavar="N",
-                        help="a class-balanced subset of the training images (quick tries)")
-    parser.add_argument("--test-limit", type=int, default=None, metavar="N",
-                        help="the first N test images (quick tries)")
+    parser.add_argument(
+        "--epochs", type=float, default=RECIPE["epochs"], help="the recipe's 9.9; fewer only to try the program quickly"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=RECIPE["batch_size"],
+        help="the recipe's 1024; smaller only to try the program quickly (lr and "
+        "weight decay are per 1024 images, so they carry over)",
+    )
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a class-balanced subset of the training images (quick tries)",
+    )
+    parser.add_argument(
+        "--test-limit", type=int, default=None, metavar="N", help="the first N test images (quick tries)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result here (JSON)")
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    result = train(args.data_dir, args.seed, resolve_device(args.device, local_rank=0),
-                   args.target_accuracy, args.epochs, args.train_per_class, args.test_limit,
-                   args.batch_size)
+    result = train(
+        args.data_dir,
+        args.seed,
+        resolve_device(args.device, local_rank=0),
+        args.target_accuracy,
+        args.epochs,
+        args.train_per_class,
+        args.test_limit,
+        args.batch_size,
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "epochs_log"}))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -39,6 +39,7 @@ Modules: ``bench/workloads.py`` (each program's data, model, optimizer, loss), `
 (the measuring workers), ``pipeline.py`` (the CIFAR data-path study), ``render.py`` (the
 Markdown report); this file parses the command line, launches the workers and writes the files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,68 +86,106 @@ EXAMPLE = """examples:
 # Orchestration: launch the workers, collect, write the tables
 # ---------------------------------------------------------------------------------------------
 
+
 def launch(worker_args: list[str], nproc: int, timeout_s: float) -> dict:
     """Run this file as a worker with ``nproc`` processes; return rank 0's JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = launch_command(Path(__file__).resolve(), [*worker_args, "--result", str(result)], nproc)
         try:
-            done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True,
-                                  timeout=timeout_s)
+            done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise UserError(f"bench worker {' '.join(worker_args)} (x{nproc}) ran past "
-                            f"{timeout_s:.0f} s; use fewer --steps") from None
+            raise UserError(
+                f"bench worker {' '.join(worker_args)} (x{nproc}) ran past {timeout_s:.0f} s; use fewer --steps"
+            ) from None
         if done.returncode != 0 or not result.is_file():
             lines = (done.stderr + done.stdout).splitlines()
             # The workers' own messages, not torchrun's summary of them.
-            causes = [ln for ln in lines if re.match(r"^(\[rank \d+\] )?error: |^\w+(Error|Exception)\b", ln)
-                      and "ChildFailedError" not in ln]
+            causes = [
+                ln
+                for ln in lines
+                if re.match(r"^(\[rank \d+\] )?error: |^\w+(Error|Exception)\b", ln) and "ChildFailedError" not in ln
+            ]
             tail = "\n".join(dict.fromkeys(causes)) or "\n".join(lines[-15:])
-            raise UserError(f"bench worker {' '.join(worker_args)} (x{nproc}) failed with exit "
-                            f"code {done.returncode}:\n{tail}")
+            raise UserError(
+                f"bench worker {' '.join(worker_args)} (x{nproc}) failed with exit code {done.returncode}:\n{tail}"
+            )
         return json.loads(result.read_text())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] + "\n\n" + EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                        help="folder with housing.csv, UNSW_NB15_*.csv(.zip), cifar10-jpg.tar.gz")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for benchmarks.md and benchmarks.json (benchmarks-cuda.* on "
-                             "--device cuda); default: print only")
-    parser.add_argument("--programs", default=",".join(PROGRAMS),
-                        help=f"comma-separated, from {', '.join(WORKLOADS)}")
+        description=__doc__.splitlines()[0] + "\n\n" + EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="folder with housing.csv, UNSW_NB15_*.csv(.zip), cifar10-jpg.tar.gz",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for benchmarks.md and benchmarks.json (benchmarks-cuda.* on --device cuda); default: print only",
+    )
+    parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--world-sizes", default="1,2", help="comma-separated process counts")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cpu = gloo; cuda = NCCL, one GPU per process")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"timed steps of each kind (default per program: {DEFAULT_STEPS})")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help=f"warm-up steps of each kind (default per program: {DEFAULT_WARMUP})")
-    parser.add_argument("--tables", default=",".join(TABLES),
-                        help="which tables: throughput (per program and world size), memory "
-                             "(ddp vs fsdp at the largest world size), pipeline (cifar data "
-                             "paths); or peer (cifar --preset airbench94 against bench/"
-                             "airbench94.py, whole training runs: not in the default set)")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="cpu = gloo; cuda = NCCL, one GPU per process"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"timed steps of each kind (default per program: {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help=f"warm-up steps of each kind (default per program: {DEFAULT_WARMUP})"
+    )
+    parser.add_argument(
+        "--tables",
+        default=",".join(TABLES),
+        help="which tables: throughput (per program and world size), memory "
+        "(ddp vs fsdp at the largest world size), pipeline (cifar data "
+        "paths); or peer (cifar --preset airbench94 against bench/"
+        "airbench94.py, whole training runs: not in the default set)",
+    )
     parser.add_argument("--seeds", default="0", help="peer: comma-separated seeds, one race each")
-    parser.add_argument("--target-accuracy", type=float, default=0.90,
-                        help="peer: the flip-TTA test accuracy whose time is compared")
-    parser.add_argument("--train-per-class", type=int, default=None, metavar="N",
-                        help="peer, quick trials only: a class-balanced subset of training images")
-    parser.add_argument("--test-limit", type=int, default=None, metavar="N",
-                        help="peer, quick trials only: the first N test images")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="peer, quick trials only: both systems' global batch instead of "
-                             "their recipes' (1,024 for the peer, 1,000 for the preset)")
-    parser.add_argument("--peer-epochs", type=float, default=None, metavar="E",
-                        help="peer, quick trials only: the peer's epochs instead of 9.9 (the "
-                             "project trains the next whole number)")
-    parser.add_argument("--pipeline-epochs", type=int, default=2,
-                        help="timed passes over the comparison images per data path")
-    parser.add_argument("--loader-workers", type=lambda s: [int(v) for v in s.split(",")],
-                        default=[0, 2], help="DataLoader num_workers values to try (best counts)")
+    parser.add_argument(
+        "--target-accuracy", type=float, default=0.90, help="peer: the flip-TTA test accuracy whose time is compared"
+    )
+    parser.add_argument(
+        "--train-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="peer, quick trials only: a class-balanced subset of training images",
+    )
+    parser.add_argument(
+        "--test-limit", type=int, default=None, metavar="N", help="peer, quick trials only: the first N test images"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="peer, quick trials only: both systems' global batch instead of "
+        "their recipes' (1,024 for the peer, 1,000 for the preset)",
+    )
+    parser.add_argument(
+        "--peer-epochs",
+        type=float,
+        default=None,
+        metavar="E",
+        help="peer, quick trials only: the peer's epochs instead of 9.9 (the project trains the next whole number)",
+    )
+    parser.add_argument(
+        "--pipeline-epochs", type=int, default=2, help="timed passes over the comparison images per data path"
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[0, 2],
+        help="DataLoader num_workers values to try (best counts)",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per worker launch")
     # Internal: how main() starts the measuring processes.
     parser.add_argument("--worker", choices=["program", "memory", "pipeline"], help=argparse.SUPPRESS)
@@ -157,8 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.program_list = [p.strip() for p in args.programs.split(",") if p.strip()]
     unknown = set(args.program_list) - set(WORKLOADS)
     if unknown or not args.program_list:
-        raise UserError(f"--programs: unknown or empty ({', '.join(sorted(unknown))}); "
-                        f"choose from {', '.join(WORKLOADS)}")
+        raise UserError(
+            f"--programs: unknown or empty ({', '.join(sorted(unknown))}); choose from {', '.join(WORKLOADS)}"
+        )
     args.table_list = [t.strip() for t in args.tables.split(",") if t.strip()]
     if set(args.table_list) - {*TABLES, PEER_TABLE} or not args.table_list:
         raise UserError(f"--tables {args.tables!r}: choose from {', '.join((*TABLES, PEER_TABLE))}")
@@ -203,27 +243,41 @@ def run_all(args: argparse.Namespace) -> dict:
             print(f"bench: {program} at world size {ws} ...", file=sys.stderr, flush=True)
             # The largest world size also does the ddp-vs-fsdp memory table (one launch fewer).
             extra = ["--with-memory"] if want_memory and ws == memory_ws else []
-            runs[str(ws)] = launch(["--worker", "program", "--program", program, *shared, *extra],
-                                   ws, args.timeout)
+            runs[str(ws)] = launch(["--worker", "program", "--program", program, *shared, *extra], ws, args.timeout)
             memory = runs[str(ws)].pop("strategy_memory")
             if memory is not None:
-                results["memory"][program] = {"program": program, "describe": runs[str(ws)]["describe"],
-                                              "world_size": ws, **memory}
+                results["memory"][program] = {
+                    "program": program,
+                    "describe": runs[str(ws)]["describe"],
+                    "world_size": ws,
+                    **memory,
+                }
         base = runs.get("1")
         for ws, run in runs.items():
-            run["scaling_efficiency"] = (run["samples_per_s_total"] / (int(ws) * base["samples_per_s_total"])
-                                         if base else None)
+            run["scaling_efficiency"] = (
+                run["samples_per_s_total"] / (int(ws) * base["samples_per_s_total"]) if base else None
+            )
         results["programs"][program] = runs
     for program in [p for p in args.program_list if want_memory and p not in results["memory"]]:
-        print(f"bench: {program} ddp vs fsdp memory at world size {memory_ws} ...",
-              file=sys.stderr, flush=True)
-        results["memory"][program] = launch(["--worker", "memory", "--program", program, *shared],
-                                            memory_ws, args.timeout)
+        print(f"bench: {program} ddp vs fsdp memory at world size {memory_ws} ...", file=sys.stderr, flush=True)
+        results["memory"][program] = launch(
+            ["--worker", "memory", "--program", program, *shared], memory_ws, args.timeout
+        )
     if "pipeline" in args.table_list and "cifar" in args.program_list:
         print("bench: cifar data paths ...", file=sys.stderr, flush=True)
         results["pipeline"] = launch(
-            ["--worker", "pipeline", *shared, "--pipeline-epochs", str(args.pipeline_epochs),
-             "--loader-workers", ",".join(map(str, args.loader_workers))], 1, args.timeout)
+            [
+                "--worker",
+                "pipeline",
+                *shared,
+                "--pipeline-epochs",
+                str(args.pipeline_epochs),
+                "--loader-workers",
+                ",".join(map(str, args.loader_workers)),
+            ],
+            1,
+            args.timeout,
+        )
     return results
 
 
@@ -236,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "pipeline":
         return worker_pipeline(args)
     if "RANK" in os.environ:
-        raise UserError("run bench/bench.py with plain python: it launches torchrun itself for "
-                        "each world size (--world-sizes)")
+        raise UserError(
+            "run bench/bench.py with plain python: it launches torchrun itself for each world size (--world-sizes)"
+        )
     argv = list(sys.argv[1:] if argv is None else argv)
     if PEER_TABLE in args.table_list:
         run_peer(args, argv)
@@ -247,19 +302,40 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_peer(args: argparse.Namespace, argv: list[str]) -> None:
     """The cifar race against bench/airbench94.py: printed, and written to --out."""
-    quick = [*(["--train-per-class", str(args.train_per_class)] if args.train_per_class else []),
-             *(["--test-limit", str(args.test_limit)] if args.test_limit else []),
-             *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
-    result = race(args.data_dir, args.seed_list, args.world_size_list, args.device,
-                  args.target_accuracy, args.timeout, quick, args.peer_epochs)
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_model(),
-           "cpu_count": os.cpu_count(), "torch_version": torch.__version__, "git_commit": git_commit()}
+    quick = [
+        *(["--train-per-class", str(args.train_per_class)] if args.train_per_class else []),
+        *(["--test-limit", str(args.test_limit)] if args.test_limit else []),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+    ]
+    result = race(
+        args.data_dir,
+        args.seed_list,
+        args.world_size_list,
+        args.device,
+        args.target_accuracy,
+        args.timeout,
+        quick,
+        args.peer_epochs,
+    )
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+    }
     report = {"command": _command(argv), "environment": env, **result}
-    text = "\n".join([f"# cifar/train.py against airbench94 ({args.device})", "",
-                      f"Generated by `{report['command']}` on {env['date']}: {env['device_name']}, "
-                      f"{env['cpu_count']} logical CPUs, torch {env['torch_version']}, "
-                      f"commit {env['git_commit']}.", "", *render_race(result)])
+    text = "\n".join(
+        [
+            f"# cifar/train.py against airbench94 ({args.device})",
+            "",
+            f"Generated by `{report['command']}` on {env['date']}: {env['device_name']}, "
+            f"{env['cpu_count']} logical CPUs, torch {env['torch_version']}, "
+            f"commit {env['git_commit']}.",
+            "",
+            *render_race(result),
+        ]
+    )
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -282,16 +358,25 @@ def write_benchmarks(args: argparse.Namespace, argv: list[str]) -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": args.device,
             "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_model(),
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
             "gpu_count": torch.cuda.device_count() if args.device == "cuda" else 0,
-            "threads_per_process": ", ".join(
-                f"{r['threads_per_process']} at world size {w}" for w, r in runs.items()) or "-",
-            "torch_version": torch.__version__, "python_version": platform.python_version(),
-            "git_commit": git_commit()},
-        "argv_for": {p: base + ["--programs", p, *ws, "--tables", "throughput"]
-                     for p in results["programs"]},
-        "argv_memory": base + ["--programs", ",".join(results["memory"]), "--world-sizes",
-                               str(max(args.world_size_list)), "--tables", "memory"],
+            "threads_per_process": ", ".join(f"{r['threads_per_process']} at world size {w}" for w, r in runs.items())
+            or "-",
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "git_commit": git_commit(),
+        },
+        "argv_for": {p: base + ["--programs", p, *ws, "--tables", "throughput"] for p in results["programs"]},
+        "argv_memory": base
+        + [
+            "--programs",
+            ",".join(results["memory"]),
+            "--world-sizes",
+            str(max(args.world_size_list)),
+            "--tables",
+            "memory",
+        ],
         "argv_pipeline": base + ["--programs", "cifar", "--tables", "pipeline"],
         "results": results,
     }

@@ -27,6 +27,7 @@ The last thing printed is the table, which is also written to docs/gpu.md with t
 ``--device cpu --quick`` runs the same commands on tiny epochs on the CPU, with no bars: the
 test suite does that (tests/test_gpu_check.py) so that this script cannot rot without a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +49,50 @@ REPO = Path(__file__).resolve().parents[1]
 # What each program must reach on the real data. housing and anomaly: their CPU results (README)
 # with room for another device's rounding; cifar: the JPEG copy of CIFAR-10 tops out near 90.5%
 # with this recipe (cifar/README.md), so 0.90 is the bar, not airbench's 94%.
-BARS = {"housing": ("test RMSE $", lambda v: v <= 46_000),
-        "anomaly": ("test F1", lambda v: v >= 0.85),
-        "cifar": ("test accuracy", lambda v: v >= 0.90)}
+BARS = {
+    "housing": ("test RMSE $", lambda v: v <= 46_000),
+    "anomaly": ("test F1", lambda v: v >= 0.85),
+    "cifar": ("test accuracy", lambda v: v >= 0.90),
+}
 CIFAR_TARGET = 0.90
-PROGRAM_ARGS = {"housing": ["--no-baselines"], "anomaly": [],
-                "cifar": ["--preset", "airbench94", "--target-accuracy", str(CIFAR_TARGET)]}
+PROGRAM_ARGS = {
+    "housing": ["--no-baselines"],
+    "anomaly": [],
+    "cifar": ["--preset", "airbench94", "--target-accuracy", str(CIFAR_TARGET)],
+}
 # --quick: a few epochs on whatever (tiny) data is given; only the mechanics are checked.
 # housing's epochs are a few milliseconds each: enough of them (no early stop) that the kill+term
 # row's SIGKILL, sent when the first checkpoint appears, still lands mid-training on a loaded machine.
-QUICK_ARGS = {"housing": ["--epochs", "100", "--patience", "100", "--batch-size", "96", "--width", "32",
-                          "--depth", "1", "--n-clusters", "4"],
-              "anomaly": ["--epochs", "2", "--batch-size", "48", "--hidden", "16,4",
-                          "--min-frequency", "5"],
-              "cifar": ["--epochs", "3", "--batch-size", "12", "--widths", "8", "16", "16",
-                        "--eval-batch-size", "4", "--no-download"]}
+QUICK_ARGS = {
+    "housing": [
+        "--epochs",
+        "100",
+        "--patience",
+        "100",
+        "--batch-size",
+        "96",
+        "--width",
+        "32",
+        "--depth",
+        "1",
+        "--n-clusters",
+        "4",
+    ],
+    "anomaly": ["--epochs", "2", "--batch-size", "48", "--hidden", "16,4", "--min-frequency", "5"],
+    "cifar": [
+        "--epochs",
+        "3",
+        "--batch-size",
+        "12",
+        "--widths",
+        "8",
+        "16",
+        "16",
+        "--eval-batch-size",
+        "4",
+        "--no-download",
+    ],
+}
 MODES = ("plain", "torchrun", "fsdp")
 # A metric computed again from a checkpoint must be the torchrun row's: exactly on the CPU; on a
 # GPU within what kernel choice can move (cuDNN's benchmark mode may pick another convolution
@@ -93,8 +123,17 @@ def command(program: str, mode: str, args: list[str], torchrun_options: tuple[st
     if mode == "plain":
         return [sys.executable, script, *args]
     strategy = ["--strategy", "fsdp"] if mode == "fsdp" else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-            *torchrun_options, script, *args, *strategy]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        *torchrun_options,
+        script,
+        *args,
+        *strategy,
+    ]
 
 
 def metric_of(program: str, summary: dict) -> float:
@@ -106,12 +145,14 @@ def metric_of(program: str, summary: dict) -> float:
     return summary["test_accuracy"]
 
 
-def run_in_group(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float,
-                 **_: object) -> subprocess.CompletedProcess:
+def run_in_group(
+    cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float, **_: object
+) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)``, except that on
     timeout everything the command started (torchrun's workers too) is killed, not just it."""
-    with subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, start_new_session=True) as proc:
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -135,12 +176,21 @@ def fresh(out: Path) -> Path:
 
 def program_args(program: str, cfg: argparse.Namespace, out: Path) -> list[str]:
     """The program's arguments in every row (a run of ``out``)."""
-    return ["--data-dir", str(cfg.data_dir), "--out-dir", str(out), "--device", cfg.device,
-            *PROGRAM_ARGS[program], *(QUICK_ARGS[program] if cfg.quick else [])]
+    return [
+        "--data-dir",
+        str(cfg.data_dir),
+        "--out-dir",
+        str(out),
+        "--device",
+        cfg.device,
+        *PROGRAM_ARGS[program],
+        *(QUICK_ARGS[program] if cfg.quick else []),
+    ]
 
 
-def _run_logged(name: str, cmd: list[str], cfg: argparse.Namespace, run: Runner
-                ) -> tuple[subprocess.CompletedProcess | None, float, str]:
+def _run_logged(
+    name: str, cmd: list[str], cfg: argparse.Namespace, run: Runner
+) -> tuple[subprocess.CompletedProcess | None, float, str]:
     """Run ``cmd`` with a time limit, log its output as RUNS/name.log; ``(result, wall, note)``,
     result None (and a note saying why) unless it exited 0."""
     started = time.time()
@@ -163,8 +213,9 @@ def _text(output: str | bytes | None) -> str:
 
 def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     out = fresh(cfg.runs / f"{program}-{mode}")
-    result, wall, note = _run_logged(f"{program}-{mode}", command(program, mode, program_args(program, cfg, out)),
-                                     cfg, run)
+    result, wall, note = _run_logged(
+        f"{program}-{mode}", command(program, mode, program_args(program, cfg, out)), cfg, run
+    )
     if result is None:
         return Row(program, mode, None, wall, None, None, False, note)
     summary = json.loads((out / "summary.json").read_text())
@@ -173,17 +224,24 @@ def run_program(program: str, mode: str, cfg: argparse.Namespace, run: Runner = 
     note = ""
     if program == "cifar":
         reached = summary.get("time_to_target_s")
-        note = (f"{CIFAR_TARGET:.0%} after {reached:.1f}s" if reached is not None
-                else f"{CIFAR_TARGET:.0%} not reached")
-    return Row(program, mode, value, wall, summary.get("samples_per_s"), summary.get("peak_gpu_mib"),
-               passed, note)
+        note = f"{CIFAR_TARGET:.0%} after {reached:.1f}s" if reached is not None else f"{CIFAR_TARGET:.0%} not reached"
+    return Row(program, mode, value, wall, summary.get("samples_per_s"), summary.get("peak_gpu_mib"), passed, note)
 
 
 def run_eval_only(program: str, cfg: argparse.Namespace, reference: Row, run: Runner = run_in_group) -> Row:
     """``--eval-only`` of the torchrun row's run, under torchrun: its metric again."""
     out = fresh(cfg.runs / f"{program}-eval-only")
-    args = ["--eval-only", "--resume", str(cfg.runs / f"{program}-torchrun"), "--data-dir", str(cfg.data_dir),
-            "--out-dir", str(out), "--device", cfg.device]
+    args = [
+        "--eval-only",
+        "--resume",
+        str(cfg.runs / f"{program}-torchrun"),
+        "--data-dir",
+        str(cfg.data_dir),
+        "--out-dir",
+        str(out),
+        "--device",
+        cfg.device,
+    ]
     result, wall, note = _run_logged(f"{program}-eval-only", command(program, "torchrun", args), cfg, run)
     if result is None:
         return Row(program, "eval-only", None, wall, None, None, False, note)
@@ -191,19 +249,38 @@ def run_eval_only(program: str, cfg: argparse.Namespace, reference: Row, run: Ru
     return _compared(program, "eval-only", value, wall, reference)
 
 
-def _compared(program: str, mode: str, value: float, wall: float, reference: Row, note: str = "",
-              tolerance: dict[str, float] | None = None) -> Row:
+def _compared(
+    program: str,
+    mode: str,
+    value: float,
+    wall: float,
+    reference: Row,
+    note: str = "",
+    tolerance: dict[str, float] | None = None,
+) -> Row:
     """A row whose metric must equal ``reference``'s (the uninterrupted torchrun run's), within
     ``tolerance`` (``SAME[program]`` unless given)."""
-    same = reference.metric is not None and math.isclose(value, reference.metric,
-                                                         **(tolerance or SAME[program]))
-    return Row(program, mode, value, wall, None, None, same,
-               ", ".join(filter(None, [note, "the torchrun row's metric" if same else
-                                       f"differs from the torchrun row's {reference.metric}"])))
+    same = reference.metric is not None and math.isclose(value, reference.metric, **(tolerance or SAME[program]))
+    return Row(
+        program,
+        mode,
+        value,
+        wall,
+        None,
+        None,
+        same,
+        ", ".join(
+            filter(
+                None,
+                [note, "the torchrun row's metric" if same else f"differs from the torchrun row's {reference.metric}"],
+            )
+        ),
+    )
 
 
-def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_first: bool,
-                    run: Runner = run_in_group) -> Row:
+def run_interrupted(
+    program: str, cfg: argparse.Namespace, reference: Row, kill_first: bool, run: Runner = run_in_group
+) -> Row:
     """The faults a job meets, on one torchrun worker: with ``kill_first`` the worker is
     SIGKILLed after the first checkpoint (torchrun ``--max-restarts=1`` restarts it, and it
     resumes); then, once a checkpoint newer than the restart exists, SIGTERM to the agent, as a
@@ -211,13 +288,13 @@ def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_
     at ``reference``'s metric. Real torchrun (its restarts are what is checked)."""
     mode = "kill+term" if kill_first else "term"
     out = fresh(cfg.runs / f"{program}-{mode}")
-    cmd = command(program, "torchrun", [*program_args(program, cfg, out), "--resume"],
-                  ("--max-restarts=1",) if kill_first else ())
+    cmd = command(
+        program, "torchrun", [*program_args(program, cfg, out), "--resume"], ("--max-restarts=1",) if kill_first else ()
+    )
     started = time.time()
     deadline = started + cfg.timeout
     log = open(cfg.runs / f"{program}-{mode}.log", "w")  # noqa: SIM115 - closed below
-    agent = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    agent = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     checkpoint = out / "checkpoint.pt"
     try:
         if not _wait(lambda: checkpoint.exists(), agent, deadline):
@@ -230,27 +307,40 @@ def run_interrupted(program: str, cfg: argparse.Namespace, reference: Row, kill_
             since = time.time()  # the killed workers write nothing more: a newer checkpoint is the restart's
             restarted = _wait(lambda: _mtime(checkpoint) > since, agent, deadline)
             if not restarted:
-                return Row(program, mode, None, time.time() - started, None, None, False,
-                           "no checkpoint after the restart")
+                return Row(
+                    program, mode, None, time.time() - started, None, None, False, "no checkpoint after the restart"
+                )
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
-        return Row(program, mode, None, time.time() - started, None, None, False,
-                   f"timed out after {cfg.timeout:.0f}s, killed")
+        return Row(
+            program, mode, None, time.time() - started, None, None, False, f"timed out after {cfg.timeout:.0f}s, killed"
+        )
     finally:
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait()
         log.close()
     saved = f"step {_saved_step(checkpoint)}"
-    result, wall, note = _run_logged(f"{program}-{mode}-resume", command(
-        program, "torchrun", [*program_args(program, cfg, out), "--resume"]), cfg, run)
+    result, wall, note = _run_logged(
+        f"{program}-{mode}-resume",
+        command(program, "torchrun", [*program_args(program, cfg, out), "--resume"]),
+        cfg,
+        run,
+    )
     wall += time.time() - started
     if result is None or not (out / "summary.json").exists():
         return Row(program, mode, None, wall, None, None, False, note or "no summary after --resume")
     value = metric_of(program, json.loads((out / "summary.json").read_text()))
-    return _compared(program, mode, value, wall, reference, f"stopped at {saved}, resumed",
-                     RESUMED[program] if cfg.device == "cuda" else None)
+    return _compared(
+        program,
+        mode,
+        value,
+        wall,
+        reference,
+        f"stopped at {saved}, resumed",
+        RESUMED[program] if cfg.device == "cuda" else None,
+    )
 
 
 def _wait(condition: Callable[[], bool], agent: subprocess.Popen, deadline: float) -> bool:
@@ -302,8 +392,17 @@ def run_predict(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     """anomaly/predict.py on the device, with the torchrun run's detector, over the partition."""
     rows = partition_csv(cfg)
     out = cfg.runs / "anomaly-predict.csv"
-    cmd = [sys.executable, str(REPO / "anomaly" / "predict.py"), str(rows), "--detector",
-           str(cfg.runs / "anomaly-torchrun" / "detector.pt"), "--device", cfg.device, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "anomaly" / "predict.py"),
+        str(rows),
+        "--detector",
+        str(cfg.runs / "anomaly-torchrun" / "detector.pt"),
+        "--device",
+        cfg.device,
+        "--out",
+        str(out),
+    ]
     result, wall, note = _run_logged("anomaly-predict", cmd, cfg, run)
     if result is None:
         return Row("anomaly", "predict", None, wall, None, None, False, note)
@@ -328,10 +427,26 @@ def partition_csv(cfg: argparse.Namespace) -> Path:
 
 def run_peer(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     """cifar --preset airbench94 against the airbench94 peer, seed 0, one process each."""
-    args = [sys.executable, str(REPO / "bench" / "bench.py"), "--data-dir", str(cfg.data_dir),
-            "--device", cfg.device, "--tables", "peer", "--seeds", "0", "--world-sizes", "1",
-            "--target-accuracy", str(CIFAR_TARGET), "--timeout", str(cfg.timeout),
-            "--out", str(cfg.runs / "peer")]
+    args = [
+        sys.executable,
+        str(REPO / "bench" / "bench.py"),
+        "--data-dir",
+        str(cfg.data_dir),
+        "--device",
+        cfg.device,
+        "--tables",
+        "peer",
+        "--seeds",
+        "0",
+        "--world-sizes",
+        "1",
+        "--target-accuracy",
+        str(CIFAR_TARGET),
+        "--timeout",
+        str(cfg.timeout),
+        "--out",
+        str(cfg.runs / "peer"),
+    ]
     if cfg.quick:  # the tiny class folders, any accuracy counts. One step of all 36 images: on
         # batches of 12 the full-width network's last BatchNorms see 4x4 maps of 12 images, whose
         # near-constant channels (eps 1e-12) overflow bf16 gradients; SGD's weights grow and damp
@@ -347,15 +462,28 @@ def run_peer(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
     peer, mine = json.loads((cfg.runs / "peer" / f"{stem}.json").read_text())["rows"]
     ratio = "-" if mine["ratio_to_peer"] is None else f"{mine['ratio_to_peer']:.3f}"
     mine_s, peer_s = mine["time_to_target_s"] or float("nan"), peer["time_to_target_s"] or float("nan")
-    note = (f"time to {CIFAR_TARGET:.0%} {ratio} x the airbench94 peer's ({mine_s:.1f} s against {peer_s:.1f} s; "
-            f"peer accuracy {peer['test_accuracy_flip_tta']:.4f})")
+    note = (
+        f"time to {CIFAR_TARGET:.0%} {ratio} x the airbench94 peer's ({mine_s:.1f} s against {peer_s:.1f} s; "
+        f"peer accuracy {peer['test_accuracy_flip_tta']:.4f})"
+    )
     return Row("cifar", "peer", mine["test_accuracy_flip_tta"], wall, None, None, True, note)
 
 
 def run_bench(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
-    args = [sys.executable, str(REPO / "bench" / "bench.py"), "--data-dir", str(cfg.data_dir),
-            "--device", cfg.device, "--world-sizes", "1", "--tables", "throughput",
-            "--out", str(cfg.runs / "bench")]
+    args = [
+        sys.executable,
+        str(REPO / "bench" / "bench.py"),
+        "--data-dir",
+        str(cfg.data_dir),
+        "--device",
+        cfg.device,
+        "--world-sizes",
+        "1",
+        "--tables",
+        "throughput",
+        "--out",
+        str(cfg.runs / "bench"),
+    ]
     if cfg.quick:
         args += ["--programs", "synthetic", "--steps", "3", "--warmup", "1"]  # no dataset needed
     started = time.time()
@@ -373,16 +501,21 @@ def run_bench(cfg: argparse.Namespace, run: Runner = run_in_group) -> Row:
 
 def _env() -> dict[str, str]:
     # The checkout is the package: no pip install on the GPU image.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("NO_PROGRESS", "1")
     return env
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| program | row | metric | wall s | samples/s | peak GPU MiB | result |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| program | row | metric | wall s | samples/s | peak GPU MiB | result |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         if r.metric is None:
             metric = "-"
@@ -393,8 +526,10 @@ def table(rows: list[Row]) -> str:
         rate = f"{r.samples_per_s:,.0f}" if r.samples_per_s else "-"
         peak = f"{r.peak_gpu_mib:,.0f}" if r.peak_gpu_mib is not None else "-"
         verdict = "pass" if r.passed else "FAIL"
-        lines.append(f"| {r.program} | {r.mode} | {metric} | {r.wall_s:.1f} | {rate} | {peak} | "
-                     f"{verdict}{': ' + r.note if r.note else ''} |")
+        lines.append(
+            f"| {r.program} | {r.mode} | {metric} | {r.wall_s:.1f} | {rate} | {peak} | "
+            f"{verdict}{': ' + r.note if r.note else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -404,30 +539,44 @@ def report(rows: list[Row], cfg: argparse.Namespace, total_s: float) -> str:
     card = torch.cuda.get_device_name(0) if cfg.device == "cuda" else "CPU (dry run)"
     limits = {"housing": "<= 46,000", "anomaly": ">= 0.85", "cifar": f">= {CIFAR_TARGET}"}
     bars = "; ".join(f"{p}: {name} {limits[p]}" for p, (name, _) in BARS.items())
-    return "\n".join([
-        "# GPU acceptance check", "",
-        f"Card: **{card}**, torch {torch.__version__}, CUDA {torch.version.cuda}; "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; data `{cfg.data_dir}`"
-        f"{'; --quick (tiny epochs, no bars)' if cfg.quick else ''}.", "",
-        "Reproduce: `scripts/gpu_check.sh DATA_DIR` (bench/gpu_check.py says what each row runs). "
-        f"Bars: {bars}. Total {total_s:.0f} s.", "",
-        table(rows), ""])
+    return "\n".join(
+        [
+            "# GPU acceptance check",
+            "",
+            f"Card: **{card}**, torch {torch.__version__}, CUDA {torch.version.cuda}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; data `{cfg.data_dir}`"
+            f"{'; --quick (tiny epochs, no bars)' if cfg.quick else ''}.",
+            "",
+            "Reproduce: `scripts/gpu_check.sh DATA_DIR` (bench/gpu_check.py says what each row runs). "
+            f"Bars: {bars}. Total {total_s:.0f} s.",
+            "",
+            table(rows),
+            "",
+        ]
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data_dir", type=Path, nargs="?", default=REPO.parent / "shared" / "data",
-                        help="folder holding housing.csv, the UNSW-NB15 partition and CIFAR-10")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "data_dir",
+        type=Path,
+        nargs="?",
+        default=REPO.parent / "shared" / "data",
+        help="folder holding housing.csv, the UNSW-NB15 partition and CIFAR-10",
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny epochs, no bars (CPU dry run)")
-    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "gpu_check",
-                        help="where the run directories and logs go")
-    parser.add_argument("--report", type=Path, default=REPO / "docs" / "gpu.md",
-                        help="the markdown report (default docs/gpu.md)")
+    parser.add_argument(
+        "--runs", type=Path, default=REPO / "runs" / "gpu_check", help="where the run directories and logs go"
+    )
+    parser.add_argument(
+        "--report", type=Path, default=REPO / "docs" / "gpu.md", help="the markdown report (default docs/gpu.md)"
+    )
     parser.add_argument("--programs", default="housing,anomaly,cifar")
-    parser.add_argument("--timeout", type=float, default=120,
-                        help="seconds per command; past them it is killed with all it started")
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="seconds per command; past them it is killed with all it started"
+    )
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,7 @@ Used by bench/ (bench.py, peer.py) to launch the training programs and its own w
 child processes, and by tests/launch.py, which adds the suite's settings on top: one copy of
 the environment cleaning and of the torchrun command line.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,13 +33,22 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch_command(script: Path | str, args: list[str], nproc: int = 1,
-                   torchrun_args: list[str] | None = None) -> list[str]:
+def launch_command(
+    script: Path | str, args: list[str], nproc: int = 1, torchrun_args: list[str] | None = None
+) -> list[str]:
     """The command line running ``script``: one plain process (no torchrun variables: the
     single-process path) when ``nproc`` is 1 and no ``torchrun_args`` are given, else torchrun
     with ``nproc`` processes and a rendezvous on a free local port."""
     if nproc == 1 and not torchrun_args:
         return [sys.executable, str(script), *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            *(torchrun_args or []), str(script), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *(torchrun_args or []),
+        str(script),
+        *args,
+    ]

@@ -3,6 +3,7 @@
 What the numbers mean is in bench/bench.py's docstring; ``worker_program`` and ``worker_memory``
 are the measuring processes ``bench.py`` launches (with python or torchrun).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,11 @@ def time_steps(wl: Workload, dist: DistInfo, warmup: int, steps: int) -> dict:
         if i == 2 * warmup:
             wall0, cpu0 = time.perf_counter(), _cpu_seconds()
         kind = "sync" if i % 2 == 0 else "no_sync"
-        skip = model.no_sync() if kind == "no_sync" and isinstance(model, DistributedDataParallel) \
+        skip = (
+            model.no_sync()
+            if kind == "no_sync" and isinstance(model, DistributedDataParallel)
             else contextlib.nullcontext()
+        )
         t0 = _clock(dist.device)
         x, target = wl.inputs(next(stream), generator)
         t1 = _clock(dist.device)
@@ -93,8 +97,7 @@ def time_steps(wl: Workload, dist: DistInfo, warmup: int, steps: int) -> dict:
     cpu_share = (_cpu_seconds() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
     if not torch.isfinite(loss.detach()).item():
         raise UserError(f"{wl.name}: the loss became {loss.item()} during the benchmark")
-    return {**{kind: {k: v / steps for k, v in parts.items()} for kind, parts in sums.items()},
-            "cpu_share": cpu_share}
+    return {**{kind: {k: v / steps for k, v in parts.items()} for kind, parts in sums.items()}, "cpu_share": cpu_share}
 
 
 def _cpu_seconds() -> float:
@@ -118,8 +121,10 @@ def strategy_memory(wl: Workload, dist: DistInfo) -> dict:
         local = memory_per_rank(model, optimizer)
         keys = ["param_bytes", "grad_bytes", "optimizer_bytes", "total_bytes"]
         per_rank = gather_tensors(torch.tensor([[float(local[k]) for k in keys]]), dist)
-        result[strategy] = {"per_rank": [dict(zip(keys, map(int, row))) for row in per_rank.tolist()],
-                            **{k: int(per_rank[:, j].max()) for j, k in enumerate(keys)}}
+        result[strategy] = {
+            "per_rank": [dict(zip(keys, map(int, row))) for row in per_rank.tolist()],
+            **{k: int(per_rank[:, j].max()) for j, k in enumerate(keys)},
+        }
         del model, optimizer
     result["fsdp_over_ddp"] = result["fsdp"]["total_bytes"] / result["ddp"]["total_bytes"]
     return result
@@ -135,21 +140,39 @@ def worker_program(args: argparse.Namespace) -> None:
         warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[args.program]
         parts = time_steps(wl, dist, warmup, steps)
         peak = peak_memory_bytes(dist.device)
-        row = [parts["sync"]["data"], parts["sync"]["fwd_bwd"], parts["sync"]["optimizer"],
-               parts["no_sync"]["data"], parts["no_sync"]["fwd_bwd"], parts["no_sync"]["optimizer"],
-               float(peak), parts["cpu_share"]]
+        row = [
+            parts["sync"]["data"],
+            parts["sync"]["fwd_bwd"],
+            parts["sync"]["optimizer"],
+            parts["no_sync"]["data"],
+            parts["no_sync"]["fwd_bwd"],
+            parts["no_sync"]["optimizer"],
+            float(peak),
+            parts["cpu_share"],
+        ]
         ranks = gather_tensors(torch.tensor([row], dtype=torch.float64), dist)
         # After the peak was read, so the extra models do not count in it.
         memory = strategy_memory(wl, dist) if args.with_memory and dist.is_distributed else None
         if dist.is_main:
-            write_json_atomic(args.result, {
-                "program": wl.name, "describe": wl.describe, "world_size": dist.world_size,
-                "device": dist.device.type, "device_name": _device_name(dist.device),
-                "threads_per_process": torch.get_num_threads(), "global_batch": wl.global_batch,
-                "per_rank_batch": wl.global_batch // dist.world_size, "bf16": wl.bf16,
-                "warmup_steps": warmup, "timed_steps": steps, "data_setup_s": wl.setup_s,
-                **summarize(ranks.tolist(), wl.global_batch, dist.world_size),
-                "strategy_memory": memory})
+            write_json_atomic(
+                args.result,
+                {
+                    "program": wl.name,
+                    "describe": wl.describe,
+                    "world_size": dist.world_size,
+                    "device": dist.device.type,
+                    "device_name": _device_name(dist.device),
+                    "threads_per_process": torch.get_num_threads(),
+                    "global_batch": wl.global_batch,
+                    "per_rank_batch": wl.global_batch // dist.world_size,
+                    "bf16": wl.bf16,
+                    "warmup_steps": warmup,
+                    "timed_steps": steps,
+                    "data_setup_s": wl.setup_s,
+                    **summarize(ranks.tolist(), wl.global_batch, dist.world_size),
+                    "strategy_memory": memory,
+                },
+            )
 
 
 def worker_memory(args: argparse.Namespace) -> None:
@@ -160,8 +183,9 @@ def worker_memory(args: argparse.Namespace) -> None:
         wl = WORKLOADS[args.program](args, dist, Path(scratch))
         memory = strategy_memory(wl, dist)
         if dist.is_main:
-            write_json_atomic(args.result, {"program": wl.name, "describe": wl.describe,
-                                            "world_size": dist.world_size, **memory})
+            write_json_atomic(
+                args.result, {"program": wl.name, "describe": wl.describe, "world_size": dist.world_size, **memory}
+            )
 
 
 def summarize(ranks: list[list[float]], global_batch: int, world_size: int) -> dict:
@@ -181,15 +205,26 @@ def summarize(ranks: list[list[float]], global_batch: int, world_size: int) -> d
     step = sum(parts.values())
     per_process = global_batch / world_size / step
     return {
-        "step_s": step, **parts,
+        "step_s": step,
+        **parts,
         "shares": {k.removesuffix("_s"): v / step for k, v in parts.items()},
-        "comm_raw_s": fb_sync - fb_nosync, "no_sync_step_s": mean[3] + fb_nosync + mean[5],
-        "samples_per_s_per_process": per_process, "samples_per_s_total": per_process * world_size,
+        "comm_raw_s": fb_sync - fb_nosync,
+        "no_sync_step_s": mean[3] + fb_nosync + mean[5],
+        "samples_per_s_per_process": per_process,
+        "samples_per_s_total": per_process * world_size,
         "peak_memory_bytes": int(max(r[6] for r in ranks)),
         "cpu_share": min(r[7] for r in ranks),
-        "per_rank": [{"data_s": r[0], "fwd_bwd_sync_s": r[1], "optimizer_s": r[2],
-                      "fwd_bwd_no_sync_s": r[4], "peak_memory_bytes": int(r[6]),
-                      "cpu_share": r[7]} for r in ranks],
+        "per_rank": [
+            {
+                "data_s": r[0],
+                "fwd_bwd_sync_s": r[1],
+                "optimizer_s": r[2],
+                "fwd_bwd_no_sync_s": r[4],
+                "peak_memory_bytes": int(r[6]),
+                "cpu_share": r[7],
+            }
+            for r in ranks
+        ],
     }
 
 

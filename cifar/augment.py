@@ -3,6 +3,7 @@
 Random translate with reflect padding, horizontal flip and cutout, per sample, drawn from an
 explicit generator: the GPU never waits for a CPU loader, and a resumed run draws the same numbers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,9 +53,13 @@ def alternating_flips(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
 
 
-def augment(images: torch.Tensor, aug: Augment, generator: torch.Generator | None,
-            share: tuple[int, int, int] | None = None, flips: torch.Tensor | None = None
-            ) -> torch.Tensor:
+def augment(
+    images: torch.Tensor,
+    aug: Augment,
+    generator: torch.Generator | None,
+    share: tuple[int, int, int] | None = None,
+    flips: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Randomly translate, flip and cut out a float batch [B, C, H, W] (same device).
 
     ``flips`` (bool per image): which images to flip, instead of a coin flip each (the

@@ -7,6 +7,7 @@ variant is trained with the same seeds, so the only change is the switch. Writes
 
 Every argument after ``--`` goes to train.py unchanged (the preset, epochs, widths, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ EXAMPLE = """example (2 processes, a short CPU budget, 2 seeds):
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """This script's arguments, and the ones after ``--`` that go to every train.py run."""
-    parser = argparse.ArgumentParser(description=__doc__ + "\n" + EXAMPLE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__ + "\n" + EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--out-dir", type=Path, default=Path("runs/cifar_augment_study"))
     parser.add_argument("--nproc", type=int, default=1, help="processes per training run (torchrun)")
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
+        argv, extra = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
     if args.nproc < 1 or args.seeds < 1:
         raise UserError("--nproc and --seeds must be >= 1")
@@ -57,8 +59,15 @@ def run_train(args: argparse.Namespace, train_args: list[str], out: Path) -> dic
     if args.nproc == 1:
         cmd = [sys.executable, str(TRAIN), *train_args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc}", str(TRAIN), *train_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            str(TRAIN),
+            *train_args,
+        ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -78,17 +87,28 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, switch in variants.items():
             out = args.out_dir / f"seed{seed}" / name.split(" (")[0].replace(" ", "_")
-            base = ["--data-dir", str(args.data_dir), "--seed", str(seed),
-                    "--translate", str(args.translate), "--cutout", str(args.cutout), *extra]
+            base = [
+                "--data-dir",
+                str(args.data_dir),
+                "--seed",
+                str(seed),
+                "--translate",
+                str(args.translate),
+                "--cutout",
+                str(args.cutout),
+                *extra,
+            ]
             start = time.time()
             summary = run_train(args, [*base, *switch], out)
             summary["run_s"] = time.time() - start
             results[name].append(summary)
             print(f"seed {seed} {name}: test accuracy {summary['test_accuracy']:.4f}", flush=True)
             if not switch:  # the same weights without test-time flips: no retraining needed
-                no_tta = run_train(args, [*base, "--eval-only", "--resume",
-                                          str(out / "checkpoint.pt"), "--no-tta"],
-                                   out.with_name("no_tta"))
+                no_tta = run_train(
+                    args,
+                    [*base, "--eval-only", "--resume", str(out / "checkpoint.pt"), "--no-tta"],
+                    out.with_name("no_tta"),
+                )
                 no_tta["run_s"] = 0.0
                 results["no test-time flip"].append(no_tta)
     write_report(args, extra, results)
@@ -100,10 +120,12 @@ def write_report(args: argparse.Namespace, extra: list[str], results: dict[str, 
 
     baseline = mean_acc("baseline (all on)")
     lines = [
-        "# CIFAR-10 augmentation study", "",
+        "# CIFAR-10 augmentation study",
+        "",
         f"Baseline: translate {args.translate} px, horizontal flip, cutout {args.cutout} px, "
         f"test-time flip; train.py arguments: `{' '.join(extra) or '(defaults)'}`; "
-        f"{args.nproc} process(es), {args.seeds} seed(s) per row (mean shown).", "",
+        f"{args.nproc} process(es), {args.seeds} seed(s) per row (mean shown).",
+        "",
         "| variant | test accuracy | change vs baseline (points) | train wall time (s) |",
         "| --- | ---: | ---: | ---: |",
     ]
@@ -114,8 +136,10 @@ def write_report(args: argparse.Namespace, extra: list[str], results: dict[str, 
         lines.append(f"| {name} | {acc:.4f} | {delta} | {wall:.0f} |")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out_dir / "augment_study.md", "\n".join(lines) + "\n")
-    write_text_atomic(args.out_dir / "augment_study.json", json.dumps(
-        {name: [s["test_accuracy"] for s in runs] for name, runs in results.items()}, indent=2))
+    write_text_atomic(
+        args.out_dir / "augment_study.json",
+        json.dumps({name: [s["test_accuracy"] for s in runs] for name, runs in results.items()}, indent=2),
+    )
     print("\n".join(lines))
 
 

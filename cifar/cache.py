@@ -8,6 +8,7 @@ Later runs load it in well under a second. When the data dir holds no CIFAR-10 a
 canonical ``cifar-10-python.tar.gz`` is downloaded into it first (``common.files.verified_download``:
 a temporary file, SHA-256 checked, then renamed into place) unless ``download=False``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,7 @@ from common.files import torch_save_atomic, verified_download, writable_dir
 # torchvision's canonical source (what ``CIFAR10(download=True)`` fetches); the environment
 # variables exist so tests can point at a local server.
 DOWNLOAD_URL = os.environ.get("CIFAR10_URL", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
-DOWNLOAD_SHA256 = os.environ.get(
-    "CIFAR10_SHA256", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")
+DOWNLOAD_SHA256 = os.environ.get("CIFAR10_SHA256", "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce")
 CACHE_VERSION = 1  # bump when the cache layout changes
 
 
@@ -45,8 +45,9 @@ class CifarData:
         return len(self.classes)
 
 
-def download_archive(data_dir: Path, url: str | None = None, sha256: str | None = None,
-                     timeout_s: float = 60.0) -> Path:
+def download_archive(
+    data_dir: Path, url: str | None = None, sha256: str | None = None, timeout_s: float = 60.0
+) -> Path:
     """Fetch ``cifar-10-python.tar.gz`` into ``data_dir`` (``common.files.verified_download``).
 
     On any failure the temporary file is removed and a UserError says where to get the file.
@@ -54,8 +55,10 @@ def download_archive(data_dir: Path, url: str | None = None, sha256: str | None 
     url = url or DOWNLOAD_URL
     sha256 = sha256 or DOWNLOAD_SHA256
     data_dir = Path(data_dir)
-    hint = (f"--data-dir {data_dir} holds no CIFAR-10: download {url} yourself into it, or pass "
-            f"--data-dir a folder holding {EXPECTED_LAYOUT}")
+    hint = (
+        f"--data-dir {data_dir} holds no CIFAR-10: download {url} yourself into it, or pass "
+        f"--data-dir a folder holding {EXPECTED_LAYOUT}"
+    )
     return verified_download(url, data_dir / ARCHIVE_NAME, sha256, hint=hint, timeout_s=timeout_s)
 
 
@@ -98,18 +101,23 @@ def _read_cache(path: Path) -> dict | None:
         cached = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - an unreadable cache is rebuilt, not fatal
         return None
-    ok = (isinstance(cached, dict) and cached.get("version") == CACHE_VERSION
-          and cached["train_images"].dtype == torch.uint8)
+    ok = (
+        isinstance(cached, dict)
+        and cached.get("version") == CACHE_VERSION
+        and cached["train_images"].dtype == torch.uint8
+    )
     return cached if ok else None
-
 
 
 def _write_cache(path: Path, decoded: dict) -> None:
     blob = {
         "version": CACHE_VERSION,
-        "train_images": decoded["train"][0], "train_labels": decoded["train"][1],
-        "test_images": decoded["test"][0], "test_labels": decoded["test"][1],
-        "classes": list(decoded["classes"]), "source": decoded["source"],
+        "train_images": decoded["train"][0],
+        "train_labels": decoded["train"][1],
+        "test_images": decoded["test"][0],
+        "test_labels": decoded["test"][1],
+        "classes": list(decoded["classes"]),
+        "source": decoded["source"],
     }
     if not writable_dir(path.parent):
         return
@@ -131,8 +139,10 @@ def load(data_dir: Path, download: bool = True, workers: int = 2) -> CifarData:
     source = find_source(data_dir)
     if source is None:
         if not download:
-            raise UserError(f"--data-dir {data_dir}: no CIFAR-10 found; expected {EXPECTED_LAYOUT}"
-                            " (or drop --no-download to fetch it)")
+            raise UserError(
+                f"--data-dir {data_dir}: no CIFAR-10 found; expected {EXPECTED_LAYOUT}"
+                " (or drop --no-download to fetch it)"
+            )
         source = Source("archive", download_archive(data_dir))
     path = cache_path(data_dir, source)
     if path is not None and path.is_file():
@@ -147,19 +157,30 @@ def load(data_dir: Path, download: bool = True, workers: int = 2) -> CifarData:
 
 def to_dataset(decoded: dict) -> CifarData:
     """``decode_source``'s dict as a CifarData."""
-    return CifarData(decoded["train"][0], decoded["train"][1], decoded["test"][0],
-                     decoded["test"][1], tuple(decoded["classes"]), decoded["source"])
+    return CifarData(
+        decoded["train"][0],
+        decoded["train"][1],
+        decoded["test"][0],
+        decoded["test"][1],
+        tuple(decoded["classes"]),
+        decoded["source"],
+    )
 
 
 def _from_cache(cached: dict) -> CifarData:
-    return CifarData(cached["train_images"], cached["train_labels"], cached["test_images"],
-                     cached["test_labels"], tuple(cached["classes"]), cached["source"])
+    return CifarData(
+        cached["train_images"],
+        cached["train_labels"],
+        cached["test_images"],
+        cached["test_labels"],
+        tuple(cached["classes"]),
+        cached["source"],
+    )
 
 
 def load_cache(path: Path) -> CifarData:
     """The dataset from a cache file ``load`` wrote; a UserError if it is unreadable."""
     cached = _read_cache(path)
     if cached is None:
-        raise UserError(f"{path}: the decoded CIFAR-10 cache is missing or unreadable; "
-                        "delete it and run again")
+        raise UserError(f"{path}: the decoded CIFAR-10 cache is missing or unreadable; delete it and run again")
     return _from_cache(cached)

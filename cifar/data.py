@@ -9,6 +9,7 @@ The jobs live in their own modules, re-exported here:
 - here: ``subset``, a class-balanced part of the data for quick runs, and ``prepare_batch``,
   what the model is fed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,17 +42,43 @@ from cifar.sources import (
     unpickle_batch,
 )
 
-__all__ = ["MEAN", "STD", "Augment", "alternating_flips", "augment", "normalize", "CACHE_VERSION", "DOWNLOAD_SHA256",
-           "DOWNLOAD_URL", "CifarData", "cache_dirs", "cache_path", "download_archive", "load",
-           "load_cache", "to_dataset", "ARCHIVE_NAME", "BATCHES_DIR", "EXPECTED_LAYOUT",
-           "IMAGE_SIZE", "IMAGE_SUFFIXES", "TEST_BATCH", "TRAIN_BATCHES", "BatchUnpickler",
-           "Source", "decode_source", "find_source", "unpickle_batch", "subset", "prepare_batch"]
+__all__ = [
+    "MEAN",
+    "STD",
+    "Augment",
+    "alternating_flips",
+    "augment",
+    "normalize",
+    "CACHE_VERSION",
+    "DOWNLOAD_SHA256",
+    "DOWNLOAD_URL",
+    "CifarData",
+    "cache_dirs",
+    "cache_path",
+    "download_archive",
+    "load",
+    "load_cache",
+    "to_dataset",
+    "ARCHIVE_NAME",
+    "BATCHES_DIR",
+    "EXPECTED_LAYOUT",
+    "IMAGE_SIZE",
+    "IMAGE_SUFFIXES",
+    "TEST_BATCH",
+    "TRAIN_BATCHES",
+    "BatchUnpickler",
+    "Source",
+    "decode_source",
+    "find_source",
+    "unpickle_batch",
+    "subset",
+    "prepare_batch",
+]
 
 
 def _balanced(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
     """Indices of the first ``per_class`` samples of each class, in dataset order."""
-    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class]
-                      for c in range(num_classes)]).sort().values
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)]).sort().values
 
 
 def subset(data: CifarData, train_per_class: int | None, test_limit: int | None) -> CifarData:
@@ -69,9 +96,14 @@ def subset(data: CifarData, train_per_class: int | None, test_limit: int | None)
     return CifarData(train_images, train_labels, test_images, test_labels, data.classes, data.source)
 
 
-def prepare_batch(images: torch.Tensor, channels_last: bool, aug: Augment | None = None,
-                  generator: torch.Generator | None = None, share: tuple[int, int, int] | None = None,
-                  flips: torch.Tensor | None = None) -> torch.Tensor:
+def prepare_batch(
+    images: torch.Tensor,
+    channels_last: bool,
+    aug: Augment | None = None,
+    generator: torch.Generator | None = None,
+    share: tuple[int, int, int] | None = None,
+    flips: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Normalised (and augmented, with ``aug``; ``share`` and ``flips``: see ``augment``)
     images, in channels-last memory format when the model is."""
     x = normalize(images) if aug is None else augment(normalize(images), aug, generator, share, flips)

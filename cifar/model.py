@@ -7,6 +7,7 @@ groups of conv -> max-pool -> BatchNorm -> GELU, each followed by ``depth - 1`` 
 scales stay fixed at 1 (only shifts are learned) and the input-side filters of each conv start as
 the identity, which lets very high learning rates work from the first step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,12 +57,13 @@ class BatchNorm(nn.BatchNorm2d):
         # Summed in float64: the variance as E[x^2] - E[x]^2 would lose its digits in float32.
         x = x.float()
         count = torch.full((1,), x.numel() // x.shape[1], dtype=torch.float64, device=x.device)
-        sums = torch.cat([x.sum(dim=(0, 2, 3), dtype=torch.float64),
-                          (x * x).sum(dim=(0, 2, 3), dtype=torch.float64), count])
+        sums = torch.cat(
+            [x.sum(dim=(0, 2, 3), dtype=torch.float64), (x * x).sum(dim=(0, 2, 3), dtype=torch.float64), count]
+        )
         sums = sum_over_ranks(sums)
         c, n = x.shape[1], sums[-1]
         mean = sums[:c] / n
-        var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)
+        var = (sums[c : 2 * c] / n - mean * mean).clamp_min(0)
         with torch.no_grad():  # running statistics, as nn.BatchNorm2d keeps them (unbiased var)
             self.running_mean.lerp_(mean.float(), self.momentum)
             self.running_var.lerp_((var * n / (n - 1).clamp_min(1)).float(), self.momentum)
@@ -78,7 +80,8 @@ class ConvGroup(nn.Module):
         super().__init__()
         self.entry = nn.Sequential(Conv(cin, cout), nn.MaxPool2d(2), BatchNorm(cout), nn.GELU())
         self.blocks = nn.ModuleList(
-            nn.Sequential(Conv(cout, cout), BatchNorm(cout), nn.GELU()) for _ in range(depth - 1))
+            nn.Sequential(Conv(cout, cout), BatchNorm(cout), nn.GELU()) for _ in range(depth - 1)
+        )
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,9 +94,15 @@ class ConvGroup(nn.Module):
 class AirNet(nn.Module):
     """Whitening conv + three ConvGroups + max-pool + scaled linear head. 32x32 inputs."""
 
-    def __init__(self, widths: tuple[int, int, int] = (64, 256, 256), depth: int = 2,
-                 num_classes: int = 10, residual: bool = True, whiten_width: int = 2,
-                 head_scale: float = 1 / 9) -> None:
+    def __init__(
+        self,
+        widths: tuple[int, int, int] = (64, 256, 256),
+        depth: int = 2,
+        num_classes: int = 10,
+        residual: bool = True,
+        whiten_width: int = 2,
+        head_scale: float = 1 / 9,
+    ) -> None:
         super().__init__()
         whiten_channels = 2 * 3 * whiten_width**2  # each eigen-patch and its negative
         self.whiten = nn.Conv2d(3, whiten_channels, kernel_size=whiten_width, padding=0, bias=True)
@@ -153,8 +162,10 @@ def resnet18(num_classes: int, weights: str | None) -> nn.Module:
     elif weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f"--weights {path}: no such file; expected a ResNet-18 state_dict "
-                            f"(e.g. {RESNET18_URL}) or --weights none")
+            raise UserError(
+                f"--weights {path}: no such file; expected a ResNet-18 state_dict "
+                f"(e.g. {RESNET18_URL}) or --weights none"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure means an unusable file

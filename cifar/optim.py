@@ -1,4 +1,5 @@
 """cifar/train.py's schedule, airbench's Lookahead-EMA of the weights, and the Muon optimizer."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from common.parallel import full_tensors, local_part, own_part, shard_like, whol
 def triangular(steps: int, warmup: float, start: float, end: float) -> Callable[[int], float]:
     """The learning-rate factor at each step: ``start`` -> 1 at ``warmup`` (a fraction of
     ``steps``) -> ``end``, linearly; for LambdaLR."""
+
     def factor(step: int) -> float:
         t = step / max(1, steps)
         if t < warmup:
@@ -28,8 +30,7 @@ class Lookahead:
 
     def __init__(self, model: torch.nn.Module, total_steps: int, every: int = 5) -> None:
         self.model, self.total_steps, self.every = model, total_steps, every
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()
-                        if v.is_floating_point()}
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The average, whole (gathered under FSDP: a collective), for a checkpoint."""
@@ -50,8 +51,9 @@ class Lookahead:
                 value.copy_(self.average[name])
 
 
-def orthogonalize(update: torch.Tensor, steps: int = 3, eps: float = 1e-7,
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def orthogonalize(
+    update: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Muon's Newton-Schulz iteration: ``update`` (2-D) with its singular values pushed toward 1.
 
     The quintic's coefficients maximise the slope at zero (Keller Jordan's Muon): three steps
@@ -88,8 +90,9 @@ class Muon(torch.optim.Optimizer):
     momentum buffers are DTensors like the parameters, so checkpoints gather them as usual.
     """
 
-    def __init__(self, groups: list[dict], lr: float, momentum: float, weight_decay: float = 0.0,
-                 bf16: bool = True) -> None:
+    def __init__(
+        self, groups: list[dict], lr: float, momentum: float, weight_decay: float = 0.0, bf16: bool = True
+    ) -> None:
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, muon=False))
         self.dtype = torch.bfloat16 if bf16 else torch.float32  # of the orthogonalisation
 
@@ -112,6 +115,10 @@ class Muon(torch.optim.Optimizer):
                     if lr == 0:  # also how torch's checkpoint loader creates the state: a step at
                         continue  # lr 0 must leave the weights as they are, unscaled
                     weight.mul_(len(p) ** 0.5 / whole(p.norm()))
-                    direction = own_part(p, orthogonalize(whole_from_parts(p, direction).reshape(len(p), -1),
-                                                          dtype=self.dtype).view(p.shape))
+                    direction = own_part(
+                        p,
+                        orthogonalize(whole_from_parts(p, direction).reshape(len(p), -1), dtype=self.dtype).view(
+                            p.shape
+                        ),
+                    )
                 weight.add_(direction, alpha=-lr)

@@ -10,6 +10,7 @@ Looked for in this order:
 Every problem with the files is one UserError naming the file and what was expected. The pickled
 batches are read by ``BatchUnpickler``, which runs no code from the file.
 """
+
 from __future__ import annotations
 
 import io
@@ -71,8 +72,7 @@ def find_source(data_dir: Path) -> Source | None:
     root = _class_folder_root(data_dir)
     if root is not None:
         return Source("folders", root)
-    archives = sorted(p for p in data_dir.iterdir()
-                      if p.is_file() and p.name.endswith((".tar.gz", ".tgz")))
+    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith((".tar.gz", ".tgz")))
     # Prefer an archive whose name says CIFAR; others (of other datasets) are only a fallback.
     archives.sort(key=lambda p: "cifar" not in p.name.lower())
     for archive in archives:
@@ -94,10 +94,10 @@ def _archive_kind(archive: Path) -> str | None:
                 if i > 50:
                     return None
     except (tarfile.TarError, OSError, EOFError) as err:
-        raise UserError(f"{archive}: not a readable .tar.gz ({err}); expected an archive holding "
-                        f"{EXPECTED_LAYOUT}") from None
+        raise UserError(
+            f"{archive}: not a readable .tar.gz ({err}); expected an archive holding {EXPECTED_LAYOUT}"
+        ) from None
     return None
-
 
 
 def _decode_image(data: bytes | Path, name: str) -> np.ndarray:
@@ -106,12 +106,13 @@ def _decode_image(data: bytes | Path, name: str) -> np.ndarray:
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
             img.load()  # raises on truncated or corrupt data
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise UserError(f"{name}: image is {img.size[0]}x{img.size[1]} pixels; "
-                                f"expected {IMAGE_SIZE}x{IMAGE_SIZE} (CIFAR-10)")
+                raise UserError(
+                    f"{name}: image is {img.size[0]}x{img.size[1]} pixels; "
+                    f"expected {IMAGE_SIZE}x{IMAGE_SIZE} (CIFAR-10)"
+                )
             array = np.asarray(img.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise UserError(f"{name}: corrupt or truncated image ({err}); expected a readable "
-                        "32x32 PNG or JPEG") from None
+        raise UserError(f"{name}: corrupt or truncated image ({err}); expected a readable 32x32 PNG or JPEG") from None
     return array.transpose(2, 0, 1)
 
 
@@ -120,7 +121,7 @@ def _decode_all(items: list[tuple[bytes | Path, str]], workers: int) -> torch.Te
     if not items:
         return torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     chunk = max(1, len(items) // (4 * workers) + 1)
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
 
     def decode_chunk(part: list[tuple[bytes | Path, str]]) -> np.ndarray:
         return np.stack([_decode_image(data, name) for data, name in part])
@@ -134,20 +135,24 @@ def _split_classes(where: str, split_classes: dict[str, dict[str, list]]) -> tup
     """Check the train/test class folders agree and are not empty; return the class names."""
     for split in ("train", "test"):
         if split not in split_classes:
-            raise UserError(f"{where}: no {split}/ folder with class sub-folders; expected "
-                            f"{split}/<class>/*.png|jpg (layout: {EXPECTED_LAYOUT})")
+            raise UserError(
+                f"{where}: no {split}/ folder with class sub-folders; expected "
+                f"{split}/<class>/*.png|jpg (layout: {EXPECTED_LAYOUT})"
+            )
         classes = split_classes[split]
         if len(classes) < 2:
-            raise UserError(f"{where}/{split}: found {len(classes)} class folder(s) with images; "
-                            f"expected one folder per class, {split}/<class>/*.png|jpg")
+            raise UserError(
+                f"{where}/{split}: found {len(classes)} class folder(s) with images; "
+                f"expected one folder per class, {split}/<class>/*.png|jpg"
+            )
         for name, files in classes.items():
             if not files:
-                raise UserError(f"{where}/{split}/{name}: no .png/.jpg images; expected "
-                                f"{split}/<class>/*.png|jpg")
+                raise UserError(f"{where}/{split}/{name}: no .png/.jpg images; expected {split}/<class>/*.png|jpg")
     train, test = sorted(split_classes["train"]), sorted(split_classes["test"])
     if train != test:
-        raise UserError(f"{where}: train/ has classes {train} but test/ has {test}; "
-                        "expected the same class folders in both")
+        raise UserError(
+            f"{where}: train/ has classes {train} but test/ has {test}; expected the same class folders in both"
+        )
     return tuple(train)
 
 
@@ -163,8 +168,10 @@ def _labelled(split_classes: dict[str, list], classes: tuple[str, ...]) -> tuple
 def _stray_images(where: str, paths: Iterable[str]) -> None:
     for p in paths:
         if p.lower().endswith(IMAGE_SUFFIXES):
-            raise UserError(f"{where}: image {p} is not inside a class folder; expected "
-                            "{train,test}/<class>/<image> (wrong folder layout)")
+            raise UserError(
+                f"{where}: image {p} is not inside a class folder; expected "
+                "{train,test}/<class>/<image> (wrong folder layout)"
+            )
 
 
 def _load_folders(root: Path, workers: int) -> tuple[dict, tuple[str, ...]]:
@@ -176,7 +183,8 @@ def _load_folders(root: Path, workers: int) -> tuple[dict, tuple[str, ...]]:
         _stray_images(str(split_dir), (p.name for p in split_dir.iterdir() if p.is_file()))
         split_classes[split] = {
             d.name: [(p, str(p)) for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-            for d in sorted(split_dir.iterdir()) if d.is_dir()
+            for d in sorted(split_dir.iterdir())
+            if d.is_dir()
         }
     classes = _split_classes(str(root), split_classes)
     return _decode_splits(split_classes, classes, workers), classes
@@ -205,12 +213,14 @@ def _load_archive_folders(archive: Path, workers: int) -> tuple[dict, tuple[str,
                 if len(parts) >= 3 and parts[-3] in ("train", "test"):
                     data = tf.extractfile(member).read()
                     split_classes.setdefault(parts[-3], {}).setdefault(parts[-2], []).append(
-                        (data, f"{archive}:{member.name}"))
+                        (data, f"{archive}:{member.name}")
+                    )
                 else:
                     stray.append(member.name)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise UserError(f"{archive}: truncated or corrupt archive ({err}); expected a complete "
-                        f".tar.gz holding {EXPECTED_LAYOUT}") from None
+        raise UserError(
+            f"{archive}: truncated or corrupt archive ({err}); expected a complete .tar.gz holding {EXPECTED_LAYOUT}"
+        ) from None
     _stray_images(str(archive), stray)
     classes = _split_classes(str(archive), split_classes)
     return _decode_splits(split_classes, classes, workers), classes
@@ -260,22 +270,29 @@ def unpickle_batch(raw: bytes) -> object:
 
 def _unpickle_batches(read: Callable[[str], bytes | None], where: str) -> tuple[dict, tuple[str, ...]]:
     """torchvision's pickled batches (``read(name)`` returns a file's bytes or None)."""
+
     def unpickle(name: str, raw: bytes) -> object:
         try:
             return unpickle_batch(raw)
         except _RefusedGlobal as err:
-            raise UserError(f"{where}/{name}: refused to load: it names {err}, which a CIFAR-10 "
-                            "batch never holds, and unpickling it could run code; expected "
-                            f"torchvision's {BATCHES_DIR} files") from None
+            raise UserError(
+                f"{where}/{name}: refused to load: it names {err}, which a CIFAR-10 "
+                "batch never holds, and unpickling it could run code; expected "
+                f"torchvision's {BATCHES_DIR} files"
+            ) from None
         except Exception as err:  # noqa: BLE001 - any other failure means the file is damaged
-            raise UserError(f"{where}/{name}: unreadable CIFAR-10 batch ({type(err).__name__}: "
-                            f"{err}); expected torchvision's pickled batch format") from None
+            raise UserError(
+                f"{where}/{name}: unreadable CIFAR-10 batch ({type(err).__name__}: "
+                f"{err}); expected torchvision's pickled batch format"
+            ) from None
 
     def load(name: str) -> dict:
         raw = read(name)
         if raw is None:
-            raise UserError(f"{where}: {name} is missing; expected {', '.join(TRAIN_BATCHES)}, "
-                            f"{TEST_BATCH} and batches.meta (torchvision's {BATCHES_DIR})")
+            raise UserError(
+                f"{where}: {name} is missing; expected {', '.join(TRAIN_BATCHES)}, "
+                f"{TEST_BATCH} and batches.meta (torchvision's {BATCHES_DIR})"
+            )
         batch = unpickle(name, raw)
         try:
             if not isinstance(batch["data"], np.ndarray) or batch["data"].dtype != np.uint8:
@@ -283,8 +300,10 @@ def _unpickle_batches(read: Callable[[str], bytes | None], where: str) -> tuple[
             data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
             labels = np.asarray(batch["labels"], dtype=np.int64)
         except Exception as err:  # noqa: BLE001 - any failure means the file is damaged
-            raise UserError(f"{where}/{name}: unreadable CIFAR-10 batch ({type(err).__name__}: "
-                            f"{err}); expected torchvision's pickled batch format") from None
+            raise UserError(
+                f"{where}/{name}: unreadable CIFAR-10 batch ({type(err).__name__}: "
+                f"{err}); expected torchvision's pickled batch format"
+            ) from None
         if len(labels) != len(data):
             raise UserError(f"{where}/{name}: {len(data)} images but {len(labels)} labels")
         return {"data": data, "labels": labels}
@@ -294,14 +313,17 @@ def _unpickle_batches(read: Callable[[str], bytes | None], where: str) -> tuple[
     if meta_raw:
         meta = unpickle("batches.meta", meta_raw)
         if not isinstance(meta, dict) or not all(isinstance(c, str) for c in meta.get("label_names", [0])):
-            raise UserError(f"{where}/batches.meta: no 'label_names' list of strings; expected "
-                            f"torchvision's {BATCHES_DIR} files")
+            raise UserError(
+                f"{where}/batches.meta: no 'label_names' list of strings; expected torchvision's {BATCHES_DIR} files"
+            )
         classes = tuple(meta["label_names"])
     train = [load(name) for name in TRAIN_BATCHES]
     test = load(TEST_BATCH)
     out = {
-        "train": (torch.from_numpy(np.concatenate([b["data"] for b in train])),
-                  torch.from_numpy(np.concatenate([b["labels"] for b in train]))),
+        "train": (
+            torch.from_numpy(np.concatenate([b["data"] for b in train])),
+            torch.from_numpy(np.concatenate([b["labels"] for b in train])),
+        ),
         "test": (torch.from_numpy(test["data"]), torch.from_numpy(test["labels"])),
     }
     for split, (_, labels) in out.items():
@@ -327,8 +349,9 @@ def _load_archive_batches(archive: Path) -> tuple[dict, tuple[str, ...]]:
                 if member.isfile() and len(parts) >= 2 and parts[-2] == BATCHES_DIR:
                     files[parts[-1]] = tf.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise UserError(f"{archive}: truncated or corrupt archive ({err}); expected "
-                        f"torchvision's {ARCHIVE_NAME}") from None
+        raise UserError(
+            f"{archive}: truncated or corrupt archive ({err}); expected torchvision's {ARCHIVE_NAME}"
+        ) from None
     return _unpickle_batches(files.get, f"{archive}:{BATCHES_DIR}")
 
 
@@ -342,5 +365,4 @@ def decode_source(source: Source, workers: int = 2) -> dict:
         splits, classes = _load_archive_batches(source.path)
     else:
         splits, classes = _load_archive_folders(source.path, workers)
-    return {"train": splits["train"], "test": splits["test"], "classes": classes,
-            "source": str(source.path)}
+    return {"train": splits["train"], "test": splits["test"], "classes": classes, "source": str(source.path)}

@@ -4,6 +4,7 @@ Each epoch logs train and test loss/accuracy reduced exactly across ranks; the e
 test confusion matrix (all-reduced), per-class accuracy and images/second to summary.json, and
 loss/accuracy curves and the confusion matrix to plots/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,14 @@ class Config(RunConfig):
     # --eval-only takes these from its command line (how to evaluate), the rest from the checkpoint.
     EVAL_OPTIONS: ClassVar[tuple[str, ...]] = ("tta", "amp", "eval_batch_size", "test_limit", "download")
     # The preset's name (its settings are compared one by one), and what only evaluation uses.
-    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = ("preset", "target_accuracy", "tta", "eval_batch_size",
-                                                 "test_limit", "download")
+    RESUME_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "preset",
+        "target_accuracy",
+        "tta",
+        "eval_batch_size",
+        "test_limit",
+        "download",
+    )
 
     preset: str
     arch: str  # "airnet" or "resnet18"
@@ -106,8 +113,10 @@ class Config(RunConfig):
             (self.train_per_class is None or self.train_per_class >= 1, "--train-per-class must be >= 1"),
             (self.test_limit is None or self.test_limit >= 1, "--test-limit must be >= 1"),
             (self.weights is None or self.arch == "resnet18", "--weights applies to --arch resnet18 only"),
-            (not self.world_size_invariant or self.arch == "airnet",
-             "--world-size-invariant applies to --arch airnet only"),
+            (
+                not self.world_size_invariant or self.arch == "airnet",
+                "--world-size-invariant applies to --arch airnet only",
+            ),
             (self.optimizer == "sgd" or self.arch == "airnet", "--optimizer muon applies to --arch airnet only"),
             (self.muon_lr > 0, f"--muon-lr must be positive, got {self.muon_lr}"),
             (0 <= self.muon_momentum < 1, f"--muon-momentum must be in [0, 1), got {self.muon_momentum}"),
@@ -152,8 +161,12 @@ class RaceClock:
         return self.elapsed_before + time.time() - self.wall_start
 
     def state_dict(self) -> dict[str, Any]:
-        return {"elapsed_s": self.elapsed_s, "timed_s": self.clock.seconds,
-                "time_to_target_s": self.time_to_target_s, "wall_to_target_s": self.wall_to_target_s}
+        return {
+            "elapsed_s": self.elapsed_s,
+            "timed_s": self.clock.seconds,
+            "time_to_target_s": self.time_to_target_s,
+            "wall_to_target_s": self.wall_to_target_s,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.elapsed_before = state["elapsed_s"]
@@ -162,62 +175,103 @@ class RaceClock:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = make_parser(__doc__ + "\n" + EXAMPLES, DEFAULTS,
-                         eval_only="evaluate the --resume checkpoint on the test set, no training")
+    parser = make_parser(
+        __doc__ + "\n" + EXAMPLES, DEFAULTS, eval_only="evaluate the --resume checkpoint on the test set, no training"
+    )
     p = parser.add_argument_group("cifar")
-    p.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                   help="recipe defaults: auto = airbench94 on CUDA, cpu otherwise")
+    p.add_argument(
+        "--preset",
+        default="auto",
+        choices=["auto", *PRESETS],
+        help="recipe defaults: auto = airbench94 on CUDA, cpu otherwise",
+    )
     p.add_argument("--arch", default="airnet", choices=["airnet", "resnet18"])
-    p.add_argument("--widths", type=int, nargs=3, default=[64, 256, 256], metavar="C",
-                   help="airnet: channels of the three conv groups")
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs=3,
+        default=[64, 256, 256],
+        metavar="C",
+        help="airnet: channels of the three conv groups",
+    )
     p.add_argument("--depth", type=int, default=2, help="airnet: convs per group")
-    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
-                   help="airnet: residual connections around each group's convs after the first "
-                        "(--no-residual: plain, as airbench94)")
-    p.add_argument("--weights", default=None,
-                   help="resnet18: pretrained state_dict file, or 'none' for random init "
-                        "(default: torchvision's cache, else download)")
+    p.add_argument(
+        "--residual",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="airnet: residual connections around each group's convs after the first "
+        "(--no-residual: plain, as airbench94)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="resnet18: pretrained state_dict file, or 'none' for random init "
+        "(default: torchvision's cache, else download)",
+    )
     p.add_argument("--lr-start", type=float, default=0.2, help="triangular schedule start (x lr)")
     p.add_argument("--lr-end", type=float, default=0.07, help="triangular schedule end (x lr)")
     p.add_argument("--warmup", type=float, default=0.23, help="fraction of steps rising to lr")
     p.add_argument("--momentum", type=float, default=0.85, help="Nesterov momentum")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "muon"],
-                   help="airnet: muon = Muon (orthogonalised momentum) for the conv filters and "
-                        "SGD for the head and biases, as airbench94_muon; sgd = SGD for all")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "muon"],
+        help="airnet: muon = Muon (orthogonalised momentum) for the conv filters and "
+        "SGD for the head and biases, as airbench94_muon; sgd = SGD for all",
+    )
     p.add_argument("--muon-lr", type=float, default=0.24, help="--optimizer muon: the filters' lr")
-    p.add_argument("--muon-momentum", type=float, default=0.6,
-                   help="--optimizer muon: the filters' Nesterov momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0153 / 11.5,
-                   help="L2 coefficient (airbench's 0.0153 per 1024 images at lr 11.5)")
-    p.add_argument("--bias-lr-scale", type=float, default=64.0,
-                   help="airnet: BatchNorm shifts train this many times faster")
-    p.add_argument("--whiten-bias-epochs", type=int, default=3,
-                   help="airnet: epochs before the whitening bias is frozen")
+    p.add_argument("--muon-momentum", type=float, default=0.6, help="--optimizer muon: the filters' Nesterov momentum")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0153 / 11.5,
+        help="L2 coefficient (airbench's 0.0153 per 1024 images at lr 11.5)",
+    )
+    p.add_argument(
+        "--bias-lr-scale", type=float, default=64.0, help="airnet: BatchNorm shifts train this many times faster"
+    )
+    p.add_argument(
+        "--whiten-bias-epochs", type=int, default=3, help="airnet: epochs before the whitening bias is frozen"
+    )
     p.add_argument("--label-smoothing", type=float, default=0.2, help="0 = off")
     p.add_argument("--translate", type=int, default=2, help="random shift in pixels, 0 = off")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random flips")
-    p.add_argument("--alternating-flip", action=argparse.BooleanOptionalAction, default=False,
-                   help="airbench's flips: a random half of the images in even epochs, the other "
-                        "half in odd ones, instead of a coin per image and epoch")
+    p.add_argument(
+        "--alternating-flip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="airbench's flips: a random half of the images in even epochs, the other "
+        "half in odd ones, instead of a coin per image and epoch",
+    )
     p.add_argument("--cutout", type=int, default=0, help="cutout square side in pixels, 0 = off")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="test-time flip augmentation")
-    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
-                   help="airbench's Lookahead-EMA: every 5 steps pull the weights toward their "
-                        "running average, more strongly late in training")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="test-time flip augmentation")
+    p.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="airbench's Lookahead-EMA: every 5 steps pull the weights toward their "
+        "running average, more strongly late in training",
+    )
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model (on CPU this forces fp32, see use_bf16)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model (on CPU this forces fp32, see use_bf16)",
+    )
     p.add_argument("--eval-batch-size", type=int, default=500, help="per rank")
     p.add_argument("--train-per-class", type=int, default=None, metavar="N")
     p.add_argument("--test-limit", type=int, default=None, metavar="N")
     p.add_argument("--target-accuracy", type=float, default=None, metavar="FRACTION")
     p.add_argument("--no-download", dest="download", action="store_false")
-    p.add_argument("--world-size-invariant", action="store_true",
-                   help="BatchNorm statistics and augmentation draws over the whole global batch "
-                        "instead of each process's share: 1 or 8 processes then train alike (one "
-                        "small all-reduce per BatchNorm layer and step)")
+    p.add_argument(
+        "--world-size-invariant",
+        action="store_true",
+        help="BatchNorm statistics and augmentation draws over the whole global batch "
+        "instead of each process's share: 1 or 8 processes then train alike (one "
+        "small all-reduce per BatchNorm layer and step)",
+    )
     known, _ = parser.parse_known_args(argv)
     preset = resolve_preset(known.preset, known.device)
     parser.set_defaults(**PRESETS[preset])
@@ -239,10 +293,18 @@ def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None)
     """
     data = on_local_rank_zero_first(lambda: load(cfg.data_dir, download=cfg.download), dist)
     data = subset(data, cfg.train_per_class, cfg.test_limit)
-    stop_unless_all_ranks_agree(tensor_digest([
-        ("train_images", data.train_images), ("train_labels", data.train_labels),
-        ("test_images", data.test_images), ("test_labels", data.test_labels)])[:16],
-        f"the CIFAR-10 data in {cfg.data_dir} (its SHA-256)", dist)
+    stop_unless_all_ranks_agree(
+        tensor_digest(
+            [
+                ("train_images", data.train_images),
+                ("train_labels", data.train_labels),
+                ("test_images", data.test_images),
+                ("test_labels", data.test_labels),
+            ]
+        )[:16],
+        f"the CIFAR-10 data in {cfg.data_dir} (its SHA-256)",
+        dist,
+    )
     return data
 
 
@@ -267,8 +329,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     unwrapped one (under FSDP its parameters are the shards), on its device."""
     triangle = triangular(steps, cfg.warmup, cfg.lr_start, cfg.lr_end)
     if not isinstance(model, AirNet):
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                    weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        )
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
     biases = model.norm_biases()
     whiten_bias = [model.whiten.bias]
@@ -277,10 +340,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     muon = cfg.optimizer == "muon"
     filters = [p for p in others if muon and p.dim() == 4]  # the conv filters, for Muon
     others = [p for p in others if not (muon and p.dim() == 4)]
-    groups = [dict(params=others),
-              dict(params=biases, lr=cfg.lr * cfg.bias_lr_scale,
-                   weight_decay=cfg.weight_decay / cfg.bias_lr_scale),
-              dict(params=whiten_bias)]
+    groups = [
+        dict(params=others),
+        dict(params=biases, lr=cfg.lr * cfg.bias_lr_scale, weight_decay=cfg.weight_decay / cfg.bias_lr_scale),
+        dict(params=whiten_bias),
+    ]
     whiten_steps = cfg.whiten_bias_epochs * steps / cfg.epochs
     lambdas = [triangle, triangle, lambda s: triangle(s) if s < whiten_steps else 0.0]
     if muon:
@@ -289,8 +353,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
         bf16 = use_bf16(cfg, model.whiten.bias.device)
         optimizer = Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, bf16=bf16)
     else:
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                    weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
@@ -321,12 +386,25 @@ def build_training(cfg: Config, data: CifarData, dist: DistInfo) -> CifarTrainin
     lookahead = Lookahead(unwrap(model), steps) if cfg.lookahead else None
     if cfg.compile:
         model = torch.compile(model)
-    return CifarTraining(model, optimizer, scheduler, batches, make_loss(cfg, data),
-                         bf16=use_bf16(cfg, dist.device), lookahead=lookahead, whiten_s=whiten_s)
+    return CifarTraining(
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        make_loss(cfg, data),
+        bf16=use_bf16(cfg, dist.device),
+        lookahead=lookahead,
+        whiten_s=whiten_s,
+    )
 
 
-def train_one_epoch(cfg: Config, training: CifarTraining, progress: EpochProgress, dist: DistInfo,
-                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+def train_one_epoch(
+    cfg: Config,
+    training: CifarTraining,
+    progress: EpochProgress,
+    dist: DistInfo,
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
     """One pass over the training set from ``progress.step``; loss and accuracy summed over
     ranks (exact), or None when ``stop()`` said so after a step (pre-emption: ``progress`` then
     holds the step and this rank's sums)."""
@@ -338,8 +416,11 @@ def train_one_epoch(cfg: Config, training: CifarTraining, progress: EpochProgres
     # exactly (mid-epoch, from the state a pre-emption checkpoint saved). With nothing to draw
     # (no augmentation) there is no generator.
     stream = 0 if cfg.world_size_invariant else dist.rank
-    generator = (torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + stream)
-                 if aug.draws_random else None)
+    generator = (
+        torch.Generator(dist.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + stream)
+        if aug.draws_random
+        else None
+    )
     if generator is not None and "_augment_rng" in sums:
         generator.set_state(sums["_augment_rng"])
     loss_sum = sums.get("loss", torch.zeros((), dtype=torch.float64)).to(dist.device)
@@ -347,11 +428,11 @@ def train_one_epoch(cfg: Config, training: CifarTraining, progress: EpochProgres
     seen = sums.get("n", 0)
     finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
     # With --alternating-flip the batches carry each image's even-epoch flip (a third tensor).
-    for batch in progress_bar(batches.epoch(epoch, progress.step), dist,
-                              total=len(batches) - progress.step, desc=f"epoch {epoch + 1}"):
+    for batch in progress_bar(
+        batches.epoch(epoch, progress.step), dist, total=len(batches) - progress.step, desc=f"epoch {epoch + 1}"
+    ):
         images, labels, *even_flips = batch
-        share = ((dist.rank, dist.world_size, batches.global_size(progress.step))
-                 if cfg.world_size_invariant else None)
+        share = (dist.rank, dist.world_size, batches.global_size(progress.step)) if cfg.world_size_invariant else None
         flips = even_flips[0] ^ bool(epoch % 2) if even_flips else None
         x = prepare_batch(images, cfg.channels_last, aug, generator, share, flips)
         with bf16_autocast(dist.device, training.bf16):
@@ -376,13 +457,17 @@ def train_one_epoch(cfg: Config, training: CifarTraining, progress: EpochProgres
             return None
     finite.check()
     totals = reduce_sums({"loss": loss_sum, "correct": correct, "n": seen}, dist)
-    return {"train_loss": totals["loss"] / totals["n"], "train_accuracy": totals["correct"] / totals["n"],
-            "train_images": int(totals["n"])}
+    return {
+        "train_loss": totals["loss"] / totals["n"],
+        "train_accuracy": totals["correct"] / totals["n"],
+        "train_images": int(totals["n"]),
+    }
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model: torch.nn.Module, data: CifarData, dist: DistInfo,
-             final: bool = False) -> dict[str, Any]:
+def evaluate(
+    cfg: Config, model: torch.nn.Module, data: CifarData, dist: DistInfo, final: bool = False
+) -> dict[str, Any]:
     """Test loss, accuracy, per-class accuracy and confusion matrix over every test image
     exactly once (any world size); ``final``: with flip test-time augmentation when ``--tta``."""
     model.eval()
@@ -402,9 +487,14 @@ def evaluate(cfg: Config, model: torch.nn.Module, data: CifarData, dist: DistInf
     loss = reduce_sums({"loss": loss_sum}, dist)["loss"]
     n = int(confusion.sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
-    return {"test_accuracy": int(confusion.diag().sum()) / max(n, 1), "test_loss": loss / max(n, 1),
-            "test_images": n, "tta": tta, "per_class_accuracy": dict(zip(data.classes, per_class)),
-            "confusion_matrix": confusion}
+    return {
+        "test_accuracy": int(confusion.diag().sum()) / max(n, 1),
+        "test_loss": loss / max(n, 1),
+        "test_images": n,
+        "tta": tta,
+        "per_class_accuracy": dict(zip(data.classes, per_class)),
+        "confusion_matrix": confusion,
+    }
 
 
 def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
@@ -414,8 +504,13 @@ def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> d
     model = load_for_evaluation(build_model(cfg, data), state["model"], state, dist)
     result = evaluate(cfg, model, data, dist, final=True)
     get_logger("cifar", dist).info(
-        "%s: test accuracy %.4f (%d images%s, %d process(es))", state["loaded_from"],
-        result["test_accuracy"], result["test_images"], ", flip TTA" if cfg.tta else "", dist.world_size)
+        "%s: test accuracy %.4f (%d images%s, %d process(es))",
+        state["loaded_from"],
+        result["test_accuracy"],
+        result["test_images"],
+        ", flip TTA" if cfg.tta else "",
+        dist.world_size,
+    )
     return result
 
 
@@ -425,14 +520,24 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     log = get_logger("cifar", dist)
     data = build_data(cfg, dist)
     data_s = time.time() - wall_start
-    log.info("data: %d train / %d test images, %d classes, from %s (%.1f s)",
-             len(data.train_labels), len(data.test_labels), data.num_classes, data.source, data_s)
+    log.info(
+        "data: %d train / %d test images, %d classes, from %s (%.1f s)",
+        len(data.train_labels),
+        len(data.test_labels),
+        data.num_classes,
+        data.source,
+        data_s,
+    )
     training = build_training(cfg, data, dist)
     model, steps_per_epoch = training.model, len(training.batches)
     if cfg.compile and dist.device.type == "cpu" and cfg.amp != "off":
         log.warning("--compile on CPU: running in fp32 (inductor's bf16 gradients are not finite)")
-    meta = {"program": "cifar", "arch": cfg.arch if cfg.arch != "airnet" else
-            f"airnet-{'-'.join(map(str, cfg.widths))}-d{cfg.depth}{'' if cfg.residual else '-plain'}"}
+    meta = {
+        "program": "cifar",
+        "arch": cfg.arch
+        if cfg.arch != "airnet"
+        else f"airnet-{'-'.join(map(str, cfg.widths))}-d{cfg.depth}{'' if cfg.residual else '-plain'}",
+    }
     # What airbench times: whitening, training steps and the evaluation that reaches the
     # target; not data loading, setup, the other evaluations or checkpoint writes.
     clock = RaceClock(dist.device, training.whiten_s, wall_start)
@@ -440,8 +545,15 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     if training.lookahead is not None:
         keep["lookahead"] = training.lookahead
     run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler, keep=keep)
-    log.info("%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
-             meta["arch"], dist.world_size, dist.device, training.bf16, steps_per_epoch, cfg.batch_size)
+    log.info(
+        "%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
+        meta["arch"],
+        dist.world_size,
+        dist.device,
+        training.bf16,
+        steps_per_epoch,
+        cfg.batch_size,
+    )
 
     eval_clock = DeviceClock(dist.device)
     train_s, trained, test = 0.0, 0, None
@@ -464,36 +576,64 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
         elapsed = clock.elapsed_s
         if cfg.target_accuracy and clock.time_to_target_s is None and test["test_accuracy"] >= cfg.target_accuracy:
             clock.time_to_target_s, clock.wall_to_target_s = clock.seconds + eval_clock.last_section, elapsed
-        row.update(test_loss=test["test_loss"], test_accuracy=test["test_accuracy"],
-                   train_images_per_s=row["train_images"] / epoch_train_s,
-                   samples_per_s=row["train_images"] / epoch_train_s, epoch_s=time.time() - t0,
-                   elapsed_s=elapsed, lr=training.scheduler.get_last_lr()[0])
+        row.update(
+            test_loss=test["test_loss"],
+            test_accuracy=test["test_accuracy"],
+            train_images_per_s=row["train_images"] / epoch_train_s,
+            samples_per_s=row["train_images"] / epoch_train_s,
+            epoch_s=time.time() - t0,
+            elapsed_s=elapsed,
+            lr=training.scheduler.get_last_lr()[0],
+        )
         run.log_epoch(row)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | "
-                 "%.0f img/s, %.1f s elapsed", progress.epoch + 1, cfg.epochs, row["train_loss"],
-                 row["train_accuracy"], test["test_loss"], test["test_accuracy"],
-                 " (flip TTA)" if test["tta"] else "", row["train_images_per_s"], elapsed)
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f | test loss %.4f acc %.4f%s | %.0f img/s, %.1f s elapsed",
+            progress.epoch + 1,
+            cfg.epochs,
+            row["train_loss"],
+            row["train_accuracy"],
+            test["test_loss"],
+            test["test_accuracy"],
+            " (flip TTA)" if test["tta"] else "",
+            row["train_images_per_s"],
+            elapsed,
+        )
         run.save(progress.epoch)
 
     final = test if test is not None else evaluate(cfg, model, data, dist, final=True)  # a finished run resumed
     wall_s = time.time() - wall_start
     summary = {
-        **final, "classes": list(data.classes), "epochs_run": cfg.epochs - run.start_epoch,
-        "wall_time_s": wall_s, "data_setup_s": data_s, "train_time_s": train_s,
+        **final,
+        "classes": list(data.classes),
+        "epochs_run": cfg.epochs - run.start_epoch,
+        "wall_time_s": wall_s,
+        "data_setup_s": data_s,
+        "train_time_s": train_s,
         "images_per_s": trained / train_s if train_s else None,
         "samples_per_s": trained / train_s if train_s else None,
-        "target_accuracy": cfg.target_accuracy, "time_to_target_s": clock.time_to_target_s,
-        "wall_to_target_s": clock.wall_to_target_s, "timed_s": clock.seconds,
-        "bf16": training.bf16, "parameters": sum(p.numel() for p in unwrap(model).parameters()),
-        "memory_per_rank": memory_per_rank(model, training.optimizer), "checkpoint": run.loaded_from,
+        "target_accuracy": cfg.target_accuracy,
+        "time_to_target_s": clock.time_to_target_s,
+        "wall_to_target_s": clock.wall_to_target_s,
+        "timed_s": clock.seconds,
+        "bf16": training.bf16,
+        "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+        "memory_per_rank": memory_per_rank(model, training.optimizer),
+        "checkpoint": run.loaded_from,
     }
     run.write_summary(summary)  # the results reach disk before any extra
     if dist.is_main:  # after the last collective: no rank waits on the plots
-        optional_extra("plots", lambda: plot_run(run.read_metrics(), final, data.classes, run.plots_dir,
-                                                 meta["arch"]), log)
-    log.info("test accuracy %.4f (%d images%s), wall %.1f s, %.0f train images/s -> %s",
-             final["test_accuracy"], final["test_images"], ", flip TTA" if final["tta"] else "",
-             wall_s, summary["images_per_s"] or 0, cfg.out_dir)
+        optional_extra(
+            "plots", lambda: plot_run(run.read_metrics(), final, data.classes, run.plots_dir, meta["arch"]), log
+        )
+    log.info(
+        "test accuracy %.4f (%d images%s), wall %.1f s, %.0f train images/s -> %s",
+        final["test_accuracy"],
+        final["test_images"],
+        ", flip TTA" if final["tta"] else "",
+        wall_s,
+        summary["images_per_s"] or 0,
+        cfg.out_dir,
+    )
     return summary
 
 

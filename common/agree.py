@@ -11,6 +11,7 @@ one process per node do shared work (a download, a cache) before the others.
 Every function but ``tensor_digest`` is a collective: call it on every rank. For a single
 process each is the obvious no-op (the value itself, a UserError instead of an exit).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,6 +100,7 @@ def on_local_rank_zero_first(fn: Callable[[], T], dist: DistInfo) -> T:
     ranks never call ``fn``. The wait is a collective, so it is bounded by ``--dist-timeout``.
     Call on every rank. Returns ``fn()``'s result on every rank.
     """
+
     def attempt(now: bool) -> tuple[T | None, str | None]:
         if not now:
             return None, None
@@ -133,6 +135,5 @@ def stop_unless_all_ranks_agree(value: object, what: str, dist: DistInfo) -> Non
     differing = [rank for rank, view in enumerate(views) if view != views[0]]
     problem = None
     if differing:
-        problem = (f"{what} differs between ranks (rank 0: {views[0]}; rank {differing[0]}: "
-                   f"{views[differing[0]]})")
+        problem = f"{what} differs between ranks (rank 0: {views[0]}; rank {differing[0]}: {views[differing[0]]})"
     stop_if_any_rank_failed(problem, dist)

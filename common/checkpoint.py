@@ -20,6 +20,7 @@ policy in ``common/run.py``.
 ``torch.distributed.checkpoint.state_dict`` is imported inside the functions that use it, for
 the reason common/parallel.py gives.
 """
+
 from __future__ import annotations
 
 import io
@@ -97,12 +98,15 @@ def write_checkpoint(out_dir: Path, payload: dict[str, Any]) -> str | None:
         if isinstance(cause, RuntimeError):
             raise  # not an I/O failure: a bug, with its traceback
         kept = "the previous checkpoint is kept" if (out_dir / CHECKPOINT).exists() else "no checkpoint was kept"
-        return (f"{out_dir / CHECKPOINT}: cannot write the checkpoint ({cause.strerror or cause}); "
-                f"{kept}; free space (or pick another --out-dir) and resume with --resume")
+        return (
+            f"{out_dir / CHECKPOINT}: cannot write the checkpoint ({cause.strerror or cause}); "
+            f"{kept}; free space (or pick another --out-dir) and resume with --resume"
+        )
 
 
-def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo,
-                    progress: EpochProgress | None = None) -> None:
+def save_checkpoint(
+    out_dir: Path, state: dict[str, Any], dist: DistInfo, progress: EpochProgress | None = None
+) -> None:
     """Write ``state`` plus every rank's RNG state; call on all ranks (it is a collective).
 
     ``state`` should hold the unwrapped model's ``state_dict``, optimizer, scheduler, epoch,
@@ -123,17 +127,24 @@ def save_checkpoint(out_dir: Path, state: dict[str, Any], dist: DistInfo,
     per_rank = _gather_per_rank(dist, sums if progress is not None else None)
     problem = None
     if dist.is_main:
-        problem = write_checkpoint(out_dir, {
-            **state, "rng": [r["rng"] for r in per_rank], "world_size": dist.world_size,
-            "step_in_epoch": progress.step if progress is not None else 0,
-            "epoch_sums": [r["sums"] for r in per_rank] if progress is not None else None})
+        problem = write_checkpoint(
+            out_dir,
+            {
+                **state,
+                "rng": [r["rng"] for r in per_rank],
+                "world_size": dist.world_size,
+                "step_in_epoch": progress.step if progress is not None else 0,
+                "epoch_sums": [r["sums"] for r in per_rank] if progress is not None else None,
+            },
+        )
     # Rank 0's verdict reaches every rank, and nobody moves on (or exits) until the file is in
     # place or all know it is not.
     stop_if_any_rank_failed(problem, dist)
 
 
-def load_tensors_file(path: Path | io.BytesIO, map_location: torch.device | str = "cpu",
-                      name: str | Path | None = None) -> Any:
+def load_tensors_file(
+    path: Path | io.BytesIO, map_location: torch.device | str = "cpu", name: str | Path | None = None
+) -> Any:
     """``torch.load`` that never runs code from the file (``weights_only=True``).
 
     Raises UserError naming ``path`` when the file holds a pickled object (refused: unpickling
@@ -149,13 +160,16 @@ def load_tensors_file(path: Path | io.BytesIO, map_location: torch.device | str 
             raise
         found = re.search(r"GLOBAL (\S+)", str(err))
         what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
-        raise UserError(f"{name or path}: refused to load: it holds {what}, and unpickling could run code; "
-                        "this project's files hold only tensors and plain values (files written "
-                        "before that format are refused too: train again to write a new one)") from None
+        raise UserError(
+            f"{name or path}: refused to load: it holds {what}, and unpickling could run code; "
+            "this project's files hold only tensors and plain values (files written "
+            "before that format are refused too: train again to write a new one)"
+        ) from None
 
 
-def read_checkpoint(path: Path | io.BytesIO, map_location: torch.device | str,
-                    name: str | Path | None = None) -> dict[str, Any] | None:
+def read_checkpoint(
+    path: Path | io.BytesIO, map_location: torch.device | str, name: str | Path | None = None
+) -> dict[str, Any] | None:
     """The checkpoint in ``path``, or None when it does not load (missing, truncated, not one).
 
     A file refused as unsafe raises UserError (``load_tensors_file``): never skipped silently.
@@ -173,9 +187,11 @@ def require_keys(state: dict[str, Any], keys: tuple[str, ...], program: str) -> 
     """UserError naming the checkpoint when it lacks any of ``keys`` (written by something else)."""
     missing = [k for k in keys if k not in state]
     if missing:
-        raise UserError(f"{state.get('loaded_from', 'checkpoint')}: lacks {', '.join(map(repr, missing))}, "
-                        f"so it was not written by this version of {program}/train.py; pass a "
-                        f"{program} run directory or checkpoint.pt, or train again")
+        raise UserError(
+            f"{state.get('loaded_from', 'checkpoint')}: lacks {', '.join(map(repr, missing))}, "
+            f"so it was not written by this version of {program}/train.py; pass a "
+            f"{program} run directory or checkpoint.pt, or train again"
+        )
 
 
 def check_meta(state: dict[str, Any], expect_meta: dict[str, Any], path: Path | str) -> None:
@@ -214,8 +230,9 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     set_model_state_dict(unwrap(model), dict(state), options=full_state_options(model))
 
 
-def load_training_state(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any = None) -> None:
+def load_training_state(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None
+) -> None:
     """Load a checkpoint's weights, optimizer and schedule in place (``training_state``'s
     inverse); call on every rank. Under FSDP each rank keeps its shards.
 
@@ -229,8 +246,7 @@ def load_training_state(state: dict[str, Any], model: torch.nn.Module, optimizer
     try:
         load_model_state(inner, state["model"])
         # Like the weights, the optimizer state is distributed in place: hand it a copy.
-        set_optimizer_state_dict(inner, optimizer, _copy_nested(state["optimizer"]),
-                                 options=full_state_options(inner))
+        set_optimizer_state_dict(inner, optimizer, _copy_nested(state["optimizer"]), options=full_state_options(inner))
     except (RuntimeError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise UserError(f"--resume {path}: checkpoint does not fit this model ({first_line})") from None
@@ -238,8 +254,10 @@ def load_training_state(state: dict[str, Any], model: torch.nn.Module, optimizer
         saved_steps = state["scheduler"].get("total_steps")
         steps = getattr(scheduler, "total_steps", None)
         if saved_steps is not None and steps is not None and saved_steps != steps:
-            raise UserError(f"--resume {path}: its learning-rate schedule spans {saved_steps} steps, this "
-                            f"run's {steps}; resume with the --epochs and --batch-size it was started with")
+            raise UserError(
+                f"--resume {path}: its learning-rate schedule spans {saved_steps} steps, this "
+                f"run's {steps}; resume with the --epochs and --batch-size it was started with"
+            )
         scheduler.load_state_dict(state["scheduler"])
 
 
@@ -251,8 +269,14 @@ def _copy_nested(value: Any) -> Any:
     return value
 
 
-def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                   meta: dict[str, Any], scheduler: Any = None, **extra: Any) -> dict[str, Any]:
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    meta: dict[str, Any],
+    scheduler: Any = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The dict ``save_checkpoint`` expects: full weights, optimizer, scheduler, epoch.
 
     Call on every rank (with FSDP, gathering the full state is a collective). Weights and

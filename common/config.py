@@ -12,6 +12,7 @@ change, so a bad command line stops before any process group, file or download e
 command line; only the run options (where and how this launch runs) and the program's
 ``EVAL_OPTIONS`` come from the command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,7 @@ from common.tensorboard import tensorboard_available
 
 # Where and how this launch runs, not what it trains: an --eval-only run keeps its own, and a
 # --resume may change them.
-RUN_OPTIONS = ("data_dir", "out_dir", "resume", "device", "strategy", "dist_timeout", "tensorboard",
-               "overwrite")
+RUN_OPTIONS = ("data_dir", "out_dir", "resume", "device", "strategy", "dist_timeout", "tensorboard", "overwrite")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +68,10 @@ class RunConfig:
         if self.dist_timeout <= 0:
             raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.tensorboard and not tensorboard_available():
-            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                            "(or pip install -e '.[tensorboard]')")
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install tensorboard "
+                "(or pip install -e '.[tensorboard]')"
+            )
         if self.eval_only and self.resume is None:
             raise UserError("--eval-only needs --resume (a run directory or checkpoint file)")
         if self.overwrite and self.resume is not None:
@@ -108,8 +110,9 @@ class RunConfig:
         try:
             return type(self)(**{**plain, **own, "eval_only": True})
         except TypeError as err:  # a field this version no longer has, or lacks a new one
-            raise UserError(f"{source}: its config does not fit this version of {self.PROGRAM}/train.py "
-                            f"({err}); train again") from None
+            raise UserError(
+                f"{source}: its config does not fit this version of {self.PROGRAM}/train.py ({err}); train again"
+            ) from None
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -141,32 +144,68 @@ def make_parser(description: str, defaults: dict[str, Any], eval_only: str | Non
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=_Formatter)
     shared = parser.add_argument_group("shared by every program")
-    shared.add_argument("--data-dir", type=Path, default=Path(defaults["data_dir"]),
-                        help="folder with the dataset (downloaded there if absent and possible)")
-    shared.add_argument("--out-dir", type=Path, default=Path(defaults["out_dir"]),
-                        help="run directory: metrics.jsonl, summary.json, checkpoint.pt, plots/")
+    shared.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(defaults["data_dir"]),
+        help="folder with the dataset (downloaded there if absent and possible)",
+    )
+    shared.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path(defaults["out_dir"]),
+        help="run directory: metrics.jsonl, summary.json, checkpoint.pt, plots/",
+    )
     shared.add_argument("--epochs", type=int, default=defaults["epochs"], help="training epochs")
-    shared.add_argument("--batch-size", type=int, default=defaults["batch_size"],
-                        help="global batch size, split evenly across processes")
+    shared.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults["batch_size"],
+        help="global batch size, split evenly across processes",
+    )
     shared.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
     shared.add_argument("--seed", type=int, default=0, help="seed for weights, splits, data order")
-    shared.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="continue from a checkpoint: alone, the one in --out-dir if any "
-                             "(safe to pass on every torchrun restart); or a file / run dir")
-    shared.add_argument("--overwrite", action="store_true",
-                        help="replace the run --out-dir holds (its checkpoints, metrics, summary, "
-                             "plots); without it a launch into a run directory needs --resume")
-    shared.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto = CUDA if available (NCCL), else CPU (gloo)")
-    shared.add_argument("--strategy", default="ddp", choices=list(STRATEGIES),
-                        help="ddp: replicate the model; fsdp: shard parameters, gradients and "
-                             "optimizer state across processes (FSDP2)")
-    shared.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                        help="how long a collective waits for the other ranks before failing")
-    shared.add_argument("--tensorboard", action="store_true",
-                        help="also log each epoch's metrics, learning rate and samples/s as "
-                             "TensorBoard scalars in OUT_DIR/tensorboard (rank 0; needs the "
-                             "tensorboard package: pip install -e '.[tensorboard]')")
+    shared.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint: alone, the one in --out-dir if any "
+        "(safe to pass on every torchrun restart); or a file / run dir",
+    )
+    shared.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run --out-dir holds (its checkpoints, metrics, summary, "
+        "plots); without it a launch into a run directory needs --resume",
+    )
+    shared.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto = CUDA if available (NCCL), else CPU (gloo)",
+    )
+    shared.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=list(STRATEGIES),
+        help="ddp: replicate the model; fsdp: shard parameters, gradients and optimizer state across processes (FSDP2)",
+    )
+    shared.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a collective waits for the other ranks before failing",
+    )
+    shared.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log each epoch's metrics, learning rate and samples/s as "
+        "TensorBoard scalars in OUT_DIR/tensorboard (rank 0; needs the "
+        "tensorboard package: pip install -e '.[tensorboard]')",
+    )
     if eval_only is not None:
         shared.add_argument("--eval-only", action="store_true", help=eval_only)
     return parser

@@ -3,6 +3,7 @@ may fail with a warning rather than cost the run.
 
 Every function here is safe to call on all ranks: only rank 0 prints.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,12 +31,12 @@ def get_logger(name: str, dist: DistInfo) -> logging.Logger:
     return logger
 
 
-def progress(iterable: Iterable[T], dist: DistInfo, total: int | None = None,
-             desc: str = "") -> Iterator[T]:
+def progress(iterable: Iterable[T], dist: DistInfo, total: int | None = None, desc: str = "") -> Iterator[T]:
     """A tqdm bar on rank 0 (to stderr, refreshed at most every 2 s); plain iteration elsewhere."""
     disable = not dist.is_main or os.environ.get("NO_PROGRESS") == "1"
-    return iter(tqdm(iterable, total=total, desc=desc, disable=disable, leave=False,
-                     mininterval=2.0, dynamic_ncols=True))
+    return iter(
+        tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, mininterval=2.0, dynamic_ncols=True)
+    )
 
 
 def optional_extra(what: str, fn: Callable[[], T], log: logging.Logger) -> T | None:
@@ -50,6 +51,10 @@ def optional_extra(what: str, fn: Callable[[], T], log: logging.Logger) -> T | N
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 - an extra must never cost the run its exit status
-        log.warning("%s failed, the run's results are unaffected: %s: %s", what,
-                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        log.warning(
+            "%s failed, the run's results are unaffected: %s: %s",
+            what,
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
+        )
         return None

@@ -23,6 +23,7 @@ Evaluation (``eval_shard``): rank r gets the contiguous slice ``[r*n//W, (r+1)*n
 shards cover every sample once, so sums reduced across ranks equal the single-process sums, and
 per-sample results gathered in rank order come back in the original order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -68,10 +69,7 @@ class TrainBatches:
             raise ValueError("all tensors must have the same first dimension")
         per_rank_batch_size(global_batch_size, dist)  # validates divisibility
         if self.n < global_batch_size:
-            raise UserError(
-                f"--batch-size {global_batch_size} is larger than the training set "
-                f"({self.n} samples)"
-            )
+            raise UserError(f"--batch-size {global_batch_size} is larger than the training set ({self.n} samples)")
         self.tensors = [t.to(dist.device) for t in tensors]  # once: a no-op if already there
         self.global_batch_size = global_batch_size
         self.dist = dist
@@ -89,7 +87,7 @@ class TrainBatches:
     def _local_part(self, order: torch.Tensor, step: int) -> torch.Tensor:
         """This rank's share of global batch ``step``; the last batch takes the remainder."""
         start = step * self.global_batch_size
-        return order[start:start + self.global_size(step)][self.dist.rank :: self.dist.world_size]
+        return order[start : start + self.global_size(step)][self.dist.rank :: self.dist.world_size]
 
     def global_size(self, step: int) -> int:
         """How many samples global batch ``step`` holds, over all ranks (the last takes the

@@ -11,6 +11,7 @@ It follows the PyTorch DDP tutorial's steps: read the environment, set the CUDA 
 belong to this attempt alone (common/rendezvous.py says why a restarted job needs that).
 Collectives that make the ranks agree on something are in common/agree.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,7 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     n_gpus = torch.cuda.device_count()
     if local_rank >= n_gpus:
         raise UserError(
-            f"local rank {local_rank} has no GPU: this node has {n_gpus}; "
-            f"launch at most --nproc_per_node={n_gpus}"
+            f"local rank {local_rank} has no GPU: this node has {n_gpus}; launch at most --nproc_per_node={n_gpus}"
         )
     return torch.device("cuda", local_rank)
 

@@ -1,4 +1,5 @@
 """User-facing errors: one clear line, a non-zero exit on every rank, no hang."""
+
 from __future__ import annotations
 
 import os

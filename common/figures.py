@@ -1,5 +1,6 @@
 """Figures as files: matplotlib on the Agg backend (no display needed), saved atomically;
 per-epoch curves of a run's metrics (``plot_curves``)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,7 @@ def save_figure(fig, path: Path, dpi: int = DPI) -> Path:
     return path
 
 
-def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: Path,
-                title: str = "") -> None:
+def plot_curves(rows: list[dict[str, Any]], panels: dict[str, list[str]], path: Path, title: str = "") -> None:
     """Line plots of per-epoch metrics: one panel per entry, ``{"loss": ["train_loss", ...]}``."""
     fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     epochs = [row["epoch"] + 1 for row in rows]

@@ -6,6 +6,7 @@ one filesystem is atomic, so a reader (or a crash) sees the old file or the new 
 of one. The temporary name is unique per host and process, so ranks or nodes sharing a
 filesystem that write the same file at once cannot damage each other's.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,7 @@ from common.errors import UserError
 def temp_path_beside(path: Path) -> Path:
     """A fresh hidden name in ``path``'s folder: ``.<name>.<host>.<pid>.<random>.tmp``."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-                          f"{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any], previous: Path | None = None) -> Path:
@@ -79,8 +79,9 @@ def verified_download(url: str, dest: Path, sha256: str, *, hint: str, timeout_s
         tmp = temp_path_beside(dest)
         tmp.touch(exist_ok=False)
     except OSError as err:
-        raise UserError(f"{dest}: not found, and {dest.parent} is not writable for a download "
-                        f"({err.strerror or err}); {hint}") from None
+        raise UserError(
+            f"{dest}: not found, and {dest.parent} is not writable for a download ({err.strerror or err}); {hint}"
+        ) from None
     try:
         digest = hashlib.sha256()
         with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -90,17 +91,18 @@ def verified_download(url: str, dest: Path, sha256: str, *, hint: str, timeout_s
             out.flush()
             os.fsync(out.fileno())
         if digest.hexdigest() != sha256:
-            raise UserError(f"{url}: checksum mismatch: the downloaded file has SHA-256 "
-                            f"{digest.hexdigest()}, expected {sha256} (corrupt or changed "
-                            f"download); {hint}")
+            raise UserError(
+                f"{url}: checksum mismatch: the downloaded file has SHA-256 "
+                f"{digest.hexdigest()}, expected {sha256} (corrupt or changed "
+                f"download); {hint}"
+            )
         os.replace(tmp, dest)
     except UserError:
         tmp.unlink(missing_ok=True)
         raise
     except (OSError, ValueError) as err:  # URLError/HTTPError/timeouts are OSErrors
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{dest}: not found and the download failed ({url}: {err}); "
-                        f"{hint}") from None
+        raise UserError(f"{dest}: not found and the download failed ({url}: {err}); {hint}") from None
     return dest
 
 

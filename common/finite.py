@@ -8,6 +8,7 @@ ranks compare what they recorded at the points where they all stop anyway: the e
 and a pre-emption checkpoint. Then every rank stops with the same line, naming the step and the
 rank whose batch it was, before a checkpoint of non-finite weights is written.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,4 +47,5 @@ class FiniteLossWatch:
             where = f" on rank {rank}" + (" only (its share of that batch)" if alone else "")
         raise NonFiniteLossError(
             f"loss became {value} at step {step}{where}; check the training data for extreme or "
-            "broken values, or, if the loss had been finite and growing, lower --lr")
+            "broken values, or, if the loss had been finite and growing, lower --lr"
+        )

@@ -4,6 +4,7 @@ Each rank evaluates its own shard (``common.data.eval_shard``); these helpers co
 so the result equals what one process would compute on the whole set. Every function is a no-op
 reduction for a single process, and every rank must call it (they are collectives).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,10 @@ def reduce_sums(values: dict[str, float | int | torch.Tensor], dist: DistInfo) -
     Example: ``t = reduce_sums({"loss": loss_sum, "n": count}, dist); mean = t["loss"] / t["n"]``
     """
     keys = list(values)
-    parts = [v.detach().double().sum() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in values.values()]
+    parts = [
+        v.detach().double().sum() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+        for v in values.values()
+    ]
     stacked = torch.stack([p.cpu() for p in parts]).to(_comm_device(dist))
     if dist.is_distributed:
         tdist.all_reduce(stacked, op=tdist.ReduceOp.SUM)
@@ -38,9 +42,7 @@ def all_reduce_tensor(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     return out.cpu()
 
 
-def confusion_matrix(
-    predictions: torch.Tensor, targets: torch.Tensor, num_classes: int
-) -> torch.Tensor:
+def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Counts ``[true_class, predicted_class]`` for one batch or shard, as int64, on the inputs'
     device (add batches up there; ``all_reduce_tensor`` brings the total to the host once)."""
     flat = targets.long().reshape(-1) * num_classes + predictions.long().reshape(-1)

@@ -25,6 +25,7 @@ world-size-invariant BatchNorm) sums its parts with ``sum_over_ranks``, which is
 FSDP, DTensor and torch.distributed.checkpoint are imported inside the functions that use them
 (slow to import, in every process): a DDP run, or one that stops at a bad argument, does not load them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,7 @@ from common.dist import DistInfo
 STRATEGIES = ("ddp", "fsdp")
 
 # Sharded model -> its unsharded twin on the meta device (no memory), kept to build local_copy.
-_UNSHARDED_TEMPLATES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = \
-    weakref.WeakKeyDictionary()
+_UNSHARDED_TEMPLATES: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 
 
 def wrap_model(model: torch.nn.Module, dist: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
@@ -194,8 +194,9 @@ def whole_from_parts(like: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
         return part
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape,
-                              stride=like.stride()).full_tensor()
+    return DTensor.from_local(
+        part, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    ).full_tensor()
 
 
 def own_part(like: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -219,8 +220,7 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: whole(t.detach()) if is_shard(t) else t for name, t in tensors.items()}
 
 
-def shard_like(tensors: dict[str, torch.Tensor],
-               like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def shard_like(tensors: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of ``full_tensors``: each whole tensor split the way ``like[name]`` is.
 
     ``like`` is typically ``unwrap(model).state_dict()``; entries that are not shards there are
@@ -232,8 +232,7 @@ def shard_like(tensors: dict[str, torch.Tensor],
     for name, t in tensors.items():
         ref = like[name]
         if isinstance(ref, DTensor):
-            out[name] = distribute_tensor(t.detach().to(ref.to_local().device), ref.device_mesh,
-                                          ref.placements)
+            out[name] = distribute_tensor(t.detach().to(ref.to_local().device), ref.device_mesh, ref.placements)
         else:
             out[name] = t.to(ref.device)
     return out
@@ -251,8 +250,12 @@ def memory_per_rank(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     so rank 0's figures, the ones a summary records, are the per-rank maximum.
     """
     params = list(model.parameters())
-    optimizer_bytes = sum(_local_bytes(v) for state in optimizer.state.values()
-                          for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    optimizer_bytes = sum(
+        _local_bytes(v)
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
     result = {
         "param_bytes": sum(_local_bytes(p) for p in params),
         "grad_bytes": sum(_local_bytes(p) for p in params if p.requires_grad),  # as allocated in backward

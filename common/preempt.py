@@ -17,6 +17,7 @@ uninterrupted run ends (bit-identical on CPU at the same world size).
 The check costs one 4-byte all-reduce per step over a gloo group (on CPU, the job's own group;
 on GPU a separate CPU group, so the check never waits for the GPU's queue to drain).
 """
+
 from __future__ import annotations
 
 import signal
@@ -93,13 +94,14 @@ class Preemption:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
-    def leave(self, checkpoint_dir: Path, progress: EpochProgress,
-              log: Callable[[str], None] | None = None) -> None:
+    def leave(self, checkpoint_dir: Path, progress: EpochProgress, log: Callable[[str], None] | None = None) -> None:
         """After the checkpoint is written: say where training stopped, exit ``PREEMPTED_EXIT``."""
         if log is not None and self.dist.is_main:
             what = self.received.name if self.received is not None else "a signal on another rank"
             waited = f" {time.time() - self.received_at:.1f} s after the signal" if self.received_at else ""
-            log(f"pre-empted by {what}: stopped after step {progress.step} of epoch "
+            log(
+                f"pre-empted by {what}: stopped after step {progress.step} of epoch "
                 f"{progress.epoch + 1}; checkpoint written to {checkpoint_dir}{waited}; "
-                f"continue with --resume (exit status {PREEMPTED_EXIT})")
+                f"continue with --resume (exit status {PREEMPTED_EXIT})"
+            )
         raise SystemExit(PREEMPTED_EXIT)  # run_main exits with this status

@@ -5,6 +5,7 @@ Only rank 0 writes, always atomically (``common.files``); ``RunRecorder``'s meth
 call on all ranks. With ``--tensorboard`` the recorder also writes each epoch's numbers as
 TensorBoard scalars (``common.tensorboard``).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def _json_default(value: Any) -> Any:
 def git_commit() -> str | None:
     """The repository's HEAD commit, or None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -53,16 +55,18 @@ def git_commit() -> str | None:
 
 def run_info(dist: DistInfo, config: Any) -> dict[str, Any]:
     """Everything needed to reproduce or compare a run (recorded in summary.json)."""
-    device_name = (torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda"
-                   else platform.processor() or platform.machine())
+    device_name = (
+        torch.cuda.get_device_name(dist.device)
+        if dist.device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
     return {
         "config": asdict(config) if is_dataclass(config) else dict(vars(config)),
         "world_size": dist.world_size,
         "device": str(dist.device.type),
         "device_name": device_name,
         # Rank 0's high-water mark of tensor memory on its GPU (what OOMs first); None on CPU.
-        "peak_gpu_mib": (torch.cuda.max_memory_allocated(dist.device) / 2**20
-                         if dist.device.type == "cuda" else None),
+        "peak_gpu_mib": (torch.cuda.max_memory_allocated(dist.device) / 2**20 if dist.device.type == "cuda" else None),
         "threads_per_process": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -84,8 +88,7 @@ class RunRecorder:
     ``epoch``, in ``out_dir/tensorboard/``: ``tensorboard --logdir OUT_DIR``.
     """
 
-    def __init__(self, out_dir: Path, dist: DistInfo, start_epoch: int = 0,
-                 tensorboard: bool = False) -> None:
+    def __init__(self, out_dir: Path, dist: DistInfo, start_epoch: int = 0, tensorboard: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.plots_dir = self.out_dir / "plots"
         self.metrics_path = self.out_dir / "metrics.jsonl"

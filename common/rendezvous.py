@@ -20,6 +20,7 @@ Instead the ranks agree on a generation through the store itself (``agree_on_gen
 rank 0 draws a fresh number, every other rank acknowledges it, rank 0 confirms. A number left
 over from an earlier attempt is never confirmed again, so no rank can settle on it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -51,8 +52,7 @@ def store_for_this_attempt(rank: int, world_size: int, timeout: datetime.timedel
     return tdist.PrefixStore(f"torchdist/generation{generation}", store)
 
 
-def agree_on_generation(store: tdist.Store, rank: int, world_size: int,
-                        timeout: datetime.timedelta) -> int:
+def agree_on_generation(store: tdist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> int:
     """A number all ranks of this attempt share and no earlier attempt used.
 
     Rank 0 is unique in an attempt, and every worker of the previous attempt is dead before
@@ -68,16 +68,18 @@ def agree_on_generation(store: tdist.Store, rank: int, world_size: int,
 
     def wait_a_little(what: str) -> None:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"rank {rank}: no agreement on the rendezvous namespace within "
-                               f"{timeout.total_seconds():.0f}s ({what})")
+            raise RuntimeError(
+                f"rank {rank}: no agreement on the rendezvous namespace within {timeout.total_seconds():.0f}s ({what})"
+            )
         time.sleep(POLL_S)
 
     if rank == 0:
         generation = store.add("torchdist/counter", 1)
         store.set("torchdist/leader", str(generation))
         for peer in range(1, world_size):
-            while not (store.check([f"torchdist/ack/{peer}"])
-                       and int(store.get(f"torchdist/ack/{peer}")) == generation):
+            while not (
+                store.check([f"torchdist/ack/{peer}"]) and int(store.get(f"torchdist/ack/{peer}")) == generation
+            ):
                 wait_a_little(f"waiting for rank {peer}")
         store.set(f"torchdist/confirmed/{generation}", "1")
         return generation

@@ -1,4 +1,5 @@
 """Random state: seed every generator once, capture and restore them for exact resumes."""
+
 from __future__ import annotations
 
 import random

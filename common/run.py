@@ -30,6 +30,7 @@ every rank agrees on, the evaluated run's Config rebuilt from the one saved in i
 (``RunConfig.for_evaluation``), the program's ``evaluate_checkpoint``, and ``eval.json`` in
 --out-dir; the evaluated run's own files are left as they are.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,9 +100,17 @@ class Run:
     and the program evaluates it again.
     """
 
-    def __init__(self, cfg: RunConfig, dist: DistInfo, meta: dict[str, Any], model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler: Any, keep: dict[str, Stateful] | None = None,
-                 constants: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        dist: DistInfo,
+        meta: dict[str, Any],
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        keep: dict[str, Stateful] | None = None,
+        constants: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg, self.dist, self.meta = cfg, dist, meta
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.keep, self.constants = keep or {}, constants or {}
@@ -119,8 +128,10 @@ class Run:
         self.loaded_from: str | None = state["loaded_from"] if state else None
         self.start_epoch = state["epoch"] + 1 if state else 0
         if self.start_epoch > cfg.epochs:
-            raise UserError(f"--resume: the checkpoint finished epoch {self.start_epoch}, more than "
-                            f"--epochs {cfg.epochs}; pass --epochs {self.start_epoch} or more")
+            raise UserError(
+                f"--resume: the checkpoint finished epoch {self.start_epoch}, more than "
+                f"--epochs {cfg.epochs}; pass --epochs {self.start_epoch} or more"
+            )
         self._resumed = progress_from(state, dist)
         self.preemption = Preemption(dist)
         self.recorder = RunRecorder(cfg.out_dir, dist, self.start_epoch, tensorboard=cfg.tensorboard)
@@ -146,9 +157,16 @@ class Run:
     def save(self, epoch: int, progress: EpochProgress | None = None) -> None:
         """Checkpoint after ``epoch`` (the last completed one), or inside the epoch after it at
         ``progress``; call on every rank (a collective)."""
-        state = training_state(self.model, self.optimizer, epoch, self.meta, self.scheduler,
-                               config=config_dict(self.cfg), **self.constants,
-                               **{name: part.state_dict() for name, part in self.keep.items()})
+        state = training_state(
+            self.model,
+            self.optimizer,
+            epoch,
+            self.meta,
+            self.scheduler,
+            config=config_dict(self.cfg),
+            **self.constants,
+            **{name: part.state_dict() for name, part in self.keep.items()},
+        )
         save_checkpoint(self.cfg.out_dir, state, self.dist, progress)
 
     def leave(self, progress: EpochProgress) -> NoReturn:
@@ -189,8 +207,7 @@ def progress_from(state: dict[str, Any] | None, dist: DistInfo) -> EpochProgress
     if state.get("world_size") == dist.world_size:
         sums = saved[dist.rank]
     elif dist.is_main:
-        sums = {k: sum(rank_sums[k] for rank_sums in saved) for k in saved[0]
-                if not k.startswith("_")}
+        sums = {k: sum(rank_sums[k] for rank_sums in saved) for k in saved[0] if not k.startswith("_")}
     else:
         sums = {}
     return EpochProgress(epoch=state["epoch"] + 1, step=state["step_in_epoch"], sums=sums)
@@ -227,14 +244,19 @@ def newest_local(resume: str, out_dir: Path) -> tuple[dict[str, Any] | None, byt
             return {"refused": str(refused)}, None, found
         if state is None:
             continue
-        report = {"epoch": state.get("epoch"), "step": state.get("step_in_epoch", 0), "path": str(candidate),
-                  "sha256": hashlib.sha256(blob).hexdigest()}
+        report = {
+            "epoch": state.get("epoch"),
+            "step": state.get("step_in_epoch", 0),
+            "path": str(candidate),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+        }
         return report, blob, found
     return None, None, found
 
 
-def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo, expect_meta: dict[str, Any],
-                      config: RunConfig | None = None) -> dict[str, Any] | None:
+def agreed_checkpoint(
+    resume: str | None, out_dir: Path, dist: DistInfo, expect_meta: dict[str, Any], config: RunConfig | None = None
+) -> dict[str, Any] | None:
     """The one checkpoint every rank resumes from; call on every rank (it is a collective).
 
     Each rank looks where ``--resume`` says (``auto``: its own ``out_dir``, newest that loads:
@@ -259,16 +281,20 @@ def agreed_checkpoint(resume: str | None, out_dir: Path, dist: DistInfo, expect_
     refused = [r["report"]["refused"] for r in reports if r["report"] and "refused" in r["report"]]
     if refused:
         raise UserError(refused[0])  # on every rank: never resume past a doctored file
-    held = [(r["report"]["epoch"] if r["report"]["epoch"] is not None else -1, r["report"]["step"] or 0,
-             -rank, rank) for rank, r in enumerate(reports) if r["report"] is not None]
+    held = [
+        (r["report"]["epoch"] if r["report"]["epoch"] is not None else -1, r["report"]["step"] or 0, -rank, rank)
+        for rank, r in enumerate(reports)
+        if r["report"] is not None
+    ]
     if not held:
         if resume == "auto":
             return None
         where = candidates(resume, out_dir)[0]
         if any(r["found"] for r in reports):
             raise UserError(f"--resume: no loadable checkpoint at {where} (corrupt or truncated)")
-        raise UserError(f"--resume {resume}: no checkpoint found at {where}"
-                        + (" on any node" if dist.is_distributed else ""))
+        raise UserError(
+            f"--resume {resume}: no checkpoint found at {where}" + (" on any node" if dist.is_distributed else "")
+        )
     source = max(held)[-1]
     chosen = reports[source]["report"]
     if any(r["report"] is None or r["report"]["sha256"] != chosen["sha256"] for r in reports):
@@ -301,9 +327,11 @@ def check_same_settings(config: RunConfig, state: dict[str, Any], path: Path | s
     if changed:
         name, value, saved = changed[0]
         more = f" (and {', '.join('--' + n.replace('_', '-') for n, _, _ in changed[1:])})" if changed[1:] else ""
-        raise UserError(f"--resume {path}: --{name.replace('_', '-')} is {value!r} here but {saved!r} in the "
-                        f"run being resumed{more}; resume with the run's settings, or start a new run "
-                        "in another --out-dir")
+        raise UserError(
+            f"--resume {path}: --{name.replace('_', '-')} is {value!r} here but {saved!r} in the "
+            f"run being resumed{more}; resume with the run's settings, or start a new run "
+            "in another --out-dir"
+        )
 
 
 def weights_checksum(model: torch.nn.Module) -> str:
@@ -324,15 +352,19 @@ def check_ranks_agree(state: dict[str, Any] | None, model: torch.nn.Module, dist
     Compares the epoch and step resumed from and a checksum of the model's weights as loaded;
     call on every rank after resuming (or starting fresh), before training or evaluating.
     """
-    view = (f"epoch {state.get('epoch') if state else None}, "
-            f"step {state.get('step_in_epoch', 0) if state else None}, "
-            f"weights {weights_checksum(model)[:16]}")
-    stop_unless_all_ranks_agree(view, "the state training starts from (every rank must resume from "
-                                "the same checkpoint)", dist)
+    view = (
+        f"epoch {state.get('epoch') if state else None}, "
+        f"step {state.get('step_in_epoch', 0) if state else None}, "
+        f"weights {weights_checksum(model)[:16]}"
+    )
+    stop_unless_all_ranks_agree(
+        view, "the state training starts from (every rank must resume from the same checkpoint)", dist
+    )
 
 
-def load_for_evaluation(model: torch.nn.Module, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                        dist: DistInfo) -> torch.nn.Module:
+def load_for_evaluation(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], state: dict[str, Any], dist: DistInfo
+) -> torch.nn.Module:
     """``model`` (unwrapped) on this rank's device holding ``weights`` from the checkpoint
     ``state``, checked to be the same on every rank: what ``evaluate_checkpoint`` evaluates."""
     model = model.to(dist.device)
@@ -344,8 +376,9 @@ def load_for_evaluation(model: torch.nn.Module, weights: dict[str, torch.Tensor]
 EvaluateCheckpoint = Callable[[RunConfig, dict[str, Any], DistInfo], dict[str, Any]]
 
 
-def run_eval_only(cfg: RunConfig, dist: DistInfo, evaluate_checkpoint: EvaluateCheckpoint,
-                  required: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_eval_only(
+    cfg: RunConfig, dist: DistInfo, evaluate_checkpoint: EvaluateCheckpoint, required: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Evaluate the checkpoint ``cfg.resume`` names with ``evaluate_checkpoint(saved_cfg, state,
     dist)``; call on every rank. ``required``: the checkpoint keys it reads besides ``model``
     and ``config`` (a checkpoint without them is one clear error). Returns eval.json's content.
@@ -355,8 +388,11 @@ def run_eval_only(cfg: RunConfig, dist: DistInfo, evaluate_checkpoint: EvaluateC
         raise UserError(f"--eval-only --resume: no checkpoint in {cfg.out_dir} on any node")
     require_keys(state, ("model", "config", *required), cfg.PROGRAM)
     saved = cfg.for_evaluation(state["config"], state["loaded_from"])
-    results = {**evaluate_checkpoint(saved, state, dist), "checkpoint": state["loaded_from"],
-               "world_size": dist.world_size}
+    results = {
+        **evaluate_checkpoint(saved, state, dist),
+        "checkpoint": state["loaded_from"],
+        "world_size": dist.world_size,
+    }
     if dist.is_main:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg.out_dir / "eval.json", results)

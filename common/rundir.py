@@ -12,6 +12,7 @@ the kernel when the process ends, however it ends, so a killed run never leaves 
 torchrun's restarted workers take it again). The lock file also records which program owns the
 directory. The decision is rank 0's (only rank 0 writes the directory) and every rank learns it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -57,12 +58,18 @@ def _claim(out_dir: Path, program: str, resume: bool, overwrite: bool) -> str | 
             handle.seek(0)
             holder = _read_owner(handle.read())
             handle.close()
-            return (f"--out-dir {out_dir} is being written by another launch ({holder.get('program', '?')}, "
-                    f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to end or "
-                    "choose another --out-dir")
+            return (
+                f"--out-dir {out_dir} is being written by another launch ({holder.get('program', '?')}, "
+                f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to end or "
+                "choose another --out-dir"
+            )
         except OSError as err:  # a filesystem without locks (some network mounts): run unlocked
-            print(f"warning: --out-dir {out_dir} cannot be locked ({err.strerror}); a second launch "
-                  "into it would not be refused", file=sys.stderr, flush=True)
+            print(
+                f"warning: --out-dir {out_dir} cannot be locked ({err.strerror}); a second launch "
+                "into it would not be refused",
+                file=sys.stderr,
+                flush=True,
+            )
         handle.seek(0)
         owner = _read_owner(handle.read()).get("program")
         _held[out_dir] = handle
@@ -78,11 +85,15 @@ def _claim(out_dir: Path, program: str, resume: bool, overwrite: bool) -> str | 
                 path.unlink()
     elif found and not resume:
         what = f"a {owner} run" if owner else "a run"
-        return (f"--out-dir {out_dir} already holds {what} ({', '.join(found)}); pass --resume to "
-                "continue it, --overwrite to replace it, or choose another --out-dir")
+        return (
+            f"--out-dir {out_dir} already holds {what} ({', '.join(found)}); pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --out-dir"
+        )
     elif found and owner not in (None, program):
-        return (f"--out-dir {out_dir} holds a {owner} run, not a {program} one; --resume continues a "
-                f"run of the same program: choose another --out-dir")
+        return (
+            f"--out-dir {out_dir} holds a {owner} run, not a {program} one; --resume continues a "
+            f"run of the same program: choose another --out-dir"
+        )
     handle = _held[out_dir]
     handle.seek(0)
     handle.truncate()

@@ -13,6 +13,7 @@ instances of trusted classes, through their ``__getstate__`` / ``__setstate__`` 
 estimators define both). Anything else raises TypeError at save time, where it is a programming
 error, never at load time.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -52,8 +53,11 @@ def _encode(obj: Any, names: dict[int, str]) -> Any:
         return {KIND: "scalar", "dtype": obj.dtype.str, "value": obj.item()}
     if isinstance(obj, np.ndarray):
         if obj.dtype == object:
-            return {KIND: "objects", "shape": list(obj.shape),
-                    "items": [_encode(v, names) for v in obj.ravel().tolist()]}
+            return {
+                KIND: "objects",
+                "shape": list(obj.shape),
+                "items": [_encode(v, names) for v in obj.ravel().tolist()],
+            }
         # A copy keeps the memory order (C or Fortran), so arithmetic on it runs the same way.
         return {KIND: "array", "data": torch.from_numpy(np.array(obj, copy=True, order="K"))}
     if isinstance(obj, np.dtype):
@@ -71,16 +75,21 @@ def _encode(obj: Any, names: dict[int, str]) -> Any:
     if id(obj) in names:  # a trusted function, ufunc or class, referred to by name
         return {KIND: "ref", "name": names[id(obj)]}
     if type(obj).__module__.startswith("pandas") and type(obj).__name__ == "Series":
-        return {KIND: "series", "values": _encode(obj.to_numpy(), names),
-                "index": _encode(obj.index.to_numpy(), names),
-                "name": _encode(obj.name, names), "index_name": _encode(obj.index.name, names)}
+        return {
+            KIND: "series",
+            "values": _encode(obj.to_numpy(), names),
+            "index": _encode(obj.index.to_numpy(), names),
+            "name": _encode(obj.name, names),
+            "index_name": _encode(obj.index.name, names),
+        }
     if id(type(obj)) in names:
         state = obj.__getstate__()
         if not isinstance(state, dict):
             raise TypeError(f"{_name(type(obj))}: state is a {type(state).__name__}, not a dict")
         return {KIND: "object", "class": names[id(type(obj))], "state": _encode(state, names)}
-    raise TypeError(f"cannot store {_name(type(obj))} as plain data; add it to the trusted list "
-                    "if it is safe to rebuild")
+    raise TypeError(
+        f"cannot store {_name(type(obj))} as plain data; add it to the trusted list if it is safe to rebuild"
+    )
 
 
 def from_plain(tree: Any, trusted: Iterable[Any]) -> Any:
@@ -91,8 +100,7 @@ def from_plain(tree: Any, trusted: Iterable[Any]) -> Any:
     return _decode(tree, _registry(trusted))
 
 
-def rebuild(tree: Any, trusted: Iterable[Any], expected: type, where: str, what: str,
-            remedy: str) -> Any:
+def rebuild(tree: Any, trusted: Iterable[Any], expected: type, where: str, what: str, remedy: str) -> Any:
     """``from_plain`` for a file the user gave: any failure, or an object that is not an
     ``expected``, is one UserError naming ``where`` (the file), ``what`` it holds and ``remedy``."""
     try:
@@ -100,8 +108,7 @@ def rebuild(tree: Any, trusted: Iterable[Any], expected: type, where: str, what:
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise UserError(f"{where}: its stored {what} cannot be rebuilt ({err}); {remedy}") from None
     if not isinstance(obj, expected):
-        raise UserError(f"{where}: its stored {what} is a {type(obj).__name__}, "
-                        f"not a fitted {expected.__name__}")
+        raise UserError(f"{where}: its stored {what} is a {type(obj).__name__}, not a fitted {expected.__name__}")
     return obj
 
 
@@ -135,8 +142,7 @@ def _decode(tree: Any, registry: dict[str, Any]) -> Any:
         import pandas as pd
 
         index = pd.Index(_decode(tree["index"], registry), name=_decode(tree["index_name"], registry))
-        return pd.Series(_decode(tree["values"], registry), index=index,
-                         name=_decode(tree["name"], registry))
+        return pd.Series(_decode(tree["values"], registry), index=index, name=_decode(tree["name"], registry))
     if kind in ("ref", "object"):
         name = tree["name"] if kind == "ref" else tree["class"]
         if name not in registry:

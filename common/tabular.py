@@ -21,6 +21,7 @@ Fitted state (quantiles, bin edges) lives in buffers, so it is saved and restore
 weights and follows ``.double()``; nothing here depends on other samples of the batch, so a
 prediction is the same whichever rank or batch computes it.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,11 @@ class QuantileNormal(nn.Module):
     def __init__(self, train_x: torch.Tensor | None, n_features: int, n_quantiles: int = QUANTILES):
         super().__init__()
         levels = torch.linspace(0, 1, n_quantiles)
-        q = (torch.zeros(n_features, n_quantiles) if train_x is None else
-             torch.quantile(train_x.double().t(), levels.double(), dim=1).t().float())
+        q = (
+            torch.zeros(n_features, n_quantiles)
+            if train_x is None
+            else torch.quantile(train_x.double().t(), levels.double(), dim=1).t().float()
+        )
         self.register_buffer("quantiles", q.contiguous())  # [f, n], fitted on training rows
         self.register_buffer("levels", levels)
 
@@ -96,8 +100,11 @@ class PiecewiseLinear(nn.Module):
     def __init__(self, train_x: torch.Tensor | None, n_features: int, n_bins: int, dim: int):
         super().__init__()
         levels = torch.linspace(0, 1, n_bins + 1).double()
-        edges = (torch.zeros(n_features, n_bins + 1) if train_x is None else
-                 torch.quantile(train_x.double().t(), levels, dim=1).t().float())
+        edges = (
+            torch.zeros(n_features, n_bins + 1)
+            if train_x is None
+            else torch.quantile(train_x.double().t(), levels, dim=1).t().float()
+        )
         self.register_buffer("edges", edges.contiguous())  # [f, n_bins + 1]
         self.linear = PerFeatureLinear(n_features, n_bins, dim)
 
@@ -151,11 +158,24 @@ class TabularMLP(nn.Module):
     leave it None when the weights and buffers will be loaded from a checkpoint.
     """
 
-    def __init__(self, n_features: int, width: int = 256, depth: int = 3, activation: str = "silu",
-                 dropout: float = 0.0, norm: str = "none", *, quantile: bool = False,
-                 embedding: str = "none", embed_bins: int = 16, embed_dim: int = 8,
-                 ensemble: int = 1, ensemble_mode: str = "mini", plain: tuple[int, ...] = (),
-                 train_x: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        width: int = 256,
+        depth: int = 3,
+        activation: str = "silu",
+        dropout: float = 0.0,
+        norm: str = "none",
+        *,
+        quantile: bool = False,
+        embedding: str = "none",
+        embed_bins: int = 16,
+        embed_dim: int = 8,
+        ensemble: int = 1,
+        ensemble_mode: str = "mini",
+        plain: tuple[int, ...] = (),
+        train_x: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise UserError(f"--activation {activation!r}: choose from {', '.join(ACTIVATIONS)}")
@@ -197,8 +217,11 @@ class TabularMLP(nn.Module):
         self.packed = ensemble > 1 and ensemble_mode == "packed"
         # TabM-mini's adapter: member i sees its input multiplied element-wise by r_i, random
         # signs at initialisation (TabM's choice), so the members start out different.
-        self.adapter = (nn.Parameter(torch.randint(0, 2, (ensemble, size)).float() * 2 - 1)
-                        if ensemble > 1 and not self.packed else None)
+        self.adapter = (
+            nn.Parameter(torch.randint(0, 2, (ensemble, size)).float() * 2 - 1)
+            if ensemble > 1 and not self.packed
+            else None
+        )
         layers: list[nn.Module] = []
         for _ in range(depth):
             layers.append(PackedLinear(ensemble, size, width) if self.packed else nn.Linear(size, width))
@@ -249,9 +272,19 @@ class TabularMLP(nn.Module):
         return h.view(-1, k, width) + first.bias
 
 
-def describe(width: int, depth: int, activation: str, dropout: float, norm: str,
-             quantile: bool = False, embedding: str = "none", embed_bins: int = 16,
-             embed_dim: int = 8, ensemble: int = 1, ensemble_mode: str = "mini") -> str:
+def describe(
+    width: int,
+    depth: int,
+    activation: str,
+    dropout: float,
+    norm: str,
+    quantile: bool = False,
+    embedding: str = "none",
+    embed_bins: int = 16,
+    embed_dim: int = 8,
+    ensemble: int = 1,
+    ensemble_mode: str = "mini",
+) -> str:
     """A short architecture tag, stored in checkpoints so a mismatched --resume is refused."""
     tag = f"mlp-{depth}x{width}-{activation}-{norm}-drop{dropout:g}"
     if quantile:

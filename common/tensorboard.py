@@ -3,6 +3,7 @@
 The ``tensorboard`` package is optional: only ``tensorboard_writer`` imports it, so nothing
 else needs it installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,8 +27,9 @@ def tensorboard_writer(log_dir: Path, start_epoch: int = 0):
     nothing else needs the optional package. On resume, events at steps >= ``start_epoch``
     (written after the checkpoint, before a crash) are hidden, as in metrics.jsonl."""
     if not tensorboard_available():
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                        "(or pip install -e '.[tensorboard]')")
+        raise UserError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e '.[tensorboard]')"
+        )
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir), purge_step=start_epoch if start_epoch > 0 else None)

@@ -1,4 +1,5 @@
 """Timing work that runs on the device, without making the host wait for it at every step."""
+
 from __future__ import annotations
 
 import contextlib

@@ -19,6 +19,7 @@ Features. One scikit-learn ``ColumnTransformer`` fitted on the training split on
 parts is a named *feature group* (one-hot ``ocean_proximity`` is one group, the location
 clusters another), which is the unit feature selection keeps or drops.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -48,23 +49,35 @@ SHA256 = "8a3727f4cf54ac1a327f69b1d5b4db54c5834ea81c6e4efc0d163300022a685e"
 
 TARGET = "median_house_value"
 CATEGORICAL = "ocean_proximity"
-NUMERIC = ["longitude", "latitude", "housing_median_age", "total_rooms", "total_bedrooms",
-           "population", "households", "median_income"]
+NUMERIC = [
+    "longitude",
+    "latitude",
+    "housing_median_age",
+    "total_rooms",
+    "total_bedrooms",
+    "population",
+    "households",
+    "median_income",
+]
 COLUMNS = NUMERIC + [TARGET, CATEGORICAL]
 # Only this column is known to have gaps (207 rows); the imputer fills it from the training split.
 MAY_BE_MISSING = {"total_bedrooms"}
 # Columns the features take a log or a ratio of: each value must be above zero.
-POSITIVE = ["housing_median_age", "total_rooms", "total_bedrooms", "population", "households",
-            "median_income", TARGET]
+POSITIVE = ["housing_median_age", "total_rooms", "total_bedrooms", "population", "households", "median_income", TARGET]
 PRICE_MIN, PRICE_CAP = 14_999.0, 500_001.0  # dollars; the file's floor and top-code
 
 TEST_SIZE, TEST_SEED = 0.2, 42  # the standard split of this file
 VAL_FRACTION = 0.1  # of the remaining 80%: 1,652 rows for early stopping and model choice
 
 # (name, longitude, latitude) of the state's largest metropolitan centres.
-CITIES = [("san_francisco", -122.42, 37.77), ("los_angeles", -118.24, 34.05),
-          ("san_diego", -117.16, 32.72), ("san_jose", -121.89, 37.34),
-          ("sacramento", -121.49, 38.58), ("fresno", -119.79, 36.74)]
+CITIES = [
+    ("san_francisco", -122.42, 37.77),
+    ("los_angeles", -118.24, 34.05),
+    ("san_diego", -117.16, 32.72),
+    ("san_jose", -121.89, 37.34),
+    ("sacramento", -121.49, 38.58),
+    ("fresno", -119.79, 36.74),
+]
 
 
 # --------------------------------------------------------------------------- the file
@@ -95,8 +108,9 @@ def read_housing(path: Path) -> pd.DataFrame:
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        raise UserError(f"{path}: missing column {', '.join(repr(c) for c in missing)}; "
-                        f"expected columns {', '.join(COLUMNS)}")
+        raise UserError(
+            f"{path}: missing column {', '.join(repr(c) for c in missing)}; expected columns {', '.join(COLUMNS)}"
+        )
     if frame.empty:
         raise UserError(f"{path}: has a header but no data rows; expected the 20,640 housing rows")
     out = pd.DataFrame(index=frame.index)
@@ -106,28 +120,35 @@ def read_housing(path: Path) -> pd.DataFrame:
         bad = values.isna() & (text != "")
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise UserError(f"{path}: column {column!r}, row {row + 2}: non-numeric value "
-                            f"{frame[column].iloc[row]!r}; expected a number")
+            raise UserError(
+                f"{path}: column {column!r}, row {row + 2}: non-numeric value "
+                f"{frame[column].iloc[row]!r}; expected a number"
+            )
         blank = values.isna()
         if blank.any() and column not in MAY_BE_MISSING:
             row = int(np.flatnonzero(blank.to_numpy())[0])
-            raise UserError(f"{path}: column {column!r}, row {row + 2}: empty value; "
-                            f"expected a number (only total_bedrooms may be empty)")
+            raise UserError(
+                f"{path}: column {column!r}, row {row + 2}: empty value; "
+                f"expected a number (only total_bedrooms may be empty)"
+            )
         if np.isinf(values).any():
             row = int(np.flatnonzero(np.isinf(values).to_numpy())[0])
-            raise UserError(f"{path}: column {column!r}, row {row + 2}: value {frame[column].iloc[row]!r} "
-                            "is not finite; expected a finite number")
+            raise UserError(
+                f"{path}: column {column!r}, row {row + 2}: value {frame[column].iloc[row]!r} "
+                "is not finite; expected a finite number"
+            )
         if blank.all():
             raise UserError(f"{path}: column {column!r} is empty in every row; expected at least one value")
         out[column] = values.astype("float64")
     for column in POSITIVE:
         if (out[column] <= 0).any():
             row = int(np.flatnonzero((out[column] <= 0).to_numpy())[0])
-            raise UserError(f"{path}: column {column!r}, row {row + 2}: value {out[column].iloc[row]:g}; "
-                            f"expected a number above 0 (the features take its log or divide by it)")
+            raise UserError(
+                f"{path}: column {column!r}, row {row + 2}: value {out[column].iloc[row]:g}; "
+                f"expected a number above 0 (the features take its log or divide by it)"
+            )
     if out[TARGET].nunique() < 2:
-        raise UserError(f"{path}: every row has the same {TARGET} ({out[TARGET].iloc[0]:g}); "
-                        "expected prices that vary")
+        raise UserError(f"{path}: every row has the same {TARGET} ({out[TARGET].iloc[0]:g}); expected prices that vary")
     out[CATEGORICAL] = frame[CATEGORICAL].str.strip().replace("", np.nan)
     return out
 
@@ -146,16 +167,18 @@ def _ratio_names(_transformer, names: Sequence[str]) -> list[str]:
 
 def _ratio(log: bool = True) -> Pipeline:
     """``a / b`` of two count columns (imputed first), then log and standardise."""
-    steps = [SimpleImputer(strategy="median"),
-             FunctionTransformer(_safe_ratio, feature_names_out=_ratio_names)]
+    steps = [SimpleImputer(strategy="median"), FunctionTransformer(_safe_ratio, feature_names_out=_ratio_names)]
     if log:
         steps.append(FunctionTransformer(np.log, feature_names_out="one-to-one"))
     return make_pipeline(*steps, StandardScaler())
 
 
 def _log_scaled() -> Pipeline:
-    return make_pipeline(SimpleImputer(strategy="median"),
-                         FunctionTransformer(np.log1p, feature_names_out="one-to-one"), StandardScaler())
+    return make_pipeline(
+        SimpleImputer(strategy="median"),
+        FunctionTransformer(np.log1p, feature_names_out="one-to-one"),
+        StandardScaler(),
+    )
 
 
 def _city_distances(x: np.ndarray) -> np.ndarray:
@@ -253,8 +276,7 @@ class NeighbourPrices(BaseEstimator, TransformerMixin):
         return self._encode(*self.nn_.kneighbors(self._km(x)))
 
     def get_feature_names_out(self, names=None):
-        return np.array([n for k in self.ks for n in (f"mean_log_price_{k}nn", f"log_km_to_{k}th_nn")],
-                        dtype=object)
+        return np.array([n for k in self.ks for n in (f"mean_log_price_{k}nn", f"log_km_to_{k}th_nn")], dtype=object)
 
 
 def make_preprocessor(n_clusters: int = 48, cluster_gamma: float = 4.0, seed: int = 0) -> ColumnTransformer:
@@ -264,8 +286,11 @@ def make_preprocessor(n_clusters: int = 48, cluster_gamma: float = 4.0, seed: in
         ("longitude", StandardScaler(), ["longitude"]),
         ("latitude", StandardScaler(), ["latitude"]),
         ("housing_median_age", StandardScaler(), ["housing_median_age"]),
-        ("median_income", make_pipeline(FunctionTransformer(np.log, feature_names_out="one-to-one"),
-                                        StandardScaler()), ["median_income"]),
+        (
+            "median_income",
+            make_pipeline(FunctionTransformer(np.log, feature_names_out="one-to-one"), StandardScaler()),
+            ["median_income"],
+        ),
         ("total_rooms", _log_scaled(), ["total_rooms"]),
         ("total_bedrooms", _log_scaled(), ["total_bedrooms"]),
         ("population", _log_scaled(), ["population"]),
@@ -273,11 +298,18 @@ def make_preprocessor(n_clusters: int = 48, cluster_gamma: float = 4.0, seed: in
         ("rooms_per_household", _ratio(), ["total_rooms", "households"]),
         ("bedrooms_per_room", _ratio(), ["total_bedrooms", "total_rooms"]),
         ("population_per_household", _ratio(), ["population", "households"]),
-        ("ocean_proximity", make_pipeline(SimpleImputer(strategy="most_frequent"),
-                                          OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
-         [CATEGORICAL]),
-        ("city_distances", make_pipeline(FunctionTransformer(_city_distances, feature_names_out=_city_names),
-                                         StandardScaler()), lonlat),
+        (
+            "ocean_proximity",
+            make_pipeline(
+                SimpleImputer(strategy="most_frequent"), OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+            ),
+            [CATEGORICAL],
+        ),
+        (
+            "city_distances",
+            make_pipeline(FunctionTransformer(_city_distances, feature_names_out=_city_names), StandardScaler()),
+            lonlat,
+        ),
         ("location_clusters", ClusterSimilarity(n_clusters, cluster_gamma, seed), lonlat),
         ("neighbour_prices", make_pipeline(NeighbourPrices(), StandardScaler()), lonlat),
     ]
@@ -288,9 +320,23 @@ FEATURE_GROUPS = [name for name, _, _ in make_preprocessor().transformers]
 
 # Everything a fitted preprocessor is built from: the only classes and functions that loading
 # one from a checkpoint may call (common/safe_state.py).
-TRUSTED = (ColumnTransformer, Pipeline, StandardScaler, SimpleImputer, FunctionTransformer,
-           OneHotEncoder, KMeans, ClusterSimilarity, NeighbourPrices, np.log, np.log1p,
-           _safe_ratio, _ratio_names, _city_distances, _city_names)
+TRUSTED = (
+    ColumnTransformer,
+    Pipeline,
+    StandardScaler,
+    SimpleImputer,
+    FunctionTransformer,
+    OneHotEncoder,
+    KMeans,
+    ClusterSimilarity,
+    NeighbourPrices,
+    np.log,
+    np.log1p,
+    _safe_ratio,
+    _ratio_names,
+    _city_distances,
+    _city_names,
+)
 
 
 def preprocessor_to_plain(preprocessor: ColumnTransformer) -> dict:
@@ -300,16 +346,18 @@ def preprocessor_to_plain(preprocessor: ColumnTransformer) -> dict:
 
 def preprocessor_from_plain(tree: dict, where: str) -> ColumnTransformer:
     """Inverse of ``preprocessor_to_plain``; UserError naming ``where`` if it is not one."""
-    return rebuild(tree, TRUSTED, ColumnTransformer, where, "preprocessor",
-                   "re-run housing/train.py to write a new checkpoint")
+    return rebuild(
+        tree, TRUSTED, ColumnTransformer, where, "preprocessor", "re-run housing/train.py to write a new checkpoint"
+    )
 
 
 def group_columns(preprocessor: ColumnTransformer, groups: Sequence[str]) -> list[int]:
     """Output column indices of the named feature groups, in the preprocessor's order."""
     unknown = [g for g in groups if g not in preprocessor.output_indices_]
     if unknown:
-        raise UserError(f"--features: unknown feature group {', '.join(unknown)}; "
-                        f"choose from {', '.join(FEATURE_GROUPS)}")
+        raise UserError(
+            f"--features: unknown feature group {', '.join(unknown)}; choose from {', '.join(FEATURE_GROUPS)}"
+        )
     cols: list[int] = []
     for name in FEATURE_GROUPS:
         if name in groups:
@@ -371,10 +419,16 @@ def split_rows(n_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return train, val, test
 
 
-def load_housing(data_dir: Path, seed: int, groups: Sequence[str] = tuple(FEATURE_GROUPS),
-                 n_clusters: int = 48, cluster_gamma: float = 4.0, url: str = DOWNLOAD_URL,
-                 preprocessor: ColumnTransformer | None = None,
-                 target_stats: tuple[float, float] | None = None) -> HousingData:
+def load_housing(
+    data_dir: Path,
+    seed: int,
+    groups: Sequence[str] = tuple(FEATURE_GROUPS),
+    n_clusters: int = 48,
+    cluster_gamma: float = 4.0,
+    url: str = DOWNLOAD_URL,
+    preprocessor: ColumnTransformer | None = None,
+    target_stats: tuple[float, float] | None = None,
+) -> HousingData:
     """Everything the programs need from the CSV. Pass ``preprocessor`` and ``target_stats``
     (from a checkpoint) to reuse a fitted pipeline instead of fitting a new one."""
     path = locate_csv(data_dir, url)
@@ -383,8 +437,10 @@ def load_housing(data_dir: Path, seed: int, groups: Sequence[str] = tuple(FEATUR
         raise UserError(f"{path}: only {len(frame)} data rows; expected the 20,640 housing rows")
     train_rows, val_rows, test_rows = split_rows(len(frame), seed)
     if preprocessor is None and len(train_rows) < n_clusters:
-        raise UserError(f"--n-clusters {n_clusters} needs at least {n_clusters} training rows (one per "
-                        f"location cluster); {path} gives {len(train_rows)}: lower --n-clusters or use more rows")
+        raise UserError(
+            f"--n-clusters {n_clusters} needs at least {n_clusters} training rows (one per "
+            f"location cluster); {path} gives {len(train_rows)}: lower --n-clusters or use more rows"
+        )
     train_frame = frame.iloc[train_rows]
     log_price = np.log(train_frame[TARGET].to_numpy())
     if preprocessor is None:
@@ -403,10 +459,23 @@ def load_housing(data_dir: Path, seed: int, groups: Sequence[str] = tuple(FEATUR
         part = frame.iloc[rows]
         x = (preprocessor.transform(part) if x is None else x)[:, columns]
         price = part[TARGET].to_numpy()
-        return Split(x=torch.tensor(x, dtype=torch.float32),
-                     y=torch.tensor(encode_target(price, mean, std), dtype=torch.float32),
-                     price=torch.tensor(price, dtype=torch.float64),
-                     lonlat=part[["longitude", "latitude"]].to_numpy(), rows=rows)
+        return Split(
+            x=torch.tensor(x, dtype=torch.float32),
+            y=torch.tensor(encode_target(price, mean, std), dtype=torch.float32),
+            price=torch.tensor(price, dtype=torch.float64),
+            lonlat=part[["longitude", "latitude"]].to_numpy(),
+            rows=rows,
+        )
 
-    return HousingData(make(train_rows, train_x), make(val_rows), make(test_rows), preprocessor, columns,
-                       mean, std, [names[c] for c in columns], path, frame)
+    return HousingData(
+        make(train_rows, train_x),
+        make(val_rows),
+        make(test_rows),
+        preprocessor,
+        columns,
+        mean,
+        std,
+        [names[c] for c in columns],
+        path,
+        frame,
+    )

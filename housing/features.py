@@ -11,6 +11,7 @@ groups) is trained from scratch; the subset with the lowest validation RMSE wins
 importance computation and the subset trainings are spread across the ranks and gathered with
 torch.distributed. Writes ``features.md`` and ``plots/feature_importance.png``.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,12 +40,14 @@ EXAMPLE = """example:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, int, list[int]]:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE,
-                         {**DEFAULTS, "epochs": 40, "out_dir": "runs/housing-features"})
+    parser = make_parser(
+        __doc__.splitlines()[0] + "\n\n" + EXAMPLE, {**DEFAULTS, "epochs": 40, "out_dir": "runs/housing-features"}
+    )
     Config.add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="shuffles per group (permutation importance)")
-    parser.add_argument("--subset-sizes", default="3,5,7,9,11,13,all",
-                        help="numbers of top-ranked groups to try ('all' = every group)")
+    parser.add_argument(
+        "--subset-sizes", default="3,5,7,9,11,13,all", help="numbers of top-ranked groups to try ('all' = every group)"
+    )
     args = parser.parse_args(argv)
     cfg = Config.from_args(args, baselines=False)  # its own runs fit no baselines
     n_groups = len(cfg.features)
@@ -70,12 +73,15 @@ def filter_scores(data: hdata.HousingData, slices: dict[str, list[int]], seed: i
     x, y = data.train.x.numpy().astype(np.float64), data.train.y.numpy().astype(np.float64)
     corr = np.nan_to_num(np.abs([np.corrcoef(x[:, j], y)[0, 1] for j in range(x.shape[1])]))
     mi = mutual_info_regression(x, y, random_state=seed)
-    return {"abs_corr": np.array([corr[c].max() for c in slices.values()]),
-            "mutual_info": np.array([mi[c].max() for c in slices.values()])}
+    return {
+        "abs_corr": np.array([corr[c].max() for c in slices.values()]),
+        "mutual_info": np.array([mi[c].max() for c in slices.values()]),
+    }
 
 
-def permutation_importance(model, data: hdata.HousingData, slices: dict[str, list[int]],
-                           repeats: int, seed: int, dist: DistInfo) -> torch.Tensor:
+def permutation_importance(
+    model, data: hdata.HousingData, slices: dict[str, list[int]], repeats: int, seed: int, dist: DistInfo
+) -> torch.Tensor:
     """Mean rise in validation RMSE ($) per group; groups split across ranks, then gathered."""
     # Each rank shuffles its own groups, a different number on each, so it evaluates a plain
     # copy of the whole model in a world of one: gathering an FSDP model (a collective) inside
@@ -146,27 +152,50 @@ def main() -> None:
         best_k = int(subsets[torch.argmin(subsets[:, 1]), 0])
         chosen = ranking[:best_k]
 
-        table = ["# Feature groups of the housing MLP", "",
-                 f"Reference net: all {len(names)} groups, validation RMSE ${stopper.best_rmse:,.0f}. "
-                 "Correlation (absolute) and MI: against log price on training rows (best column of the group). "
-                 f"Permutation: rise in validation RMSE when the group is shuffled (mean ± sd of {repeats}).",
-                 "", "| place | group | columns | permutation: RMSE rise ($) | abs. correlation | mutual information |",
-                 "| ---: | --- | ---: | ---: | ---: | ---: |"]
+        table = [
+            "# Feature groups of the housing MLP",
+            "",
+            f"Reference net: all {len(names)} groups, validation RMSE ${stopper.best_rmse:,.0f}. "
+            "Correlation (absolute) and MI: against log price on training rows (best column of the group). "
+            f"Permutation: rise in validation RMSE when the group is shuffled (mean ± sd of {repeats}).",
+            "",
+            "| place | group | columns | permutation: RMSE rise ($) | abs. correlation | mutual information |",
+            "| ---: | --- | ---: | ---: | ---: | ---: |",
+        ]
         for place, name in enumerate(ranking, start=1):
             i = names.index(name)
-            table.append(f"| {place} | {name} | {len(slices[name])} | {perm[i, 0]:,.0f} ± {perm[i, 1]:,.0f} | "
-                         f"{scores['abs_corr'][i]:.3f} | {scores['mutual_info'][i]:.3f} |")
-        table += ["", "## Subsets (top k groups by permutation importance), trained from scratch", "",
-                  "| k | validation RMSE ($) |", "| ---: | ---: |"]
+            table.append(
+                f"| {place} | {name} | {len(slices[name])} | {perm[i, 0]:,.0f} ± {perm[i, 1]:,.0f} | "
+                f"{scores['abs_corr'][i]:.3f} | {scores['mutual_info'][i]:.3f} |"
+            )
+        table += [
+            "",
+            "## Subsets (top k groups by permutation importance), trained from scratch",
+            "",
+            "| k | validation RMSE ($) |",
+            "| ---: | ---: |",
+        ]
         table += [f"| {int(k)} | {rmse:,.0f} |" for k, rmse in subsets.tolist()]
-        table += ["", f"Chosen: the top {best_k} groups (lowest validation RMSE). Train with:", "",
-                  f"    torchrun --nproc_per_node=2 housing/train.py --data-dir DIR --features {','.join(chosen)}", ""]
+        table += [
+            "",
+            f"Chosen: the top {best_k} groups (lowest validation RMSE). Train with:",
+            "",
+            f"    torchrun --nproc_per_node=2 housing/train.py --data-dir DIR --features {','.join(chosen)}",
+            "",
+        ]
         recorder.write_text("features.md", "\n".join(table))
         if dist.is_main:
             plot_importance(names, scores, recorder.plots_dir / "feature_importance.png")
-        recorder.write_summary({"ranking": ranking, "scores": {k: dict(zip(names, v.tolist())) for k, v in scores.items()},
-                                "subsets": subsets.tolist(), "chosen": chosen,
-                                "wall_time_s": time.time() - started}, cfg)
+        recorder.write_summary(
+            {
+                "ranking": ranking,
+                "scores": {k: dict(zip(names, v.tolist())) for k, v in scores.items()},
+                "subsets": subsets.tolist(),
+                "chosen": chosen,
+                "wall_time_s": time.time() - started,
+            },
+            cfg,
+        )
         log.info(f"chose {best_k} groups; wrote {cfg.out_dir}/features.md ({time.time() - started:.0f}s)")
 
 

@@ -1,5 +1,6 @@
 """Training without a run directory, for the searches (housing/tune.py, housing/features.py):
 ``train``'s epoch loop without checkpoints, records or pre-emption, the best weights restored."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,7 @@ from housing.train import Config, EarlyStopping, build_training, train_one_epoch
 
 def this_process_only(dist: DistInfo) -> DistInfo:
     """A world of one on this rank's device: for training independent models per rank."""
-    return DistInfo(rank=0, local_rank=dist.local_rank, world_size=1, local_world_size=1,
-                    device=dist.device)
+    return DistInfo(rank=0, local_rank=dist.local_rank, world_size=1, local_world_size=1, device=dist.device)
 
 
 def fit(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> tuple[torch.nn.Module, EarlyStopping]:

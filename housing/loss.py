@@ -1,4 +1,5 @@
 """Housing's training loss: the MSE of the standardised log price, plus the error in dollars."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,9 @@ from housing import data as hdata
 DOLLAR_UNIT = 1e5  # the dollar term measures errors in $100k: the same order as the log-space MSE
 
 
-def loss_fn(out: torch.Tensor, y: torch.Tensor, dollar_weight: float = 0.0,
-            target_stats: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+def loss_fn(
+    out: torch.Tensor, y: torch.Tensor, dollar_weight: float = 0.0, target_stats: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
     """Mean squared error of every ensemble member's prediction ([batch, k]) against y ([batch]).
 
     Each member is trained on its own error, not the ensemble mean's, as in TabM: the members
@@ -32,4 +34,3 @@ def loss_fn(out: torch.Tensor, y: torch.Tensor, dollar_weight: float = 0.0,
         pred = torch.exp((out * std + mean).clamp(low, high)) / DOLLAR_UNIT
         loss = loss + dollar_weight * torch.nn.functional.mse_loss(pred, torch.exp(target * std + mean) / DOLLAR_UNIT)
     return loss
-

@@ -1,4 +1,5 @@
 """Housing's test metrics: RMSE, MAE and R^2 in dollars over every sample of a split exactly once."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ EVAL_BATCH = 1024  # samples per rank per evaluation forward pass
 
 
 @torch.no_grad()
-def split_metrics(model: torch.nn.Module, split: hdata.Split, data: hdata.HousingData, dist: DistInfo,
-                  keep_predictions: bool = False) -> dict[str, Any]:
+def split_metrics(
+    model: torch.nn.Module, split: hdata.Split, data: hdata.HousingData, dist: DistInfo, keep_predictions: bool = False
+) -> dict[str, Any]:
     """RMSE / MAE / R^2 in dollars and the log-space loss of ``model`` (a plain float64 copy,
     ``common.parallel.local_copy``) on ``split``, every sample exactly once.
 
@@ -29,18 +31,23 @@ def split_metrics(model: torch.nn.Module, split: hdata.Split, data: hdata.Housin
         out = model(x.double()).mean(-1)  # the ensemble's prediction
         pred = hdata.decode_target(out, data.target_mean, data.target_std)
         err = pred - price
-        sums["se"] += (err ** 2).sum().item()
+        sums["se"] += (err**2).sum().item()
         sums["ae"] += err.abs().sum().item()
         sums["y"] += price.sum().item()
-        sums["y2"] += (price ** 2).sum().item()
+        sums["y2"] += (price**2).sum().item()
         sums["loss"] += ((out - y) ** 2).double().sum().item()
         sums["n"] += len(y)
         parts.append(pred)
     t = reduce_sums(sums, dist)
     n = t["n"]
     total_ss = t["y2"] - t["y"] ** 2 / n
-    result: dict[str, Any] = {"rmse": math.sqrt(t["se"] / n), "mae": t["ae"] / n,
-                              "r2": 1 - t["se"] / total_ss, "loss": t["loss"] / n, "n": int(n)}
+    result: dict[str, Any] = {
+        "rmse": math.sqrt(t["se"] / n),
+        "mae": t["ae"] / n,
+        "r2": 1 - t["se"] / total_ss,
+        "loss": t["loss"] / n,
+        "n": int(n),
+    }
     if keep_predictions:
         local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         result["predictions"] = gather_tensors(local, dist)

@@ -6,6 +6,7 @@ main. The net regresses the standardised log price; its loss is the MSE of the l
 Predictions are turned back into dollars (and clipped to the file's range, see
 housing/data.py) before RMSE, MAE and R^2 are computed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,14 +84,26 @@ class Config(RunConfig):
             raise UserError(f"--dollar-loss must be a finite number >= 0, got {self.dollar_loss}")
         unknown = set(self.features) - set(hdata.FEATURE_GROUPS)
         if unknown or not self.features:
-            raise UserError(f"--features: unknown or empty ({', '.join(sorted(unknown))}); "
-                            f"choose from {', '.join(hdata.FEATURE_GROUPS)}")
+            raise UserError(
+                f"--features: unknown or empty ({', '.join(sorted(unknown))}); "
+                f"choose from {', '.join(hdata.FEATURE_GROUPS)}"
+            )
 
     @property
     def arch(self) -> str:
-        return describe(self.width, self.depth, self.activation, self.dropout, self.norm,
-                        self.quantile, self.embedding, self.embed_bins, self.embed_dim,
-                        self.ensemble, self.ensemble_mode)
+        return describe(
+            self.width,
+            self.depth,
+            self.activation,
+            self.dropout,
+            self.norm,
+            self.quantile,
+            self.embedding,
+            self.embed_bins,
+            self.embed_dim,
+            self.ensemble,
+            self.ensemble_mode,
+        )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,28 +114,55 @@ class Config(RunConfig):
         group.add_argument("--activation", default="silu", choices=sorted(ACTIVATIONS))
         group.add_argument("--dropout", type=float, default=0.0, help="dropout probability")
         group.add_argument("--norm", default="none", choices=sorted(NORMS), help="per-layer normalisation")
-        group.add_argument("--quantile", action=argparse.BooleanOptionalAction, default=False,
-                           help="map each input through its training quantiles to a standard normal")
-        group.add_argument("--embedding", default="ple", choices=EMBEDDINGS,
-                           help="per-feature embedding: piecewise-linear (ple) or periodic, or none")
-        group.add_argument("--embed-bins", type=int, default=48,
-                           help="PLE bins (quantiles of the training split) / periodic frequencies")
+        group.add_argument(
+            "--quantile",
+            action=argparse.BooleanOptionalAction,
+            default=False,
+            help="map each input through its training quantiles to a standard normal",
+        )
+        group.add_argument(
+            "--embedding",
+            default="ple",
+            choices=EMBEDDINGS,
+            help="per-feature embedding: piecewise-linear (ple) or periodic, or none",
+        )
+        group.add_argument(
+            "--embed-bins",
+            type=int,
+            default=48,
+            help="PLE bins (quantiles of the training split) / periodic frequencies",
+        )
         group.add_argument("--embed-dim", type=int, default=8, help="embedding size per feature")
-        group.add_argument("--ensemble", type=int, default=8,
-                           help="k ensemble members in one model, TabM-style (1 = a single MLP)")
-        group.add_argument("--ensemble-mode", default="mini", choices=ENSEMBLE_MODES,
-                           help="mini: shared MLP, per-member input adapter and head; packed: k MLPs")
-        group.add_argument("--dollar-loss", type=float, default=1.0,
-                           help="weight of the squared error in $100k added to the MSE of the log price "
-                                "(0 = log-space MSE only)")
+        group.add_argument(
+            "--ensemble", type=int, default=8, help="k ensemble members in one model, TabM-style (1 = a single MLP)"
+        )
+        group.add_argument(
+            "--ensemble-mode",
+            default="mini",
+            choices=ENSEMBLE_MODES,
+            help="mini: shared MLP, per-member input adapter and head; packed: k MLPs",
+        )
+        group.add_argument(
+            "--dollar-loss",
+            type=float,
+            default=1.0,
+            help="weight of the squared error in $100k added to the MSE of the log price (0 = log-space MSE only)",
+        )
         group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-        group.add_argument("--patience", type=int, default=12,
-                           help="stop after this many epochs without a better validation RMSE")
-        group.add_argument("--features", default=",".join(hdata.FEATURE_GROUPS),
-                           help="comma-separated feature groups fed to the net (see housing/features.py)")
+        group.add_argument(
+            "--patience", type=int, default=12, help="stop after this many epochs without a better validation RMSE"
+        )
+        group.add_argument(
+            "--features",
+            default=",".join(hdata.FEATURE_GROUPS),
+            help="comma-separated feature groups fed to the net (see housing/features.py)",
+        )
         group.add_argument("--n-clusters", type=int, default=48, help="k-means location clusters")
-        group.add_argument("--download-url", default=hdata.DOWNLOAD_URL,
-                           help="where to fetch housing.csv when --data-dir lacks it (SHA-256 checked)")
+        group.add_argument(
+            "--download-url",
+            default=hdata.DOWNLOAD_URL,
+            help="where to fetch housing.csv when --data-dir lacks it (SHA-256 checked)",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> Config:
@@ -170,11 +210,18 @@ class EarlyStopping:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE, DEFAULTS,
-                         eval_only="evaluate the checkpoint given by --resume on validation and test")
+    parser = make_parser(
+        __doc__.splitlines()[0] + "\n\n" + EXAMPLE,
+        DEFAULTS,
+        eval_only="evaluate the checkpoint given by --resume on validation and test",
+    )
     Config.add_arguments(parser)
-    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
-                        help="skip the LinearRegression / HistGradientBoosting comparison")
+    parser.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="skip the LinearRegression / HistGradientBoosting comparison",
+    )
     return Config.from_args(parser.parse_args(argv))
 
 
@@ -190,28 +237,46 @@ def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None)
     if saved is not None:
         preprocessor = hdata.preprocessor_from_plain(saved["preprocessor"], saved["loaded_from"])
         target_stats = saved["target_stats"]
-    return agreed(lambda: hdata.load_housing(cfg.data_dir, cfg.seed, cfg.features, cfg.n_clusters,
-                                             url=cfg.download_url, preprocessor=preprocessor,
-                                             target_stats=target_stats), dist)
+    return agreed(
+        lambda: hdata.load_housing(
+            cfg.data_dir,
+            cfg.seed,
+            cfg.features,
+            cfg.n_clusters,
+            url=cfg.download_url,
+            preprocessor=preprocessor,
+            target_stats=target_stats,
+        ),
+        dist,
+    )
 
 
 def build_model(cfg: Config, data: hdata.HousingData) -> TabularMLP:
     """The network (common/tabular.py); the training split's features fit its quantile / PLE
     buffers (a checkpoint's weights then replace them in --eval-only)."""
-    return TabularMLP(data.train.x.shape[1], cfg.width, cfg.depth, cfg.activation, cfg.dropout, cfg.norm,
-                      quantile=cfg.quantile, embedding=cfg.embedding, embed_bins=cfg.embed_bins,
-                      embed_dim=cfg.embed_dim, ensemble=cfg.ensemble, ensemble_mode=cfg.ensemble_mode,
-                      train_x=data.train.x)
+    return TabularMLP(
+        data.train.x.shape[1],
+        cfg.width,
+        cfg.depth,
+        cfg.activation,
+        cfg.dropout,
+        cfg.norm,
+        quantile=cfg.quantile,
+        embedding=cfg.embedding,
+        embed_bins=cfg.embed_bins,
+        embed_dim=cfg.embed_dim,
+        ensemble=cfg.ensemble,
+        ensemble_mode=cfg.ensemble_mode,
+        train_x=data.train.x,
+    )
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
     """AdamW with a one-cycle schedule (warm-up 15%, then cosine decay) stepped per batch."""
     # foreach: the same arithmetic as the per-tensor loop, and under FSDP it keeps the shards'
     # ops on DTensor's cached path (see common/parallel.py).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  foreach=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps,
-                                                    pct_start=0.15)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
     return optimizer, scheduler
 
 
@@ -231,8 +296,9 @@ def build_training(cfg: Config, data: hdata.HousingData, dist: DistInfo) -> Trai
     return Training(model, optimizer, scheduler, batches, make_loss(cfg, data))
 
 
-def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, dist: DistInfo,
-                    stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
+def train_one_epoch(
+    cfg: Config, training: Training, progress: EpochProgress, dist: DistInfo, stop: Callable[[], bool] | None = None
+) -> dict[str, float] | None:
     """One pass over the training split from ``progress.step``; returns ``{"train_loss"}``, the
     exact mean loss over all ranks' samples, or None when ``stop()`` said so after a step
     (pre-emption: ``progress`` then says where it stopped)."""
@@ -262,8 +328,9 @@ def train_one_epoch(cfg: Config, training: Training, progress: EpochProgress, di
     return {"train_loss": totals["loss"] / totals["n"]}
 
 
-def evaluate(cfg: Config, model: torch.nn.Module, data: hdata.HousingData, dist: DistInfo,
-             final: bool = False) -> dict[str, Any]:
+def evaluate(
+    cfg: Config, model: torch.nn.Module, data: hdata.HousingData, dist: DistInfo, final: bool = False
+) -> dict[str, Any]:
     """Validation RMSE / MAE / R^2 in dollars and log-space loss, every sample exactly once
     (housing/metrics.py); ``final``: ``{"val", "test"}``, the test split's per-sample dollar
     predictions (split order) under ``test["predictions"]``."""
@@ -282,12 +349,12 @@ def evaluate_checkpoint(cfg: Config, state: dict[str, Any], dist: DistInfo) -> d
     validation and test. ``cfg`` is the run's saved Config."""
     data = build_data(cfg, dist, state)
     weights = state["early_stopping"]["best_model"] or state["model"]
-    results = evaluate(cfg, load_for_evaluation(build_model(cfg, data), weights, state, dist), data, dist,
-                       final=True)
+    results = evaluate(cfg, load_for_evaluation(build_model(cfg, data), weights, state, dist), data, dist, final=True)
     results["test"].pop("predictions")
     get_logger("housing", dist).info(
         f"{state['loaded_from']}: test RMSE ${results['test']['rmse']:,.2f}  "
-        f"MAE ${results['test']['mae']:,.2f}  R2 {results['test']['r2']:.5f}  ({dist.world_size} process(es))")
+        f"MAE ${results['test']['mae']:,.2f}  R2 {results['test']['r2']:.5f}  ({dist.world_size} process(es))"
+    )
     return results
 
 
@@ -296,15 +363,27 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     started = time.time()
     log = get_logger("housing", dist)
     data = build_data(cfg, dist)  # validated before any output exists
-    log.info(f"{data.csv_path}: {len(data.train.y)} train / {len(data.val.y)} val / "
-             f"{len(data.test.y)} test rows, {data.train.x.shape[1]} features; "
-             f"{dist.world_size} process(es), global batch {cfg.batch_size}")
+    log.info(
+        f"{data.csv_path}: {len(data.train.y)} train / {len(data.val.y)} val / "
+        f"{len(data.test.y)} test rows, {data.train.x.shape[1]} features; "
+        f"{dist.world_size} process(es), global batch {cfg.batch_size}"
+    )
     training = build_training(cfg, data, dist)
     model, stopper = training.model, EarlyStopping(cfg.patience)
     meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
-    run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler, keep={"early_stopping": stopper},
-              constants={"preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
-                         "target_stats": (data.target_mean, data.target_std)})
+    run = Run(
+        cfg,
+        dist,
+        meta,
+        model,
+        training.optimizer,
+        training.scheduler,
+        keep={"early_stopping": stopper},
+        constants={
+            "preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
+            "target_stats": (data.target_mean, data.target_std),
+        },
+    )
 
     train_started, epochs_run = time.time(), 0
     for progress in run.epochs():
@@ -318,34 +397,52 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
         val = evaluate(cfg, model, data, dist)
         stopper.update(val["rmse"], progress.epoch, model)
         epochs_run += 1
-        row = {"epoch": progress.epoch, **train, "val_loss": val["loss"], "val_rmse": val["rmse"],
-               "val_mae": val["mae"], "val_r2": val["r2"], "lr": training.scheduler.get_last_lr()[0],
-               "epoch_s": time.time() - t0, "samples_per_s": len(data.train.y) / epoch_train_s}
-        log.info(f"epoch {progress.epoch + 1:3d}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
-                 f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)")
+        row = {
+            "epoch": progress.epoch,
+            **train,
+            "val_loss": val["loss"],
+            "val_rmse": val["rmse"],
+            "val_mae": val["mae"],
+            "val_r2": val["r2"],
+            "lr": training.scheduler.get_last_lr()[0],
+            "epoch_s": time.time() - t0,
+            "samples_per_s": len(data.train.y) / epoch_train_s,
+        }
+        log.info(
+            f"epoch {progress.epoch + 1:3d}/{cfg.epochs}  train loss {train['train_loss']:.4f}  "
+            f"val loss {val['loss']:.4f}  val RMSE ${val['rmse']:,.0f}  ({row['epoch_s']:.1f}s)"
+        )
         run.log_epoch(row)
         run.save(progress.epoch)
     stopper.restore_best(model)
     train_s = time.time() - train_started
     test = evaluate(cfg, model, data, dist, final=True)["test"]
     predictions = test.pop("predictions")
-    log.info(f"test RMSE ${test['rmse']:,.0f}  MAE ${test['mae']:,.0f}  R2 {test['r2']:.4f}  "
-             f"(best epoch {stopper.best_epoch + 1}, val RMSE ${stopper.best_rmse:,.0f})")
+    log.info(
+        f"test RMSE ${test['rmse']:,.0f}  MAE ${test['mae']:,.0f}  R2 {test['r2']:.4f}  "
+        f"(best epoch {stopper.best_epoch + 1}, val RMSE ${stopper.best_rmse:,.0f})"
+    )
 
     from housing import report  # matplotlib / baselines load only once training is done
 
     wall = time.time() - started
-    summary = {"test": test, "best_epoch": stopper.best_epoch, "best_val_rmse": stopper.best_rmse,
-               "epochs_run": epochs_run, "baselines": None, "wall_time_s": wall, "train_time_s": train_s,
-               "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9),
-               "memory_per_rank": memory_per_rank(model, training.optimizer)}
+    summary = {
+        "test": test,
+        "best_epoch": stopper.best_epoch,
+        "best_val_rmse": stopper.best_rmse,
+        "epochs_run": epochs_run,
+        "baselines": None,
+        "wall_time_s": wall,
+        "train_time_s": train_s,
+        "samples_per_s": epochs_run * len(data.train.y) / max(train_s, 1e-9),
+        "memory_per_rank": memory_per_rank(model, training.optimizer),
+    }
     run.write_summary(summary)  # the results reach disk before any extra
     run.write_text("results.md", report.results_table(test, None, cfg.arch))
     log.info(f"wrote {cfg.out_dir}/summary.json and results.md in {wall:.1f}s")
     # The extras run on rank 0 after the last collective: no rank waits on them.
     if dist.is_main:
-        optional_extra("plots", lambda: report.plot_all(run.read_metrics(), data.test, predictions,
-                                                        run.plots_dir), log)
+        optional_extra("plots", lambda: report.plot_all(run.read_metrics(), data.test, predictions, run.plots_dir), log)
         baselines = None
         if cfg.baselines:
             baselines = optional_extra("baselines", lambda: report.run_baselines(data, cfg.seed), log)

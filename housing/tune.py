@@ -6,6 +6,7 @@ ranked, and written as ``tune.md``. The best point is then retrained by all rank
 and evaluated once on the test split, next to the LinearRegression and HistGradientBoosting
 baselines.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,10 +44,23 @@ def _flag(text: str) -> bool:
 
 
 _flag.__name__ = "0 or 1"
-TUNABLE = {"width": int, "depth": int, "lr": float, "weight_decay": float, "dropout": float,
-           "batch_size": int, "activation": str, "norm": str, "quantile": _flag, "embedding": str,
-           "embed_bins": int, "embed_dim": int, "ensemble": int, "ensemble_mode": str,
-           "dollar_loss": float}
+TUNABLE = {
+    "width": int,
+    "depth": int,
+    "lr": float,
+    "weight_decay": float,
+    "dropout": float,
+    "batch_size": int,
+    "activation": str,
+    "norm": str,
+    "quantile": _flag,
+    "embedding": str,
+    "embed_bins": int,
+    "embed_dim": int,
+    "ensemble": int,
+    "ensemble_mode": str,
+    "dollar_loss": float,
+}
 
 
 def parse_grid(text: str) -> list[dict[str, Any]]:
@@ -62,16 +76,18 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
         except ValueError:
             raise UserError(f"--grid {item!r}: values of {name} must be {TUNABLE[name].__name__}") from None
     if not axes:
-        raise UserError("--grid is empty; example: --grid \"width=128,256 lr=0.002,0.004\"")
+        raise UserError('--grid is empty; example: --grid "width=128,256 lr=0.002,0.004"')
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[dict[str, Any]]]:
-    parser = make_parser(__doc__.splitlines()[0] + "\n\n" + EXAMPLE,
-                         {**DEFAULTS, "epochs": 60, "out_dir": "runs/housing-tune"})
+    parser = make_parser(
+        __doc__.splitlines()[0] + "\n\n" + EXAMPLE, {**DEFAULTS, "epochs": 60, "out_dir": "runs/housing-tune"}
+    )
     Config.add_arguments(parser)
-    parser.add_argument("--grid", default=DEFAULT_GRID,
-                        help="space-separated NAME=V1,V2,... axes; every combination is trained")
+    parser.add_argument(
+        "--grid", default=DEFAULT_GRID, help="space-separated NAME=V1,V2,... axes; every combination is trained"
+    )
     args = parser.parse_args(argv)
     cfg = Config.from_args(args, baselines=True)
     points = parse_grid(args.grid)
@@ -88,20 +104,24 @@ def run_my_points(cfg: Config, points: list[dict[str, Any]], data, dist: DistInf
         started = time.time()
         _, stopper = fit(replace(cfg, **points[i]), data, this_process_only(dist))
         rows.append([i, stopper.best_rmse, stopper.best_epoch, time.time() - started])
-        log.info(f"point {i + 1}/{len(points)} {points[i]}: val RMSE ${stopper.best_rmse:,.0f} "
-                 f"(rank 0's share; {time.time() - started:.1f}s)")
+        log.info(
+            f"point {i + 1}/{len(points)} {points[i]}: val RMSE ${stopper.best_rmse:,.0f} "
+            f"(rank 0's share; {time.time() - started:.1f}s)"
+        )
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
 
 
 def grid_table(points: list[dict[str, Any]], results: torch.Tensor, world_size: int) -> str:
     names = list(points[0])
-    lines = ["| place | " + " | ".join(names) + " | val RMSE ($) | best epoch | seconds | trained on rank |",
-             "| ---: | " + " | ".join("---" for _ in names) + " | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| place | " + " | ".join(names) + " | val RMSE ($) | best epoch | seconds | trained on rank |",
+        "| ---: | " + " | ".join("---" for _ in names) + " | ---: | ---: | ---: | ---: |",
+    ]
     for place, (i, rmse, epoch, seconds) in enumerate(results.tolist(), start=1):
-        values = " | ".join(f"{points[int(i)][n]:g}" if not isinstance(points[int(i)][n], str)
-                            else points[int(i)][n] for n in names)
-        lines.append(f"| {place} | {values} | {rmse:,.0f} | {int(epoch) + 1} | {seconds:.1f} | "
-                     f"{int(i) % world_size} |")
+        values = " | ".join(
+            f"{points[int(i)][n]:g}" if not isinstance(points[int(i)][n], str) else points[int(i)][n] for n in names
+        )
+        lines.append(f"| {place} | {values} | {rmse:,.0f} | {int(epoch) + 1} | {seconds:.1f} | {int(i) % world_size} |")
     return "\n".join(lines)
 
 
@@ -112,8 +132,7 @@ def main() -> None:
         log = get_logger("housing.tune", dist)
         data = build_data(cfg, dist)
         recorder = RunRecorder(cfg.out_dir, dist)
-        log.info(f"{len(points)} grid points over {dist.world_size} process(es), "
-                 f"up to {cfg.epochs} epochs each")
+        log.info(f"{len(points)} grid points over {dist.world_size} process(es), up to {cfg.epochs} epochs each")
         results = gather_tensors(run_my_points(cfg, points, data, dist, log), dist)
         results = results[torch.argsort(results[:, 1], stable=True)]  # best validation RMSE first
         best = points[int(results[0, 0])]
@@ -127,18 +146,34 @@ def main() -> None:
 
         def write_results(baselines: dict | None) -> None:
             """tune.md and summary.json, without the baselines at first, then with them."""
-            text = ["# Grid search: housing MLP", "",
-                    f"{len(points)} configurations, each trained for up to {cfg.epochs} epochs with "
-                    f"early stopping (patience {cfg.patience}), global batch {cfg.batch_size} unless "
-                    f"the grid sets it; ranked by validation RMSE. Spread over {dist.world_size} "
-                    f"process(es).", "", grid_table(points, results, dist.world_size), "",
-                    f"Best configuration {best}, retrained on {dist.world_size} process(es) "
-                    f"(val RMSE ${stopper.best_rmse:,.0f}), evaluated once on test:", "",
-                    report.results_table(test, baselines, best_cfg.arch).split("\n", 2)[2]]
+            text = [
+                "# Grid search: housing MLP",
+                "",
+                f"{len(points)} configurations, each trained for up to {cfg.epochs} epochs with "
+                f"early stopping (patience {cfg.patience}), global batch {cfg.batch_size} unless "
+                f"the grid sets it; ranked by validation RMSE. Spread over {dist.world_size} "
+                f"process(es).",
+                "",
+                grid_table(points, results, dist.world_size),
+                "",
+                f"Best configuration {best}, retrained on {dist.world_size} process(es) "
+                f"(val RMSE ${stopper.best_rmse:,.0f}), evaluated once on test:",
+                "",
+                report.results_table(test, baselines, best_cfg.arch).split("\n", 2)[2],
+            ]
             recorder.write_text("tune.md", "\n".join(text))
-            recorder.write_summary({"best": best, "best_val_rmse": stopper.best_rmse, "test": test,
-                                    "baselines": baselines, "grid": points,
-                                    "results": results.tolist(), "wall_time_s": wall}, cfg)
+            recorder.write_summary(
+                {
+                    "best": best,
+                    "best_val_rmse": stopper.best_rmse,
+                    "test": test,
+                    "baselines": baselines,
+                    "grid": points,
+                    "results": results.tolist(),
+                    "wall_time_s": wall,
+                },
+                cfg,
+            )
 
         write_results(None)  # the results reach disk before the extra
         # The baselines: rank 0 alone, after the last collective, so no rank waits on them.
@@ -146,8 +181,7 @@ def main() -> None:
             baselines = optional_extra("baselines", lambda: report.run_baselines(data, cfg.seed), log)
             if baselines is not None:
                 write_results(baselines)
-        log.info(f"test RMSE ${test['rmse']:,.0f}; wrote {cfg.out_dir}/tune.md "
-                 f"({time.time() - started:.0f}s)")
+        log.info(f"test RMSE ${test['rmse']:,.0f}; wrote {cfg.out_dir}/tune.md ({time.time() - started:.0f}s)")
 
 
 if __name__ == "__main__":

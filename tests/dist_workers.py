@@ -3,6 +3,7 @@
 Each worker joins a real process group through ``common.dist.setup`` (the same path torchrun
 uses), does one job, and saves what it observed to ``out_dir/rank{r}.pt`` for the test to check.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,22 +24,31 @@ def spawn(worker: Callable, world_size: int, port: int, out_dir: Path, *args) ->
     """Run ``worker(dist, *args)`` on ``world_size`` gloo processes; return each rank's result."""
     # fork, not spawn: the children inherit the imported torch instead of importing it again
     # (about 3 CPU seconds per process, most of such a test's cost on 2 cores).
-    mp.start_processes(_entry, args=(worker, world_size, port, str(out_dir), args), nprocs=world_size,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _entry, args=(worker, world_size, port, str(out_dir), args), nprocs=world_size, join=True, start_method="fork"
+    )
     paths = [Path(out_dir) / f"rank{r}.pt" for r in range(world_size)]
     return [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
 
 
 def _entry(rank: int, worker: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     with distributed("cpu", timeout_s=60) as dist:
         result = worker(dist, *args)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
 # --- the data every worker agrees on -------------------------------------------------------
+
 
 def regression_data(n: int = 96, features: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
@@ -59,6 +69,7 @@ def mlp() -> torch.nn.Module:
 
 
 # --- workers --------------------------------------------------------------------------------
+
 
 def ddp_sgd_steps(dist: DistInfo, global_batch: int, steps: int, n: int = 96) -> dict:
     """Train an MLP for ``steps`` SGD steps with a global batch on ``n`` samples; return the
@@ -142,9 +153,16 @@ def fsdp_helpers(dist: DistInfo) -> dict:
     from common.parallel import full_tensors, is_sharded, local_copy, shard_like
 
     seed_everything(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 400), torch.nn.Tanh(), torch.nn.Linear(400, 256),
-                                torch.nn.Tanh(), torch.nn.Linear(256, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 400),
+        torch.nn.Tanh(),
+        torch.nn.Linear(400, 256),
+        torch.nn.Tanh(),
+        torch.nn.Linear(256, 1),
+    )
     if dist.rank == 1:
         model[1].running_mean.fill_(5.0)
     model = wrap_model(model, dist, "fsdp")
@@ -159,13 +177,18 @@ def fsdp_helpers(dist: DistInfo) -> dict:
     full = full_tensors(state)
     back = shard_like(full, state)
     return {
-        "sharded": is_sharded(model), "plain_sharded": is_sharded(plain),
+        "sharded": is_sharded(model),
+        "plain_sharded": is_sharded(plain),
         "units": [i for i, layer in enumerate(model) if isinstance(layer, FSDPModule)],
         "plain_has_dtensors": any(isinstance(p, DTensor) for p in plain.parameters()),
-        "running_mean": model[1].running_mean.clone(), "outputs": (sharded_out, plain_out),
-        "full": full, "full_shapes": {k: tuple(v.shape) for k, v in full.items()},
-        "round_trip": all(torch.equal(back[k].to_local(), v.to_local()) if isinstance(v, DTensor)
-                          else torch.equal(back[k], v) for k, v in state.items()),
+        "running_mean": model[1].running_mean.clone(),
+        "outputs": (sharded_out, plain_out),
+        "full": full,
+        "full_shapes": {k: tuple(v.shape) for k, v in full.items()},
+        "round_trip": all(
+            torch.equal(back[k].to_local(), v.to_local()) if isinstance(v, DTensor) else torch.equal(back[k], v)
+            for k, v in state.items()
+        ),
     }
 
 

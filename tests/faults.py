@@ -1,4 +1,5 @@
 """Fault injection for real: SIGKILL one worker of a running torchrun job, corrupt checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -17,19 +18,30 @@ def worker_pids(agent_pid: int) -> list[int]:
     return sorted(int(pid) for pid in out.stdout.split())
 
 
-def kill_then_preempt(script: str, args: list[str], out_dir: Path, nproc: int = 2, delay_s: float = 0.0,
-                      timeout: float = 240) -> dict:
+def kill_then_preempt(
+    script: str, args: list[str], out_dir: Path, nproc: int = 2, delay_s: float = 0.0, timeout: float = 240
+) -> dict:
     """Two faults in one torchrun job (``--max-restarts=1 --resume``): SIGKILL rank 1's worker
     after the first checkpoint; once torchrun has restarted the workers and they have saved a
     checkpoint of their own, wait ``delay_s`` (into the next epoch) and send SIGTERM to the
     agent, as a scheduler pre-empting the job does. Returns how the job ended and how long it
     took to exit after the signal.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--max-restarts=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-           str(REPO / script), *args, "--out-dir", str(out_dir), "--resume"]
-    agent = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--max-restarts=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        str(REPO / script),
+        *args,
+        "--out-dir",
+        str(out_dir),
+        "--resume",
+    ]
+    agent = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
     checkpoint = out_dir / "checkpoint.pt"
     wait_for(checkpoint.exists, [agent], deadline, "a first checkpoint")
@@ -44,18 +56,24 @@ def kill_then_preempt(script: str, args: list[str], out_dir: Path, nproc: int = 
     return {"returncode": agent.returncode, "exit_s": time.time() - sent, "stdout": out, "stderr": err}
 
 
-def wait_for_restart_and_save(agents: list[subprocess.Popen], killed_group: list[int], workers: int,
-                              checkpoints: list[Path], deadline: float) -> None:
+def wait_for_restart_and_save(
+    agents: list[subprocess.Popen], killed_group: list[int], workers: int, checkpoints: list[Path], deadline: float
+) -> None:
     """Wait until torchrun has replaced every worker of ``killed_group`` (``workers`` new
     processes under ``agents``), then until the restarted job has written one of ``checkpoints``."""
+
     def restarted() -> bool:
         pids = [pid for agent in agents for pid in worker_pids(agent.pid)]
         return len(pids) == workers and not set(pids) & set(killed_group)
 
     wait_for(restarted, agents, deadline, "the restarted workers")
     restarted_at = time.time()
-    wait_for(lambda: any(_mtime(c) > restarted_at for c in checkpoints), agents, deadline,
-             "a checkpoint of the restarted job")
+    wait_for(
+        lambda: any(_mtime(c) > restarted_at for c in checkpoints),
+        agents,
+        deadline,
+        "a checkpoint of the restarted job",
+    )
 
 
 def _mtime(path: Path) -> float:
@@ -75,6 +93,7 @@ def truncate(path: Path) -> None:
 
 # --- several "nodes" on this machine: one torchrun agent each, joined by c10d rendezvous ------
 
+
 def start_nodes(script: str, args_per_node: list[list[str]], max_restarts: int = 1) -> list[subprocess.Popen]:
     """One torchrun agent per entry of ``args_per_node`` (1 worker each), as on separate hosts.
 
@@ -84,11 +103,22 @@ def start_nodes(script: str, args_per_node: list[list[str]], max_restarts: int =
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = []
     for args in args_per_node:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(args_per_node)}",
-               "--nproc_per_node=1", f"--max-restarts={max_restarts}", "--rdzv-backend=c10d",
-               f"--rdzv-endpoint={endpoint}", "--rdzv-id=faults", str(REPO / script), *args]
-        nodes.append(subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={len(args_per_node)}",
+            "--nproc_per_node=1",
+            f"--max-restarts={max_restarts}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            "--rdzv-id=faults",
+            str(REPO / script),
+            *args,
+        ]
+        nodes.append(
+            subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     return nodes
 
 
@@ -131,16 +161,20 @@ def finish_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[tuple[in
     return results
 
 
-def kill_node_workers(script: str, args_per_node: list[list[str]], kill_ranks: list[int],
-                      checkpoint_dirs: list[Path], timeout: float = 180) -> dict:
+def kill_node_workers(
+    script: str,
+    args_per_node: list[list[str]],
+    kill_ranks: list[int],
+    checkpoint_dirs: list[Path],
+    timeout: float = 180,
+) -> dict:
     """Two nodes train with ``--max-restarts=len(kill_ranks) --resume``; SIGKILL the worker
     holding global rank ``kill_ranks[0]`` once the first checkpoint appears in any of
     ``checkpoint_dirs``, then each next rank once the restarted job has written a checkpoint
     of its own; return the seconds from the last kill to the end of the job and each node's
     exit code and stderr.
     """
-    nodes = start_nodes(script, [[*args, "--resume"] for args in args_per_node],
-                        max_restarts=len(kill_ranks))
+    nodes = start_nodes(script, [[*args, "--resume"] for args in args_per_node], max_restarts=len(kill_ranks))
     deadline = time.time() + timeout
     checkpoints = [d / "checkpoint.pt" for d in checkpoint_dirs]
     wait_for(lambda: any(c.exists() for c in checkpoints), nodes, deadline, "a first checkpoint")

@@ -22,6 +22,7 @@ What it leaves out: the agent, its rendezvous and restarts, signals sent to the 
 nodes. The tests of those (tests/test_faults.py, test_preempt.py, test_scripts.py,
 test_slurm.py, the docs' commands) launch real torchrun.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -100,14 +101,29 @@ def rank_env(env: dict[str, str], rank: int, nproc: int, port: int, nodes: int =
     """``env`` plus what torchrun sets for the worker with global rank ``rank`` of ``nproc``,
     the ranks spread evenly over ``nodes`` nodes in order (ranks 0..k-1 on node 0, and so on)."""
     per_node = nproc // nodes
-    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank % per_node), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(per_node), "GROUP_RANK": str(rank // per_node),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {
+        **env,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank % per_node),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(per_node),
+        "GROUP_RANK": str(rank // per_node),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
-def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str], cwd: Path | str,
-             timeout: float, port: int, torchrun: bool | None = None,
-             nodes: int = 1) -> subprocess.CompletedProcess:
+def fork_run(
+    script: Path | str,
+    args: list[str],
+    nproc: int,
+    env: dict[str, str],
+    cwd: Path | str,
+    timeout: float,
+    port: int,
+    torchrun: bool | None = None,
+    nodes: int = 1,
+) -> subprocess.CompletedProcess:
     """Run ``script`` as ``nproc`` ranks with torchrun's environment, or as one plain process
     (``torchrun`` False, the default for ``nproc`` 1); wait at most ``timeout`` seconds.
 
@@ -125,8 +141,9 @@ def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str
         for rank in range(nproc):
             rank_vars = rank_env(env, rank, nproc, port, nodes) if torchrun else env
             paths = (f"{logs}/{rank}.out", f"{logs}/{rank}.err")
-            process = ctx.Process(target=_run_rank, args=(str(script), list(args), str(cwd), rank_vars, *paths),
-                                  daemon=True)
+            process = ctx.Process(
+                target=_run_rank, args=(str(script), list(args), str(cwd), rank_vars, *paths), daemon=True
+            )
             process.start()
             ranks.append((process, paths))
         deadline = time.monotonic() + timeout
@@ -152,8 +169,9 @@ def fork_run(script: Path | str, args: list[str], nproc: int, env: dict[str, str
     return subprocess.CompletedProcess(command, code, stdout, stderr)
 
 
-def fork_command(cmd: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float,
-                 **_: object) -> subprocess.CompletedProcess:
+def fork_command(
+    cmd: list[str], *, cwd: Path | str, env: dict[str, str], timeout: float, **_: object
+) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, ...)`` for a program's command line, with the ranks forked.
 
     ``cmd`` is ``python SCRIPT ARGS...`` or ``python -m torch.distributed.run OPTIONS SCRIPT
@@ -168,8 +186,9 @@ def fork_command(cmd: list[str], *, cwd: Path | str, env: dict[str, str], timeou
     if parse_min_max_nnodes(options.nnodes) != (1, 1) or options.max_restarts:
         raise ValueError(f"forkrun runs one node without restarts, not: {' '.join(cmd)}")
     nproc = int(options.nproc_per_node)
-    return fork_run(options.training_script, options.training_script_args, nproc, env, cwd, timeout,
-                    free_port(), torchrun=True)
+    return fork_run(
+        options.training_script, options.training_script_args, nproc, env, cwd, timeout, free_port(), torchrun=True
+    )
 
 
 def _read(path: str) -> str:

@@ -5,6 +5,7 @@ programs' own imports, a rank loads torch._dynamo (with sympy and triton, ~3 s o
 optimizers import it on first construction), matplotlib with the Agg backend, PIL's image plugins,
 and torch.distributed.checkpoint (with torch.distributed.elastic) where it saves or resumes.
 """
+
 import os
 
 # Before any OpenMP runtime loads (torch's, scikit-learn's): it reads its thread count once, here,

@@ -2,6 +2,7 @@
 read what the runs left behind. The command lines and the cleaned environment are
 bench/launch.py's; this adds the suite's settings (one thread per process) and
 tests/forkrun.py's fast stand-in for torchrun."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,14 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return launch.child_env({"OMP_NUM_THREADS": "1", **(extra or {})})
 
 
-def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
-                env: dict[str, str] | None = None, nodes: int = 1) -> subprocess.CompletedProcess:
+def run_program(
+    script: str,
+    args: list[str],
+    nproc: int = 1,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    nodes: int = 1,
+) -> subprocess.CompletedProcess:
     """Run ``script`` (a path relative to the repo) as 1 plain process or ``nproc`` ranks.
 
     The ranks are forked with torchrun's environment by tests/forkrun.py, which starts them
@@ -36,17 +43,20 @@ def run_program(script: str, args: list[str], nproc: int = 1, timeout: float = 1
     shows up in a test. ``nodes`` > 1 spreads the ranks over as many emulated hosts (their
     environment only). Tests of torchrun itself use :func:`run_torchrun`.
     """
-    return forkrun.fork_run(REPO / script, args, nproc, child_env(env), REPO, timeout, free_port(),
-                            nodes=nodes)
+    return forkrun.fork_run(REPO / script, args, nproc, child_env(env), REPO, timeout, free_port(), nodes=nodes)
 
 
-def run_torchrun(script: str, args: list[str], nproc: int = 1, timeout: float = 120,
-                 torchrun_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_torchrun(
+    script: str,
+    args: list[str],
+    nproc: int = 1,
+    timeout: float = 120,
+    torchrun_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """:func:`run_program` through a real launch: ``python script`` for 1 process, else torchrun."""
     cmd = launch.launch_command(REPO / script, args, nproc, torchrun_args)
-    return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def error_messages(stderr: str) -> list[tuple[str, str]]:
@@ -76,8 +86,9 @@ def assert_same_weights(run_dir: Path, reference_dir: Path, key: str = "model") 
     got, want = checkpoint_weights(run_dir, key), checkpoint_weights(reference_dir, key)
     assert list(got) == list(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], **SAME_WEIGHTS,
-                                   msg=lambda message, name=name: f"{key} {name}: {message}")
+        torch.testing.assert_close(
+            got[name], want[name], **SAME_WEIGHTS, msg=lambda message, name=name: f"{key} {name}: {message}"
+        )
 
 
 def resume_copy(run_dir: Path, dest: Path) -> Path:

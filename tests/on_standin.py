@@ -7,6 +7,7 @@ writes the host-device crossings it counted to PATH (JSON) when the program exit
 ``STANDIN_SIGTERM_AT_STEP=N`` rank 0 sends itself SIGTERM just before the N-th pre-emption check
 (the check after the N-th training step of this launch): a pre-emption at a known step.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def main() -> None:
         signal_before_check(int(os.environ["STANDIN_SIGTERM_AT_STEP"]))
     report, real_exit = os.environ.get("STANDIN_SYNCS"), os._exit
     with standin_device() as device:
+
         def exit_and_report(code: int) -> None:  # the programs leave through os._exit
             if report:
                 Path(report).write_text(json.dumps(device.syncs))

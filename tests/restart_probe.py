@@ -7,6 +7,7 @@ While it sleeps the test kills the other node's worker: that node's agent restar
 differently (TORCHELASTIC_RESTART_COUNT). The restarted ranks must still form one group; rank 0
 records every rank's count in ``OUT/result.json``.
 """
+
 from __future__ import annotations
 
 import json

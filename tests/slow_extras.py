@@ -4,6 +4,7 @@
 Run as the script of a launch (``run_program("tests/slow_extras.py", [housing's args])``);
 a finished run must still write its results and exit 0 (tests/test_housing.py).
 """
+
 from __future__ import annotations
 
 import os

@@ -25,6 +25,7 @@ not just the first step:
 What it does not model: streams, events, memory, NCCL. Collectives run through gloo on the
 values inside (``c10d`` ops are unwrapped like any other op).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,14 @@ class StandInTensor(torch.Tensor):
     @staticmethod
     def __new__(cls, elem: torch.Tensor) -> StandInTensor:
         return torch.Tensor._make_wrapper_subclass(
-            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(),
-            dtype=elem.dtype, device=DEVICE, requires_grad=elem.requires_grad)
+            cls,
+            elem.shape,
+            strides=elem.stride(),
+            storage_offset=elem.storage_offset(),
+            dtype=elem.dtype,
+            device=DEVICE,
+            requires_grad=elem.requires_grad,
+        )
 
     def __init__(self, elem: torch.Tensor) -> None:
         self.elem = elem
@@ -99,8 +106,10 @@ class _HostCalls(TorchFunctionMode):
             self.device.syncs.append(("to_host", "tolist"))
             return args[0].elem.tolist()
         if func is torch.Tensor.numpy and isinstance(args[0], StandInTensor):  # CUDA's refusal
-            raise TypeError(f"can't convert {DEVICE.type} device type tensor to numpy. Use "
-                            "Tensor.cpu() to copy the tensor to host memory first.")
+            raise TypeError(
+                f"can't convert {DEVICE.type} device type tensor to numpy. Use "
+                "Tensor.cpu() to copy the tensor to host memory first."
+            )
         return func(*args, **kwargs)
 
 
@@ -164,8 +173,10 @@ class StandInDevice(TorchDispatchMode):
             func(*host_args, **host_kwargs)
             return dst
         if on_device and host_tensors and func.namespace == "aten":
-            raise RuntimeError(f"{func}: Expected all tensors to be on the same device, but found "
-                               f"at least two devices, {DEVICE.type} and cpu!")
+            raise RuntimeError(
+                f"{func}: Expected all tensors to be on the same device, but found "
+                f"at least two devices, {DEVICE.type} and cpu!"
+            )
         make_device_tensors = on_device
         if _on_standin(host_kwargs.get("device")):  # a factory: torch.zeros(..., device=...)
             host_kwargs["device"] = _HOST
@@ -196,4 +207,3 @@ def standin_device() -> Iterator[StandInDevice]:
             yield mode
     finally:
         torch.Generator = _RealGenerator
-

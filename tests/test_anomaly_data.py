@@ -1,4 +1,5 @@
 """anomaly/: reading, validating and splitting UNSW-NB15 files; the feature transform."""
+
 from __future__ import annotations
 
 import numpy as np

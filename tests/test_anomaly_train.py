@@ -1,5 +1,6 @@
 """anomaly/: the three detectors end to end: exact metrics at 1, 2, 3 processes, the hybrid's
 parts, bad input, predict, compare, the novel-attack study."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,7 @@ from common.errors import UserError
 from common.tensorboard import tensorboard_available
 from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
 
-FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32",
-        "--min-frequency", "5"]
+FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32", "--min-frequency", "5"]
 HYBRID = ["--detector", "hybrid"]
 # The shared run: both networks, so every path is exercised.
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -42,8 +42,12 @@ def trained(tmp_path_factory):
     write_partition(make_partition(3000, seed=3), data / TRAIN_FILE, zip_name="unsw.zip")
     run = root / "run"
     tensorboard = ["--tensorboard"] if tensorboard_available() else []  # it only adds files
-    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(run), *FAST,
-                                              *HYBRID, *tensorboard], nproc=2, timeout=120)
+    result = run_program(
+        "anomaly/train.py",
+        ["--data-dir", str(data), "--out-dir", str(run), *FAST, *HYBRID, *tensorboard],
+        nproc=2,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return data, run
 
@@ -87,10 +91,22 @@ def _same_metrics_at(nprocs, data, run, tmp_path, *extra, finished_resume_at=Non
     for nproc in nprocs:
         out = tmp_path / f"eval{nproc}"
         resume_only = nproc == finished_resume_at
-        result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out),
-                                                  *([] if resume_only else ["--eval-only"]),
-                                                  "--resume", str(run), *FAST, *extra],
-                             nproc=nproc, timeout=120)
+        result = run_program(
+            "anomaly/train.py",
+            [
+                "--data-dir",
+                str(data),
+                "--out-dir",
+                str(out),
+                *([] if resume_only else ["--eval-only"]),
+                "--resume",
+                str(run),
+                *FAST,
+                *extra,
+            ],
+            nproc=nproc,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         if resume_only:
             summary = _summary(out)
@@ -126,8 +142,9 @@ def test_eval_only_scores_with_the_saved_feature_transform(trained, tmp_path, mo
 
     data, run = trained
     state = {**load_tensors_file(run / "checkpoint.pt"), "loaded_from": str(run / "checkpoint.pt")}
-    cfg = train.parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path), "--eval-only",
-                            "--resume", str(run), *HYBRID])
+    cfg = train.parse_args(
+        ["--data-dir", str(data), "--out-dir", str(tmp_path), "--eval-only", "--resume", str(run), *HYBRID]
+    )
 
     def no_refit(self, *args, **kwargs):
         raise AssertionError("--eval-only fitted the feature transform again")
@@ -142,8 +159,7 @@ def test_eval_only_scores_with_the_saved_feature_transform(trained, tmp_path, mo
 
 @SHARES_TRAINED
 @pytest.mark.parametrize("detector", ["classifier", "autoencoder"])
-def test_each_detector_alone_evaluates_exactly_and_the_classifier_is_the_hybrids_part(
-        trained, tmp_path, detector):
+def test_each_detector_alone_evaluates_exactly_and_the_classifier_is_the_hybrids_part(trained, tmp_path, detector):
     """Trained alone on 2 processes, each detector's checkpoint evaluates identically at 1 and 3
     processes; the classifier holds exactly the weights of the hybrid's classifier part (both
     ran on 2 processes: dropout masks are drawn per rank)."""
@@ -171,8 +187,9 @@ def test_predict_scores_a_new_csv_in_one_call(trained, tmp_path):
 
 
 def _train(data, out, nproc, *extra):
-    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST,
-                                              *extra], nproc=nproc, timeout=120)
+    result = run_program(
+        "anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST, *extra], nproc=nproc, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return _summary(out)
 
@@ -184,8 +201,7 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(trained, tmp_path
     fsdp = _train(data, tmp_path / "fsdp", 2, "--strategy", "fsdp", *HYBRID)
     ddp = _summary(ddp_run)
     assert_same_weights(tmp_path / "fsdp", ddp_run)
-    detectors = [torch.load(run / "detector.pt", weights_only=True)["model"]
-                 for run in (tmp_path / "fsdp", ddp_run)]
+    detectors = [torch.load(run / "detector.pt", weights_only=True)["model"] for run in (tmp_path / "fsdp", ddp_run)]
     torch.testing.assert_close(detectors[0], detectors[1], **SAME_WEIGHTS)  # plain tensors, whole
     assert fsdp["test"]["f1"] == pytest.approx(ddp["test"]["f1"], abs=0.01)
     ratio = fsdp["memory_per_rank"]["total_bytes"] / ddp["memory_per_rank"]["total_bytes"]
@@ -217,8 +233,9 @@ def test_bad_csv_fails_on_every_rank_with_one_line_and_writes_nothing(tmp_path, 
     write_partition(frame, data / TRAIN_FILE)
     out = tmp_path / "run"
     nproc = 2 if case == "missing_column" else 1  # one multi-process case is enough
-    result = run_program("anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST],
-                         nproc=nproc, timeout=60)
+    result = run_program(
+        "anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST], nproc=nproc, timeout=60
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0] and TRAIN_FILE in errors[0], result.stderr[-2000:]
@@ -231,14 +248,20 @@ def test_bad_csv_fails_on_every_rank_with_one_line_and_writes_nothing(tmp_path, 
 def test_compare_table_has_every_method_and_the_run_rows(trained, tmp_path):
     data, run = trained
     out = tmp_path / "compare"
-    result = run_program("anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run),
-                                                "--out-dir", str(out)], timeout=180)
+    result = run_program(
+        "anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run), "--out-dir", str(out)], timeout=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "compare.json").read_text())
     methods = [row["method"] for row in report["rows"]]
     assert methods[0] == "all-attack baseline" and report["rows"][0]["recall"] == 1.0
-    for name in ("PCA reconstruction", "IsolationForest", "one-class SVM", "gradient boosting, tuned",
-                 "hybrid network"):
+    for name in (
+        "PCA reconstruction",
+        "IsolationForest",
+        "one-class SVM",
+        "gradient boosting, tuned",
+        "hybrid network",
+    ):
         assert any(m.startswith(name) for m in methods), name
     assert report["settings"]["seed"] == 0 and report["settings"]["split"] == "grouped"
     hybrid = next(row for row in report["rows"] if row["method"].startswith("hybrid"))
@@ -254,8 +277,11 @@ def test_compare_over_seeds_measures_each_seed_on_its_own_split_then_mean_and_sp
     other = tmp_path / "seed1"
     seed1 = _train(data, other, 1, *HYBRID, "--seed", "1")
     out = tmp_path / "compare"
-    result = run_program("anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run), str(other),
-                                                "--out-dir", str(out)], timeout=240)
+    result = run_program(
+        "anomaly/compare.py",
+        ["--data-dir", str(data), "--runs", str(run), str(other), "--out-dir", str(out)],
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "compare.json").read_text())
     assert [r["settings"]["seed"] for r in report["seeds"]] == [0, 1]
@@ -266,23 +292,40 @@ def test_compare_over_seeds_measures_each_seed_on_its_own_split_then_mean_and_sp
     assert hybrid["mean"] == pytest.approx(sum(hybrid["f1"]) / 2)
     assert hybrid["spread"] == pytest.approx(abs(hybrid["f1"][0] - hybrid["f1"][1]))
     boosting = summary["gradient boosting, tuned"]["f1"]
-    assert boosting == [next(r["f1"] for r in report["seeds"][i]["rows"] if r["method"].startswith("gradient"))
-                        for i in (0, 1)]
+    assert boosting == [
+        next(r["f1"] for r in report["seeds"][i]["rows"] if r["method"].startswith("gradient")) for i in (0, 1)
+    ]
     text = (out / "compare.md").read_text()
     assert "## Seed 0" in text and "## Seed 1" in text and "| hybrid network |" in text
     random_split = tmp_path / "random"
     _train(data, random_split, 1, *HYBRID, "--split", "random")
-    refused = run_program("anomaly/compare.py", ["--data-dir", str(data), "--runs", str(run), str(random_split),
-                                                 "--out-dir", str(tmp_path / "no")], timeout=120)
+    refused = run_program(
+        "anomaly/compare.py",
+        ["--data-dir", str(data), "--runs", str(run), str(random_split), "--out-dir", str(tmp_path / "no")],
+        timeout=120,
+    )
     assert refused.returncode != 0 and "its split differ" in refused.stderr
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 def test_real_data_subset_trains_and_beats_the_trivial_baseline(tmp_path):
     out = tmp_path / "run"
-    result = run_program("anomaly/train.py", ["--data-dir", str(SHARED_DATA), "--out-dir", str(out),
-                                              "--max-rows", "4000", "--epochs", "10", "--batch-size", "48"],
-                         timeout=120)
+    result = run_program(
+        "anomaly/train.py",
+        [
+            "--data-dir",
+            str(SHARED_DATA),
+            "--out-dir",
+            str(out),
+            "--max-rows",
+            "4000",
+            "--epochs",
+            "10",
+            "--batch-size",
+            "48",
+        ],
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(out)
     share = summary["test"]["tp"] + summary["test"]["fn"]
@@ -307,9 +350,15 @@ def test_raw_files_give_features_and_a_timeline_over_stime(tmp_path):
     assert built.splits.time_column == "stime" and len(built.splits.test) == 480
     assert "rate" not in built.transform.input_names and np.isfinite(built.x["test"].numpy()).all()
     scores = np.linspace(0, 1, 480)
-    plots.timeline(scores, built.splits.test["label"].to_numpy(),
-                   built.splits.test["stime"].to_numpy() * 1.0, "stime", 0.5, tmp_path / "t.png",
-                   has_time=True)
+    plots.timeline(
+        scores,
+        built.splits.test["label"].to_numpy(),
+        built.splits.test["stime"].to_numpy() * 1.0,
+        "stime",
+        0.5,
+        tmp_path / "t.png",
+        has_time=True,
+    )
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
@@ -317,9 +366,12 @@ def test_novel_study_holds_each_category_out_and_reports_every_detector(trained,
     """anomaly/novel.py on two categories: each held out of train and validation, kept in test."""
     data, _ = trained
     out = tmp_path / "novel"
-    result = run_program("anomaly/novel.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST,
-                                              "--epochs", "2", "--categories", "DoS,Exploits"],
-                         nproc=2, timeout=180)
+    result = run_program(
+        "anomaly/novel.py",
+        ["--data-dir", str(data), "--out-dir", str(out), *FAST, "--epochs", "2", "--categories", "DoS,Exploits"],
+        nproc=2,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "novel.json").read_text())
     assert list(report["rows"]) == ["DoS", "Exploits"]
@@ -330,8 +382,10 @@ def test_novel_study_holds_each_category_out_and_reports_every_detector(trained,
         assert set(row["rates"]) == {"hybrid", "classifier+disagreement", "classifier", "autoencoder"}
         assert row["rates"]["hybrid"]["detected"] == summary["per_attack_cat"][category]["detection_rate"]
         assert row["rates"]["hybrid"]["false_alarms"] == summary["test"]["false_alarm_rate"]
-        assert row["rates"]["classifier"]["detected"] == \
-            summary["parts"]["classifier"]["per_attack_cat"][category]["detection_rate"]
+        assert (
+            row["rates"]["classifier"]["detected"]
+            == summary["parts"]["classifier"]["per_attack_cat"][category]["detection_rate"]
+        )
     assert "| DoS |" in (out / "novel.md").read_text()
     assert (out / "plots" / "novel.png").stat().st_size > 1000
 
@@ -340,15 +394,16 @@ def test_held_out_category_is_absent_from_train_and_validation(tmp_path):
     from anomaly.train import build_data, parse_args
 
     write_partition(make_partition(1500, seed=4), tmp_path / TRAIN_FILE)
-    cfg = parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST,
-                      "--holdout", "DoS"])
+    cfg = parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST, "--holdout", "DoS"])
     built = build_data(cfg, SINGLE)
     assert "DoS" not in set(built.splits.train["attack_cat"]) | set(built.splits.val["attack_cat"])
     assert (built.splits.test["attack_cat"] == "DoS").sum() > 10
     assert len(built.x["train"]) == len(built.splits.train)
     with pytest.raises(UserError, match="--holdout 'Nope': not an attack category"):
-        build_data(parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"), *FAST,
-                               "--holdout", "Nope"]), SINGLE)
+        build_data(
+            parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"), *FAST, "--holdout", "Nope"]),
+            SINGLE,
+        )
 
 
 def test_best_f1_threshold_counts_rows_that_are_always_flagged():
@@ -422,14 +477,14 @@ def test_classifier_members_each_learn_their_own_loss_and_the_probability_is_the
     probability, disagreement = net.probability_and_disagreement(x.double())
     assert torch.equal(probability, expected)
     members = torch.sigmoid(logits)
-    torch.testing.assert_close(disagreement, ((members - expected[:, None]) ** 2).mean(dim=1).sqrt(),
-                               rtol=0, atol=1e-12)
-    parts = torch.cat([net.probability(x[i:i + 5].double()) for i in range(0, 64, 5)])
+    torch.testing.assert_close(
+        disagreement, ((members - expected[:, None]) ** 2).mean(dim=1).sqrt(), rtol=0, atol=1e-12
+    )
+    parts = torch.cat([net.probability(x[i : i + 5].double()) for i in range(0, 64, 5)])
     torch.testing.assert_close(parts, expected, rtol=0, atol=1e-12)
     y = (x[:, 0] > 0).long()
     loss = training_loss("classifier", logits, x.double(), y, 1.0)
-    per_member = [torch.nn.functional.binary_cross_entropy_with_logits(logits[:, m], y.double())
-                  for m in range(3)]
+    per_member = [torch.nn.functional.binary_cross_entropy_with_logits(logits[:, m], y.double()) for m in range(3)]
     torch.testing.assert_close(loss, torch.stack(per_member).mean())
     # The dropped columns are not read: changing them changes nothing.
     changed = x.clone()
@@ -465,7 +520,10 @@ def test_predict_refuses_a_detector_whose_thresholds_lack_a_part(trained, tmp_pa
     del bundle["thresholds"]["disagreement"]
     old = tmp_path / "old.pt"
     torch.save(bundle, old)
-    with pytest.raises(UserError, match="thresholds for classifier, autoencoder, where a hybrid "
-                                        "detector of this version has classifier, disagreement, "
-                                        "autoencoder.*train again"):
+    with pytest.raises(
+        UserError,
+        match="thresholds for classifier, autoencoder, where a hybrid "
+        "detector of this version has classifier, disagreement, "
+        "autoencoder.*train again",
+    ):
         load_detector(old)

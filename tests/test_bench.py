@@ -1,4 +1,5 @@
 """bench/bench.py: the tables' fields are there and sane, on a tiny synthetic workload."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,10 @@ from tests.launch import REPO, child_env
 
 def test_summarize_splits_the_step_and_clamps_noise():
     # per rank: data, fwd_bwd, optimizer (normal), the same (no_sync), peak bytes, CPU share
-    ranks = [[0.001, 0.010, 0.002, 0.001, 0.007, 0.002, 100.0, 0.9],
-             [0.001, 0.012, 0.002, 0.001, 0.007, 0.002, 300.0, 0.8]]
+    ranks = [
+        [0.001, 0.010, 0.002, 0.001, 0.007, 0.002, 100.0, 0.9],
+        [0.001, 0.012, 0.002, 0.001, 0.007, 0.002, 300.0, 0.8],
+    ]
     s = summarize(ranks, global_batch=64, world_size=2)
     assert s["comm_s"] == pytest.approx(0.004)
     assert s["fwd_bwd_s"] == pytest.approx(0.007)
@@ -29,9 +32,22 @@ def test_summarize_splits_the_step_and_clamps_noise():
 
 
 def test_bench_runs_at_world_size_1_and_2(tmp_path):
-    cmd = [sys.executable, str(REPO / "bench" / "bench.py"), "--programs", "synthetic",
-           "--world-sizes", "1,2", "--tables", "throughput,memory", "--steps", "4", "--warmup", "1",
-           "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "bench.py"),
+        "--programs",
+        "synthetic",
+        "--world-sizes",
+        "1,2",
+        "--tables",
+        "throughput,memory",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -55,15 +71,27 @@ def test_bench_runs_at_world_size_1_and_2(tmp_path):
     assert memory["ddp"]["param_bytes"] == memory["ddp"]["grad_bytes"] > 0
     assert 0.45 < memory["fsdp_over_ddp"] < 0.6  # sharded over 2 ranks: about half
     text = (tmp_path / "benchmarks.md").read_text()
-    for needed in ("### synthetic", "scaling efficiency", "comm ms", "fsdp / ddp",
-                   "Reproduce: `python bench/bench.py", "Not measured in this session (no GPU lent)"):
+    for needed in (
+        "### synthetic",
+        "scaling efficiency",
+        "comm ms",
+        "fsdp / ddp",
+        "Reproduce: `python bench/bench.py",
+        "Not measured in this session (no GPU lent)",
+    ):
         assert needed in text
     assert text == render(report)
 
 
 def test_bad_arguments_give_one_line_errors():
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--programs", "nope"],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench.py"), "--programs", "nope"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: --programs") and "\n" not in done.stderr.strip()
 
@@ -77,16 +105,33 @@ def test_peer_race_runs_both_systems_on_the_same_images_side_by_side(tmp_path):
 
     data = make_folders(tmp_path / "data", n_train=345, n_test=20)  # 1,035 images: one batch
     out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "bench" / "bench.py"), "--tables", "peer", "--data-dir", str(data),
-           "--seeds", "0", "--world-sizes", "1,2", "--target-accuracy", "0.25", "--peer-epochs", "2",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "bench.py"),
+        "--tables",
+        "peer",
+        "--data-dir",
+        str(data),
+        "--seeds",
+        "0",
+        "--world-sizes",
+        "1,2",
+        "--target-accuracy",
+        "0.25",
+        "--peer-epochs",
+        "2",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "cifar-vs-airbench94.json").read_text())
     rows = report["rows"]
     assert [(r["system"], r["processes"]) for r in rows] == [
-        ("airbench94 peer", 1), ("cifar/train.py --preset airbench94", 1),
-        ("cifar/train.py --preset airbench94", 2)]
+        ("airbench94 peer", 1),
+        ("cifar/train.py --preset airbench94", 1),
+        ("cifar/train.py --preset airbench94", 2),
+    ]
     peer = rows[0]
     assert peer["epochs"] == 2 and rows[1]["epochs"] == rows[2]["epochs"] == 2
     for row in rows:
@@ -107,15 +152,35 @@ def test_peer_on_too_few_images_stops_with_one_line(tmp_path):
     from tests.test_cifar import make_folders
 
     data = make_folders(tmp_path / "data")  # 36 training images
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "airbench94.py"), "--data-dir", str(data),
-                           "--device", "cpu"], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "airbench94.py"), "--data-dir", str(data), "--device", "cpu"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip() == ("error: the recipe needs at least 1024 training images and --epochs "
-                                   "above 0 (got 36 images, --epochs 9.9)")
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--tables", "peer",
-                           "--data-dir", str(data), "--out", str(tmp_path / "out")], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip() == (
+        "error: the recipe needs at least 1024 training images and --epochs above 0 (got 36 images, --epochs 9.9)"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench.py"),
+            "--tables",
+            "peer",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and "bench/airbench94.py (seed 0) failed" in done.stderr
     assert "the recipe needs at least 1024 training images" in done.stderr
     assert not (tmp_path / "out").exists()

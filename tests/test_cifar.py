@@ -4,6 +4,7 @@ models: tests/test_cifar_model.py).
 Real multi-process runs use tiny synthetic class-folder datasets (3 classes of 32x32 PNGs) and a
 narrow network, so the whole file runs in well under a minute on 2 cores.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,9 @@ def make_batches_archive(path: Path, n: int = 4) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
         names = [*cdata.TRAIN_BATCHES, cdata.TEST_BATCH]
         for name in names:
-            blob = pickle.dumps({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                 "labels": [i % 10 for i in range(n)]})
+            blob = pickle.dumps(
+                {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+            )
             info = tarfile.TarInfo(f"{cdata.BATCHES_DIR}/{name}")
             info.size = len(blob)
             tf.addfile(info, io.BytesIO(blob))
@@ -70,6 +72,7 @@ def folders(tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- data, in process
+
 
 def test_folders_decode_once_then_cache(folders: Path, monkeypatch) -> None:
     data = cdata.load(folders)
@@ -163,12 +166,15 @@ def test_download_checks_sha256_and_leaves_no_temp_file(tmp_path: Path) -> None:
         server.shutdown()
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("truncate", "corrupt or truncated image"),
-    ("stray", "not inside a class folder"),
-    ("no_test", "no test/ folder"),
-    ("size", "expected 32x32"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("truncate", "corrupt or truncated image"),
+        ("stray", "not inside a class folder"),
+        ("no_test", "no test/ folder"),
+        ("size", "expected 32x32"),
+    ],
+)
 def test_bad_folders_name_file_and_expectation(folders: Path, damage: str, expected: str) -> None:
     victim = folders / "train" / "dog" / "0003.png"
     if damage == "truncate":
@@ -188,6 +194,7 @@ def test_bad_folders_name_file_and_expectation(folders: Path, damage: str, expec
 
 # --------------------------------------------------------------------------- real runs
 
+
 def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
@@ -203,15 +210,34 @@ def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> Non
     added, the run's own metrics.jsonl, summary.json and plots are left as they were.
     """
     train = tmp_path / "train"
-    _check(run_program("cifar/train.py", ["--data-dir", str(folders), "--out-dir", str(train),
-                                          "--epochs", "1", "--batch-size", "12", *SMALL], nproc=1))
+    _check(
+        run_program(
+            "cifar/train.py",
+            ["--data-dir", str(folders), "--out-dir", str(train), "--epochs", "1", "--batch-size", "12", *SMALL],
+            nproc=1,
+        )
+    )
     results = {1: _summary(train)}
     run_files = {p: p.read_bytes() for p in sorted(train.rglob("*")) if p.is_file()}
     for nproc in (2, 3):
         out = train if nproc == 2 else tmp_path / f"eval{nproc}"
-        _check(run_program("cifar/train.py", ["--data-dir", str(folders), "--out-dir", str(out),
-                                              "--eval-only", "--resume", str(train / "checkpoint.pt"),
-                                              *SMALL], nproc=nproc, timeout=120))
+        _check(
+            run_program(
+                "cifar/train.py",
+                [
+                    "--data-dir",
+                    str(folders),
+                    "--out-dir",
+                    str(out),
+                    "--eval-only",
+                    "--resume",
+                    str(train / "checkpoint.pt"),
+                    *SMALL,
+                ],
+                nproc=nproc,
+                timeout=120,
+            )
+        )
         results[nproc] = json.loads((out / "eval.json").read_text())
     assert {p: p.read_bytes() for p in sorted(train.rglob("*")) if p.is_file() and p.name != "eval.json"} == run_files
     for nproc in (1, 2, 3):
@@ -228,8 +254,7 @@ TRAIN = ["--batch-size", "12", "--epochs", "2", *SMALL]  # 3 steps an epoch
 
 
 def _train(data: Path, out: Path, nproc: int, *extra: str) -> dict:
-    _check(run_program("cifar/train.py", ["--data-dir", str(data), "--out-dir", str(out), *TRAIN,
-                                          *extra], nproc=nproc))
+    _check(run_program("cifar/train.py", ["--data-dir", str(data), "--out-dir", str(out), *TRAIN, *extra], nproc=nproc))
     return _summary(out)
 
 
@@ -305,12 +330,14 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(two_process_run, 
             assert_same_weights(resumed, ddp_run, key)
 
 
-@pytest.mark.parametrize("damage, expected", [
-    ("missing", "no CIFAR-10 found; expected cifar-10-batches-py/"),
-    ("truncate", "corrupt or truncated image"),
-])
-def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path,
-                                                   damage: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        ("missing", "no CIFAR-10 found; expected cifar-10-batches-py/"),
+        ("truncate", "corrupt or truncated image"),
+    ],
+)
+def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path, damage: str, expected: str) -> None:
     data_dir = folders
     if damage == "missing":
         data_dir = tmp_path / "empty"
@@ -319,25 +346,50 @@ def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path
         victim = folders / "test" / "ship" / "0001.png"
         victim.write_bytes(victim.read_bytes()[:50])
     out = tmp_path / "run"
-    result = run_program("cifar/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
-                                            *SMALL], nproc=2, timeout=60)
+    result = run_program(
+        "cifar/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out), *SMALL], nproc=2, timeout=60
+    )
     assert result.returncode != 0
     # The ranks print at the same moment, so their lines may interleave on the shared pipe.
     errors = error_messages(result.stderr)
     assert {rank for rank, text in errors if expected in text} == {"0", "1"}, result.stderr[:2000]
     # torchrun prints its own report of the failed children; our code prints no traceback.
-    assert not [name for name in ("train", "data", "sources", "cache")
-                if f"cifar/{name}.py\", line" in result.stderr], result.stderr[:2000]
+    assert not [name for name in ("train", "data", "sources", "cache") if f'cifar/{name}.py", line' in result.stderr], (
+        result.stderr[:2000]
+    )
     assert not out.exists()  # bad input leaves no partial run directory
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 def test_real_data_subset_two_processes(tmp_path: Path) -> None:
     out = tmp_path / "real"
-    _check(run_program("cifar/train.py", ["--data-dir", str(SHARED_DATA), "--out-dir", str(out),
-                                          "--train-per-class", "100", "--test-limit", "500",
-                                          "--epochs", "3", "--batch-size", "100", "--lr", "0.15",
-                                          "--widths", "16", "32", "32"], nproc=2, timeout=180))
+    _check(
+        run_program(
+            "cifar/train.py",
+            [
+                "--data-dir",
+                str(SHARED_DATA),
+                "--out-dir",
+                str(out),
+                "--train-per-class",
+                "100",
+                "--test-limit",
+                "500",
+                "--epochs",
+                "3",
+                "--batch-size",
+                "100",
+                "--lr",
+                "0.15",
+                "--widths",
+                "16",
+                "32",
+                "32",
+            ],
+            nproc=2,
+            timeout=180,
+        )
+    )
     summary = _summary(out)
     assert summary["test_images"] == 500 and summary["world_size"] == 2
     assert list(summary["per_class_accuracy"]) == summary["classes"] and len(summary["classes"]) == 10
@@ -353,8 +405,7 @@ def test_augment_study_runs_each_variant_and_tabulates(tmp_path: Path, monkeypat
 
     from cifar import augment_study
 
-    accuracy = {"base": 0.80, "--translate 0": 0.78, "--no-flip": 0.75, "--cutout 0": 0.81,
-                "--no-tta": 0.79}
+    accuracy = {"base": 0.80, "--translate 0": 0.78, "--no-flip": 0.75, "--cutout 0": 0.81, "--no-tta": 0.79}
     calls = []
 
     def fake_run(cmd, **kwargs):
@@ -364,12 +415,14 @@ def test_augment_study_runs_each_variant_and_tabulates(tmp_path: Path, monkeypat
         out.mkdir(parents=True)
         key = next((k for k in accuracy if k != "base" and k in args), "base")
         (out / ("eval.json" if "--eval-only" in cmd else "summary.json")).write_text(
-            json.dumps({"test_accuracy": accuracy[key]}))
+            json.dumps({"test_accuracy": accuracy[key]})
+        )
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(augment_study.subprocess, "run", fake_run)
-    monkeypatch.setattr(sys, "argv", ["augment_study.py", "--out-dir", str(tmp_path), "--nproc", "2",
-                                      "--", "--epochs", "1"])
+    monkeypatch.setattr(
+        sys, "argv", ["augment_study.py", "--out-dir", str(tmp_path), "--nproc", "2", "--", "--epochs", "1"]
+    )
     augment_study.main()
     table = (tmp_path / "augment_study.md").read_text()
     assert len(calls) == 5 and all("--epochs" in c and "torch.distributed.run" in " ".join(c) for c in calls)
@@ -382,8 +435,7 @@ def test_world_size_invariant_training_is_the_same_at_1_2_and_4_processes(tmp_pa
     """--world-size-invariant: BatchNorm statistics and augmentation draws over the global batch,
     so 2 epochs (6 steps) at 1, 2 and 4 processes end with the same weights (the float
     tolerance of the other programs' world-size tests); without it 1 and 2 already differ."""
-    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", "--amp", "off",
-            "--cutout", "4", *SMALL]
+    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", "--amp", "off", "--cutout", "4", *SMALL]
     runs = {}
     for flags, sizes in ((["--world-size-invariant"], (1, 2, 4)), ([], (1, 2))):
         for nproc in sizes:
@@ -401,8 +453,18 @@ def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, folders):
     """--alternating-flip: each image's flip comes with it in the batch (a tensor sharded like
     the images), so with --world-size-invariant 1 and 2 processes still end with the same
     weights; and the flag changes the training (it is not ignored)."""
-    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", "--amp", "off",
-            "--world-size-invariant", *SMALL]
+    args = [
+        "--data-dir",
+        str(folders),
+        "--batch-size",
+        "12",
+        "--epochs",
+        "2",
+        "--amp",
+        "off",
+        "--world-size-invariant",
+        *SMALL,
+    ]
     runs = {}
     for flags, nproc in ((["--alternating-flip"], 1), (["--alternating-flip"], 2), ([], 1)):
         out = tmp_path / f"{'alt' if flags else 'coin'}-{nproc}"
@@ -423,14 +485,26 @@ def test_muon_trains_alike_at_1_and_2_processes_and_resumes_exactly(tmp_path, fo
     runs = {}
     for optimizer, nproc in (("muon", 1), ("muon", 2), ("sgd", 1)):
         runs[optimizer, nproc] = tmp_path / f"{optimizer}-{nproc}"
-        _check(run_program("cifar/train.py", [*args, "--optimizer", optimizer,
-                                              "--out-dir", str(runs[optimizer, nproc])], nproc=nproc, timeout=120))
+        _check(
+            run_program(
+                "cifar/train.py",
+                [*args, "--optimizer", optimizer, "--out-dir", str(runs[optimizer, nproc])],
+                nproc=nproc,
+                timeout=120,
+            )
+        )
     assert_same_weights(runs["muon", 2], runs["muon", 1])
     with pytest.raises(AssertionError, match="not close"):
         assert_same_weights(runs["sgd", 1], runs["muon", 1])
     resumed = resume_copy(runs["muon", 2], tmp_path / "resumed")
-    _check(run_program("cifar/train.py", [*args, "--optimizer", "muon", "--out-dir", str(resumed), "--resume"],
-                       nproc=2, timeout=120))
+    _check(
+        run_program(
+            "cifar/train.py",
+            [*args, "--optimizer", "muon", "--out-dir", str(resumed), "--resume"],
+            nproc=2,
+            timeout=120,
+        )
+    )
     a, b = _summary(runs["muon", 2]), _summary(resumed)
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
     assert_same_weights(resumed, runs["muon", 2])
@@ -444,11 +518,20 @@ def test_muon_under_fsdp_steps_like_ddp_and_resumes_exactly(tmp_path, folders):
     runs = {}
     for strategy in ("ddp", "fsdp"):
         runs[strategy] = tmp_path / strategy
-        _check(run_program("cifar/train.py", [*args, "--strategy", strategy, "--out-dir", str(runs[strategy])],
-                           nproc=2, timeout=120))
+        _check(
+            run_program(
+                "cifar/train.py",
+                [*args, "--strategy", strategy, "--out-dir", str(runs[strategy])],
+                nproc=2,
+                timeout=120,
+            )
+        )
     assert_same_weights(runs["fsdp"], runs["ddp"])
     resumed = resume_copy(runs["fsdp"], tmp_path / "resumed")
-    _check(run_program("cifar/train.py", [*args, "--strategy", "fsdp", "--out-dir", str(resumed), "--resume"],
-                       nproc=2, timeout=120))
+    _check(
+        run_program(
+            "cifar/train.py", [*args, "--strategy", "fsdp", "--out-dir", str(resumed), "--resume"], nproc=2, timeout=120
+        )
+    )
     assert _summary(resumed)["test_loss"] == _summary(runs["fsdp"])["test_loss"]
     assert_same_weights(resumed, runs["fsdp"])

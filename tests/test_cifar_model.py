@@ -1,4 +1,5 @@
 """cifar/: GPU-style augmentation and the models, in-process."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,10 @@ from common.errors import UserError
 
 def test_augment_is_seeded_and_switchable() -> None:
     x = torch.randn(6, 3, 32, 32)
+
     def run(aug: cdata.Augment, seed: int = 0) -> torch.Tensor:
         return cdata.augment(x, aug, torch.Generator().manual_seed(seed))
+
     full = cdata.Augment(translate=2, flip=True, cutout=8)
     assert torch.equal(run(full), run(full)) and not torch.equal(run(full), run(full, 1))
     assert torch.equal(run(cdata.Augment(0, False, 0)), x)
@@ -67,8 +70,7 @@ def test_alternating_flips_show_every_image_both_ways_over_two_epochs():
 
 def _muon_model() -> tuple[torch.nn.Module, list[dict]]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 4 * 4, 5))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
     conv, head = model[0].weight, [model[2].weight, model[2].bias]
     return model, [dict(params=head), dict(params=[conv], lr=0.1, momentum=0.6, muon=True)]
 
@@ -116,11 +118,12 @@ def test_muon_steps_sgd_groups_like_sgd_and_filters_by_direction_only():
     # One step from norm sqrt(8): the rescaled weight plus 0.1 x an update of singular values ~1.
     one, one_groups = _muon_model()
     _steps(one, cifar_optim.Muon(one_groups, lr=0.05, momentum=0.85), steps=1)
-    assert abs(float(one[0].weight.detach().norm()) - 8 ** 0.5) < 0.1 * 8 ** 0.5
+    assert abs(float(one[0].weight.detach().norm()) - 8**0.5) < 0.1 * 8**0.5
 
 
 def test_muon_refuses_resnet():
     from cifar.train import parse_args
+
     with pytest.raises(UserError, match="airnet only"):
         parse_args(["--optimizer", "muon", "--arch", "resnet18", "--device", "cpu", "--out-dir", "/tmp/x"])
 

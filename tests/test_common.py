@@ -1,4 +1,5 @@
 """In-process unit tests of common/ (no process group needed)."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def test_global_batches_do_not_depend_on_world_size(world_size):
     n, batch = 50, 12
     data = torch.arange(n)
     single = [b[0] for b in TrainBatches([data], batch, rank_info(0, 1), seed=1).epoch(2)]
-    per_rank = [[b[0] for b in TrainBatches([data], batch, rank_info(r, world_size), seed=1).epoch(2)]
-                for r in range(world_size)]
+    per_rank = [
+        [b[0] for b in TrainBatches([data], batch, rank_info(r, world_size), seed=1).epoch(2)]
+        for r in range(world_size)
+    ]
     assert len(single) == n // batch  # the remainder joins the last batch
     for step, expected in enumerate(single):
         combined = torch.cat([per_rank[r][step] for r in range(world_size)])
@@ -48,9 +51,10 @@ def test_start_step_skips_trained_batches():
     assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed)) and len(resumed) == 2
 
 
-@pytest.mark.parametrize("batch,world,message", [(1, 2, "smaller than the world size"),
-                                                 (9, 2, "does not divide"),
-                                                 (64, 1, "larger than the training set")])
+@pytest.mark.parametrize(
+    "batch,world,message",
+    [(1, 2, "smaller than the world size"), (9, 2, "does not divide"), (64, 1, "larger than the training set")],
+)
 def test_bad_batch_sizes_are_user_errors(batch, world, message):
     with pytest.raises(UserError, match=message):
         TrainBatches([torch.arange(40)], batch, rank_info(0, world), seed=0)
@@ -115,8 +119,7 @@ def _one_cycle(total_steps: int):
 
 def test_resume_with_another_schedule_length_is_one_clear_error(tmp_path):
     model, optimizer, scheduler = _one_cycle(20)
-    save_checkpoint(tmp_path, training_state(model, optimizer, 0, {"program": "toy"}, scheduler),
-                    rank_info(0, 1))
+    save_checkpoint(tmp_path, training_state(model, optimizer, 0, {"program": "toy"}, scheduler), rank_info(0, 1))
     state = agreed_checkpoint("auto", tmp_path, rank_info(0, 1), {"program": "toy"})
     load_training_state(state, *_one_cycle(20))
     assert state["epoch"] == 0
@@ -125,13 +128,19 @@ def test_resume_with_another_schedule_length_is_one_clear_error(tmp_path):
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return make_parser("t", {"epochs": 1, "batch_size": 8, "lr": 0.1, "data_dir": "d", "out_dir": "o"}
-                       ).parse_args(list(argv))
+    return make_parser("t", {"epochs": 1, "batch_size": 8, "lr": 0.1, "data_dir": "d", "out_dir": "o"}).parse_args(
+        list(argv)
+    )
 
 
-@pytest.mark.parametrize("argv,message", [(["--epochs", "0"], "--epochs must be a positive"),
-                                          (["--batch-size", "-4"], "--batch-size must be a positive"),
-                                          (["--lr", "0"], "--lr must be positive")])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--epochs", "0"], "--epochs must be a positive"),
+        (["--batch-size", "-4"], "--batch-size must be a positive"),
+        (["--lr", "0"], "--lr must be positive"),
+    ],
+)
 def test_shared_argument_validation(argv, message, tmp_path):
     with pytest.raises(UserError, match=message):
         RunConfig.from_args(_args(*argv, "--out-dir", str(tmp_path)))
@@ -189,12 +198,23 @@ def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
     for rank in (1, 0):  # rank 1 of 2 writes nothing at all
         recorder = RunRecorder(tmp_path / f"rank{rank}", rank_info(rank, 2), tensorboard=True)
         for epoch in range(3):
-            recorder.log_epoch({"epoch": epoch, "train_loss": 1.0 / (epoch + 1), "lr": 0.1 * epoch,
-                                "val": {"rmse": 10.0 + epoch}, "note": "text", "flag": True})
+            recorder.log_epoch(
+                {
+                    "epoch": epoch,
+                    "train_loss": 1.0 / (epoch + 1),
+                    "lr": 0.1 * epoch,
+                    "val": {"rmse": 10.0 + epoch},
+                    "note": "text",
+                    "flag": True,
+                }
+            )
         recorder.close()
     assert not (tmp_path / "rank1").exists()
-    expected = {"train_loss": [(0, 1.0), (1, 0.5), (2, 1 / 3)], "lr": [(0, 0.0), (1, 0.1), (2, 0.2)],
-                "val/rmse": [(0, 10.0), (1, 11.0), (2, 12.0)]}
+    expected = {
+        "train_loss": [(0, 1.0), (1, 0.5), (2, 1 / 3)],
+        "lr": [(0, 0.0), (1, 0.1), (2, 0.2)],
+        "val/rmse": [(0, 10.0), (1, 11.0), (2, 12.0)],
+    }
     got = _event_scalars(tmp_path / "rank0" / "tensorboard")
     assert got.keys() == expected.keys()
     for tag, points in expected.items():
@@ -277,15 +297,43 @@ def test_eval_only_config_comes_from_the_checkpoint_but_run_options_from_the_com
             if self.width < 1:
                 raise UserError(f"--width must be >= 1, got {self.width}")
 
-    saved = {"data_dir": "old", "out_dir": "old", "epochs": 7, "batch_size": 32, "lr": 0.1, "seed": 3,
-             "resume": None, "device": "cuda", "strategy": "fsdp", "dist_timeout": 9.0,
-             "tensorboard": False, "eval_only": False, "width": 16, "threshold": 0.5}
-    now = Config(data_dir=tmp_path, out_dir=tmp_path / "e", epochs=1, batch_size=8, lr=0.2, width=4,
-                 threshold=0.9, device="cpu", resume="run", eval_only=True)
+    saved = {
+        "data_dir": "old",
+        "out_dir": "old",
+        "epochs": 7,
+        "batch_size": 32,
+        "lr": 0.1,
+        "seed": 3,
+        "resume": None,
+        "device": "cuda",
+        "strategy": "fsdp",
+        "dist_timeout": 9.0,
+        "tensorboard": False,
+        "eval_only": False,
+        "width": 16,
+        "threshold": 0.5,
+    }
+    now = Config(
+        data_dir=tmp_path,
+        out_dir=tmp_path / "e",
+        epochs=1,
+        batch_size=8,
+        lr=0.2,
+        width=4,
+        threshold=0.9,
+        device="cpu",
+        resume="run",
+        eval_only=True,
+    )
     cfg = now.for_evaluation(saved, "run/checkpoint.pt")
     assert (cfg.width, cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed) == (16, 7, 32, 0.1, 3)  # the run's
     assert (cfg.data_dir, cfg.out_dir, cfg.device, cfg.strategy, cfg.resume) == (
-        tmp_path, tmp_path / "e", "cpu", "ddp", "run")  # this launch's
+        tmp_path,
+        tmp_path / "e",
+        "cpu",
+        "ddp",
+        "run",
+    )  # this launch's
     assert cfg.threshold == 0.9 and cfg.eval_only
     with pytest.raises(UserError, match=r"run/checkpoint.pt: its config does not fit this version of toy/train.py"):
         now.for_evaluation({**saved, "depth": 2}, "run/checkpoint.pt")

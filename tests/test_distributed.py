@@ -1,4 +1,5 @@
 """Multi-process gloo tests of common/: each would fail if the distributed behaviour broke."""
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,10 @@ def test_local_rank_zero_first_waits_and_agrees_on_errors(tmp_path, capfd):
     for scenario, rank in (("first_fails", 0), ("later_fails", 1)):
         message = f"error: {scenario}: bad data seen by rank {rank}"
         assert sorted(line for line in err.splitlines() if line.endswith(message)) == [
-            f"[rank 1] {message}", f"[rank 2] {message}", message], err
+            f"[rank 1] {message}",
+            f"[rank 2] {message}",
+            message,
+        ], err
 
 
 def test_agreed_stops_every_rank_when_one_rank_fails(tmp_path, capfd):
@@ -124,9 +128,11 @@ def _params(run_dir):
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for args in (["--out-dir", str(straight), "--epochs", "4"],
-                 ["--out-dir", str(resumed), "--epochs", "2"],
-                 ["--out-dir", str(resumed), "--epochs", "4", "--resume"]):
+    for args in (
+        ["--out-dir", str(straight), "--epochs", "4"],
+        ["--out-dir", str(resumed), "--epochs", "2"],
+        ["--out-dir", str(resumed), "--epochs", "4", "--resume"],
+    ):
         result = run_program("tests/toy_train.py", args, nproc=2)
         assert result.returncode == 0, result.stderr
     assert _params(resumed) == _params(straight)  # bit-identical on CPU
@@ -156,8 +162,9 @@ def test_single_process_path_without_torchrun(tmp_path):
 
 def test_error_on_one_rank_stops_every_rank_quickly(tmp_path):
     start = time.time()
-    result = run_program("tests/toy_train.py", ["--out-dir", str(tmp_path / "run"), "--fail-on-rank", "1"],
-                         nproc=2, timeout=60)
+    result = run_program(
+        "tests/toy_train.py", ["--out-dir", str(tmp_path / "run"), "--fail-on-rank", "1"], nproc=2, timeout=60
+    )
     elapsed = time.time() - start
     assert result.returncode != 0
     assert "error: missing data file" in result.stderr

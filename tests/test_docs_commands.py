@@ -6,6 +6,7 @@ followed in turn, torchrun's own options go through torchrun's parser, and the p
 arguments through the program's ``parse_args`` (with its validation), in-process. A flag or a
 preset that does not exist fails here, not on a user's GPU box.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,11 +22,16 @@ from tests.launch import REPO, child_env
 
 # Program path -> module whose parse_args(argv) checks its arguments.
 PROGRAMS = {
-    "housing/train.py": "housing.train", "housing/tune.py": "housing.tune",
-    "housing/features.py": "housing.features", "cifar/train.py": "cifar.train",
-    "cifar/augment_study.py": "cifar.augment_study", "anomaly/train.py": "anomaly.train",
-    "anomaly/compare.py": "anomaly.compare", "anomaly/explore.py": "anomaly.explore",
-    "anomaly/predict.py": "anomaly.predict", "bench/bench.py": "bench.bench",
+    "housing/train.py": "housing.train",
+    "housing/tune.py": "housing.tune",
+    "housing/features.py": "housing.features",
+    "cifar/train.py": "cifar.train",
+    "cifar/augment_study.py": "cifar.augment_study",
+    "anomaly/train.py": "anomaly.train",
+    "anomaly/compare.py": "anomaly.compare",
+    "anomaly/explore.py": "anomaly.explore",
+    "anomaly/predict.py": "anomaly.predict",
+    "bench/bench.py": "bench.bench",
     "bench/airbench94.py": "bench.airbench94",
 }
 DOCS = [REPO / "README.md", *sorted(REPO.glob("*/README.md")), *sorted((REPO / "docs").glob("*.md"))]
@@ -104,9 +110,14 @@ def follow(command: str, tmp: Path) -> tuple[str, list[str]]:
         return words[0], words[1:]  # it runs for real (tests/test_gpu_check.py)
     if words[0].startswith("scripts/"):
         dry = [] if words[0].endswith(".sbatch") else ["--dry-run"]
-        result = subprocess.run(["bash", words[0], *dry, *words[1:]], cwd=REPO, capture_output=True,
-                                text=True, env=child_env({**env, "DRY_RUN": env.get("DRY_RUN", "1")}),
-                                timeout=60)
+        result = subprocess.run(
+            ["bash", words[0], *dry, *words[1:]],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=child_env({**env, "DRY_RUN": env.get("DRY_RUN", "1")}),
+            timeout=60,
+        )
         assert result.returncode == 0, f"{command}\n{result.stderr}"
         printed = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
         assert printed, f"{command}: printed no command\n{result.stdout}"
@@ -129,7 +140,7 @@ def follow(command: str, tmp: Path) -> tuple[str, list[str]]:
         from torch.distributed.run import get_args_parser
 
         script_at = next(i for i, w in enumerate(words) if w.endswith(".py"))
-        get_args_parser().parse_args(words[1:script_at + 1])  # torchrun's own options
+        get_args_parser().parse_args(words[1 : script_at + 1])  # torchrun's own options
         words = ["python", *words[script_at:]]
     assert words[0] == "python", command
     script = Path(words[1])
@@ -143,9 +154,15 @@ COMMANDS = all_commands()
 
 def test_the_docs_show_commands_of_every_kind():
     shown = " ".join(c for _, c in COMMANDS)
-    for piece in ("torchrun", "scripts/run_cpu.sh", "scripts/run_single_node.sh",
-                  "scripts/run_multi_node.sh", "scripts/slurm.sbatch", "scripts/gpu_check.sh",
-                  *PROGRAMS):
+    for piece in (
+        "torchrun",
+        "scripts/run_cpu.sh",
+        "scripts/run_single_node.sh",
+        "scripts/run_multi_node.sh",
+        "scripts/slurm.sbatch",
+        "scripts/gpu_check.sh",
+        *PROGRAMS,
+    ):
         assert piece in shown, piece
 
 

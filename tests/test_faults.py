@@ -1,6 +1,7 @@
 """Fault tolerance for real: a truncated checkpoint; a full disk; SIGKILLed workers on two
 nodes, with and without a shared filesystem. (A SIGKILLed worker in each program, followed by a
 pre-emption of the restarted job: tests/test_preempt.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -25,21 +26,25 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     straight = run_program("tests/toy_train.py", ["--epochs", "4", "--out-dir", str(tmp_path / "s")], nproc=2)
     assert straight.returncode == 0, straight.stderr
-    assert json.loads((out / "summary.json").read_text())["params"] == \
-        json.loads((tmp_path / "s" / "summary.json").read_text())["params"]
+    assert (
+        json.loads((out / "summary.json").read_text())["params"]
+        == json.loads((tmp_path / "s" / "summary.json").read_text())["params"]
+    )
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
 
 
 # --- a full disk while a checkpoint is written ------------------------------------------------
 
+
 @pytest.fixture()
 def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs mounted for the test (needs root); skipped where mounting is not allowed."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
     yield mount
@@ -55,8 +60,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_tmpfs):
     free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
     (small_tmpfs / "filler").write_bytes(b"\0" * (free - 8192))
     started = time.time()
-    resumed = run_program("tests/toy_train.py", ["--epochs", "4", "--out-dir", str(out), "--resume"],
-                          nproc=2, timeout=60)
+    resumed = run_program(
+        "tests/toy_train.py", ["--epochs", "4", "--out-dir", str(out), "--resume"], nproc=2, timeout=60
+    )
     took = time.time() - started
     assert resumed.returncode != 0
     messages = error_messages(resumed.stderr)
@@ -74,6 +80,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(small_tmpfs):
 
 
 # --- several nodes: a failure on one node, with or without a shared filesystem ---------------
+
 
 def test_restarted_nodes_form_a_group_whatever_each_agent_counted(tmp_path):
     """A worker dies on one node while the other node's worker is busy outside a collective.
@@ -113,8 +120,7 @@ def housing_two_nodes(tmp_path_factory):
     tests = []
     for nodes in (2, 1):
         out = root / f"straight-{nodes}-nodes"
-        straight = run_program("housing/train.py", [*args, "--out-dir", str(out)], nproc=2, nodes=nodes,
-                               timeout=180)
+        straight = run_program("housing/train.py", [*args, "--out-dir", str(out)], nproc=2, nodes=nodes, timeout=180)
         assert straight.returncode == 0, straight.stderr[-3000:]
         tests.append(json.loads((out / "summary.json").read_text())["test"])
     # Two nodes end exactly where one node with 2 processes does (RMSE, MAE, R^2 and loss).
@@ -123,21 +129,23 @@ def housing_two_nodes(tmp_path_factory):
 
 
 @pytest.mark.xdist_group("multinode")
-@pytest.mark.parametrize("out_dirs,kill_ranks", [
-    # Each node its own --out-dir (no shared filesystem). Rank 1 first: its node has no
-    # checkpoint and must be sent the file; then, once the restarted job has saved, rank 0:
-    # the node that holds the checkpoint.
-    ("per-node", [1, 0]),
-    ("shared", [1]),
-])
+@pytest.mark.parametrize(
+    "out_dirs,kill_ranks",
+    [
+        # Each node its own --out-dir (no shared filesystem). Rank 1 first: its node has no
+        # checkpoint and must be sent the file; then, once the restarted job has saved, rank 0:
+        # the node that holds the checkpoint.
+        ("per-node", [1, 0]),
+        ("shared", [1]),
+    ],
+)
 def test_two_nodes_survive_killed_workers(housing_two_nodes, tmp_path, out_dirs, kill_ranks):
     """Two torchrun agents (1 worker each), each with its own --out-dir or one shared; workers
     SIGKILLed one after another, each after a checkpoint; the job ends exactly where the
     uninterrupted run does."""
     args, expected = housing_two_nodes
     dirs = [tmp_path / "node0", tmp_path / "node1"] if out_dirs == "per-node" else [tmp_path / "shared"] * 2
-    result = kill_node_workers("housing/train.py", [[*args, "--out-dir", str(d)] for d in dirs],
-                               kill_ranks, dirs)
+    result = kill_node_workers("housing/train.py", [[*args, "--out-dir", str(d)] for d in dirs], kill_ranks, dirs)
     for code, err in result["results"]:
         assert code == 0, f"exit {code}:\n{err[-3000:]}"
     failures = sum(err.count("failed (exitcode") for _, err in result["results"])

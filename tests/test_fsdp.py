@@ -4,6 +4,7 @@ Each program's own test (test_housing, test_cifar, test_anomaly_train) checks th
 end to end: ``--strategy fsdp`` trains to DDP's weights, at half the memory per rank, and its
 checkpoints resume under DDP at another world size and back.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ is run end to end, its torchrun options read by torchrun's own parser, with the 
 instead of fresh interpreters (about 100 CPU-seconds of start-up on the 2-core CI machine). The
 two interrupted jobs launch real torchrun: its restart is what they check.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -40,16 +41,31 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
         commands.append(cmd)
         return fork_command(cmd, **kwargs)
 
-    code = gpu_check.main([str(data), "--device", "cpu", "--quick", "--runs", str(tmp_path / "runs"),
-                           "--report", str(report), "--timeout", "120"], run=run)
+    code = gpu_check.main(
+        [
+            str(data),
+            "--device",
+            "cpu",
+            "--quick",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--report",
+            str(report),
+            "--timeout",
+            "120",
+        ],
+        run=run,
+    )
     stdout = capsys.readouterr().out
     assert code == 0, stdout + "".join(p.read_text()[-2000:] for p in (tmp_path / "runs").glob("*.log"))
     text = report.read_text()
     assert "CPU (dry run)" in text and "torch " in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows] == [
-        (program, mode) for program, extra in (("housing", "kill+term"), ("anomaly", "predict"), ("cifar", "term"))
-        for mode in ("plain", "torchrun", "fsdp", "eval-only", extra)] + [("cifar", "peer"), ("bench", "ws1")]
+        (program, mode)
+        for program, extra in (("housing", "kill+term"), ("anomaly", "predict"), ("cifar", "term"))
+        for mode in ("plain", "torchrun", "fsdp", "eval-only", extra)
+    ] + [("cifar", "peer"), ("bench", "ws1")]
     assert all("| pass" in row for row in rows), text
     for row in rows[3], rows[4], rows[8], rows[13], rows[14]:  # the torchrun row's metric again
         assert "the torchrun row's metric" in row, row
@@ -66,9 +82,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
 def test_a_command_past_its_time_is_killed_with_what_it_started(tmp_path):
     """A hung row (torchrun's agent and its workers) is killed whole after --timeout."""
     pid_file = tmp_path / "child.pid"
-    script = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
-              f"'import time; time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); "
-              f"time.sleep(60)")
+    script = (
+        f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+        f"'import time; time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+        f"time.sleep(60)"
+    )
     started = time.time()
     with pytest.raises(subprocess.TimeoutExpired):
         gpu_check.run_in_group([sys.executable, "-c", script], cwd=tmp_path, env=child_env(), timeout=3)
@@ -80,7 +98,13 @@ def test_a_command_past_its_time_is_killed_with_what_it_started(tmp_path):
 
 def test_gpu_check_script_is_the_python_check():
     """The shell entry point: its usage text, and that it hands every argument to bench/gpu_check.py."""
-    usage = subprocess.run(["bash", "scripts/gpu_check.sh", "--help"], cwd=REPO, env=child_env(),
-                           capture_output=True, text=True, timeout=30)
+    usage = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--help"],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert usage.returncode == 0 and "gpu_check.sh DATA_DIR" in usage.stdout
     assert 'exec python "$REPO/bench/gpu_check.py" "$@"' in (REPO / "scripts" / "gpu_check.sh").read_text()

@@ -4,6 +4,7 @@ network's ingredients: tests/test_tabular.py).
 Multi-process runs use a small synthetic ``housing.csv`` (same columns as the real file) so the
 whole file stays fast; the download test serves the real file when ../shared/data exists.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,14 +37,20 @@ def synthetic_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
     bedrooms = rooms * rng.uniform(0.15, 0.3, n)
     income = rng.uniform(0.5, 15, n)
     price = 40_000 + 30_000 * income + 80_000 * np.exp(-((lon + 122) ** 2 + (lat - 37.5) ** 2))
-    frame = pd.DataFrame({
-        "longitude": lon.round(2), "latitude": lat.round(2),
-        "housing_median_age": rng.integers(1, 53, n).astype(float), "total_rooms": rooms.round(),
-        "total_bedrooms": bedrooms.round(), "population": (households * rng.uniform(2, 4, n)).round(),
-        "households": households, "median_income": income.round(4),
-        "median_house_value": np.clip(price * rng.uniform(0.85, 1.15, n), 14_999, 500_001).round(-2),
-        "ocean_proximity": rng.choice(["<1H OCEAN", "INLAND", "NEAR OCEAN", "NEAR BAY"], n),
-    })
+    frame = pd.DataFrame(
+        {
+            "longitude": lon.round(2),
+            "latitude": lat.round(2),
+            "housing_median_age": rng.integers(1, 53, n).astype(float),
+            "total_rooms": rooms.round(),
+            "total_bedrooms": bedrooms.round(),
+            "population": (households * rng.uniform(2, 4, n)).round(),
+            "households": households,
+            "median_income": income.round(4),
+            "median_house_value": np.clip(price * rng.uniform(0.85, 1.15, n), 14_999, 500_001).round(-2),
+            "ocean_proximity": rng.choice(["<1H OCEAN", "INLAND", "NEAR OCEAN", "NEAR BAY"], n),
+        }
+    )
     frame.loc[rng.choice(n, 10, replace=False), "total_bedrooms"] = np.nan
     return frame
 
@@ -63,12 +70,19 @@ def write_csv(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mutate,expected", [
-    (lambda f: f.drop(columns="median_income"), "missing column 'median_income'"),
-    (lambda f: f.astype({"population": object}).assign(population=lambda d: d.population.where(d.index != 7, "n/a")),
-     "column 'population', row 9: non-numeric value 'n/a'"),
-    (lambda f: f.iloc[:0], "has a header but no data rows"),
-])
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (lambda f: f.drop(columns="median_income"), "missing column 'median_income'"),
+        (
+            lambda f: f.astype({"population": object}).assign(
+                population=lambda d: d.population.where(d.index != 7, "n/a")
+            ),
+            "column 'population', row 9: non-numeric value 'n/a'",
+        ),
+        (lambda f: f.iloc[:0], "has a header but no data rows"),
+    ],
+)
 def test_bad_csv_is_one_line_naming_file_and_column(tmp_path, mutate, expected):
     path = tmp_path / "housing.csv"
     mutate(synthetic_frame(20)).to_csv(path, index=False)
@@ -178,8 +192,19 @@ def test_locate_downloads_the_real_file_with_its_published_checksum(tmp_path, ht
 
 # ---------------------------------------------------------------- real multi-process runs
 
-TRAIN_ARGS = ["--epochs", "3", "--batch-size", "96", "--width", "64", "--depth", "2",
-              "--n-clusters", "8", "--no-baselines"]
+TRAIN_ARGS = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "96",
+    "--width",
+    "64",
+    "--depth",
+    "2",
+    "--n-clusters",
+    "8",
+    "--no-baselines",
+]
 
 
 def summary(out_dir: Path) -> dict:
@@ -188,8 +213,12 @@ def summary(out_dir: Path) -> dict:
 
 def train(data_dir: Path, out: Path, nproc: int, *extra: str) -> dict:
     """One housing run with TRAIN_ARGS; its summary."""
-    result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
-                                              *TRAIN_ARGS, *extra], nproc=nproc, timeout=90)
+    result = run_program(
+        "housing/train.py",
+        ["--data-dir", str(data_dir), "--out-dir", str(out), *TRAIN_ARGS, *extra],
+        nproc=nproc,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "UserWarning" not in result.stderr, result.stderr[-2000:]
     return summary(out)
@@ -227,8 +256,12 @@ def test_a_non_finite_loss_in_one_ranks_batch_stops_both_ranks_with_one_line(tmp
     frame = synthetic_frame()
     frame.loc[5, "median_house_value"] = 1e200
     frame.to_csv(tmp_path / "housing.csv", index=False)
-    result = run_program("housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"),
-                                              *TRAIN_ARGS], nproc=2, timeout=90)
+    result = run_program(
+        "housing/train.py",
+        ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *TRAIN_ARGS],
+        nproc=2,
+        timeout=90,
+    )
     assert result.returncode != 0
     errors = error_messages(result.stderr)
     assert sorted(rank for rank, _ in errors) == ["0", "1"], result.stderr[-3000:]
@@ -256,16 +289,23 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(ddp_runs[1] / "checkpoint.prev.pt", resumed / "checkpoint.pt")
-    result = run_program("housing/train.py", ["--data-dir", str(data_dir), "--out-dir", str(resumed),
-                                              "--resume", *TRAIN_ARGS], nproc=1, timeout=60)
+    result = run_program(
+        "housing/train.py",
+        ["--data-dir", str(data_dir), "--out-dir", str(resumed), "--resume", *TRAIN_ARGS],
+        nproc=1,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert summary(resumed)["test"] == runs[1]["test"]
     assert summary(resumed)["epochs_run"] == 1
 
     # Same checkpoint, other world size: bit-identical metrics.
-    result = run_program("housing/train.py", ["--eval-only", "--resume", str(out2), "--data-dir",
-                                              str(data_dir), "--out-dir", str(tmp_path / "e3")],
-                         nproc=3, timeout=60)
+    result = run_program(
+        "housing/train.py",
+        ["--eval-only", "--resume", str(out2), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "e3")],
+        nproc=3,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     evaluated = json.loads((tmp_path / "e3" / "eval.json").read_text())
     assert evaluated["world_size"] == 3
@@ -295,12 +335,17 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(tmp_path, data_di
     assert resumed["test"]["rmse"] == pytest.approx(summary(ddp_runs[1])["test"]["rmse"], rel=1e-5)
 
 
-@pytest.mark.parametrize("mutate,column", [
-    (lambda f: f.drop(columns="households"), "households"),
-    (lambda f: f.astype({"latitude": object}).assign(latitude=lambda d: d.latitude.where(d.index != 2, "north")),
-     "latitude"),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "mutate,column",
+    [
+        (lambda f: f.drop(columns="households"), "households"),
+        (
+            lambda f: f.astype({"latitude": object}).assign(latitude=lambda d: d.latitude.where(d.index != 2, "north")),
+            "latitude",
+        ),
+        (None, None),
+    ],
+)
 def test_bad_csv_fails_every_rank_without_hanging(tmp_path, mutate, column):
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -310,8 +355,7 @@ def test_bad_csv_fails_every_rank_without_hanging(tmp_path, mutate, column):
     else:
         mutate(synthetic_frame(40)).to_csv(path, index=False)
     out = tmp_path / "out"
-    result = run_program("housing/train.py", ["--data-dir", str(folder), "--out-dir", str(out)],
-                         nproc=2, timeout=60)
+    result = run_program("housing/train.py", ["--data-dir", str(folder), "--out-dir", str(out)], nproc=2, timeout=60)
     assert result.returncode != 0
     errors = error_messages(result.stderr)
     assert sorted(rank for rank, _ in errors) == ["0", "1"], result.stderr[-3000:]  # each rank says it
@@ -322,10 +366,27 @@ def test_bad_csv_fails_every_rank_without_hanging(tmp_path, mutate, column):
 
 def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
     out = tmp_path / "tune"
-    result = run_program("housing/tune.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
-                                             "--grid", "ensemble=1,2", *TRAIN_ARGS[:4],
-                                             "--n-clusters", "8", "--quantile", "--embedding",
-                                             "periodic", "--embed-bins", "4"], nproc=2, timeout=90)
+    result = run_program(
+        "housing/tune.py",
+        [
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(out),
+            "--grid",
+            "ensemble=1,2",
+            *TRAIN_ARGS[:4],
+            "--n-clusters",
+            "8",
+            "--quantile",
+            "--embedding",
+            "periodic",
+            "--embed-bins",
+            "4",
+        ],
+        nproc=2,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = summary(out)
     ranks = {int(row[0]) % 2 for row in tuned["results"]}
@@ -338,9 +399,24 @@ def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
     # Under FSDP: 15 groups over 2 ranks, so each rank shuffles a different number of them and
     # must not run a collective per group (it hung).
     out = tmp_path / "features"
-    result = run_program("housing/features.py", ["--data-dir", str(data_dir), "--out-dir", str(out),
-                                                 *TRAIN_ARGS[:8], "--subset-sizes", "2,all",
-                                                 "--repeats", "1", "--strategy", "fsdp"], nproc=2, timeout=90)
+    result = run_program(
+        "housing/features.py",
+        [
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(out),
+            *TRAIN_ARGS[:8],
+            "--subset-sizes",
+            "2,all",
+            "--repeats",
+            "1",
+            "--strategy",
+            "fsdp",
+        ],
+        nproc=2,
+        timeout=90,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     ranked = summary(out)
     assert sorted(ranked["ranking"]) == sorted(hdata.FEATURE_GROUPS)
@@ -361,8 +437,7 @@ def test_gradient_boosting_baseline_sees_the_nets_features_and_target(data_dir):
     hgb = baselines[report.HGB_NAME]
     direct = HistGradientBoostingRegressor(**settings, early_stopping=False, random_state=0)
     direct.fit(data.train.x.numpy(), data.train.y.numpy())
-    pred = hdata.decode_target(torch.from_numpy(direct.predict(data.test.x.numpy())),
-                               data.target_mean, data.target_std)
+    pred = hdata.decode_target(torch.from_numpy(direct.predict(data.test.x.numpy())), data.target_mean, data.target_std)
     assert hgb["rmse"] == pytest.approx(float(((pred - data.test.price) ** 2).mean().sqrt()), rel=1e-12)
     assert hgb["settings"] == settings and hgb["fit_s"] > 0
     table = report.results_table({"rmse": hgb["rmse"] + 100, "mae": 0.0, "r2": 0.0}, baselines, "x")

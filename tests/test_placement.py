@@ -7,6 +7,7 @@ trained, pre-empted mid-epoch and resumed on 2 processes, resumed at another wor
 re-evaluated with ``--eval-only`` on 3, and must end exactly where the same run on the CPU ends.
 The sync tests count what a training step asks of the host.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ def test_standin_refuses_what_a_gpu_refuses_and_counts_host_syncs():
 
 # ---------------------------------------------------------------- whole programs, every path
 
+
 def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
@@ -56,8 +58,9 @@ def _launch(script_args: list[str], nproc: int, standin: bool = True, **env: str
     return result
 
 
-def _check_every_path(program: str, args: list[str], tmp_path: Path, sigterm_at_step: int,
-                      metric, same_at_other_size=lambda name: True) -> dict[str, Path]:
+def _check_every_path(
+    program: str, args: list[str], tmp_path: Path, sigterm_at_step: int, metric, same_at_other_size=lambda name: True
+) -> dict[str, Path]:
     """Train on 2 processes on the stand-in, pre-empted at a step of the second epoch, then
     ``--resume``: the same end as the CPU run. Then resume at world size 1 from the last epoch
     boundary (the weights named ``same_at_other_size`` end as on 2 processes) and
@@ -67,8 +70,9 @@ def _check_every_path(program: str, args: list[str], tmp_path: Path, sigterm_at_
     cpu = _launch([program, *args, "--out-dir", str(runs["cpu"])], 2, standin=False)
     assert cpu.returncode == 0, cpu.stderr[-3000:]
 
-    stopped = _launch([program, *args, "--out-dir", str(runs["device"])], 2,
-                      STANDIN_SIGTERM_AT_STEP=str(sigterm_at_step))
+    stopped = _launch(
+        [program, *args, "--out-dir", str(runs["device"])], 2, STANDIN_SIGTERM_AT_STEP=str(sigterm_at_step)
+    )
     assert "pre-empted by SIGTERM" in stopped.stdout, stopped.stderr[-3000:]
     saved = torch.load(runs["device"] / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert saved["step_in_epoch"] > 0
@@ -84,8 +88,19 @@ def _check_every_path(program: str, args: list[str], tmp_path: Path, sigterm_at_
     for name in filter(same_at_other_size, want):
         torch.testing.assert_close(got[name], want[name], **SAME_WEIGHTS)
 
-    evaluated = _launch([program, "--eval-only", "--resume", str(runs["device"]), "--data-dir",
-                         args[args.index("--data-dir") + 1], "--out-dir", str(runs["eval"])], 3)
+    evaluated = _launch(
+        [
+            program,
+            "--eval-only",
+            "--resume",
+            str(runs["device"]),
+            "--data-dir",
+            args[args.index("--data-dir") + 1],
+            "--out-dir",
+            str(runs["eval"]),
+        ],
+        3,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((runs["eval"] / "eval.json").read_text())["world_size"] == 3
     return runs
@@ -110,17 +125,32 @@ def test_anomaly_every_path_and_predict_on_the_device(tmp_path):
     args = ["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid"]  # 3 epochs of 14 steps
     # At another world size only the autoencoder trains the same: the classifier's dropout
     # masks are drawn per rank (anomaly/README.md).
-    runs = _check_every_path("anomaly/train.py", args, tmp_path, 20,
-                             lambda run: {k: _summary(run)[k] for k in ("test", "thresholds", "per_attack_cat")},
-                             same_at_other_size=lambda name: not name.startswith("classifier."))
+    runs = _check_every_path(
+        "anomaly/train.py",
+        args,
+        tmp_path,
+        20,
+        lambda run: {k: _summary(run)[k] for k in ("test", "thresholds", "per_attack_cat")},
+        same_at_other_size=lambda name: not name.startswith("classifier."),
+    )
     evaluated = json.loads((runs["eval"] / "eval.json").read_text())
     assert evaluated["test"] == _summary(runs["cpu"])["test"]
 
     scored = {}
     for standin in (True, False):
         out = tmp_path / f"scored-{standin}.csv"
-        result = _launch(["anomaly/predict.py", str(tmp_path / TRAIN_FILE), "--detector",
-                          str(runs["device"] / "detector.pt"), "--out", str(out)], 1, standin=standin)
+        result = _launch(
+            [
+                "anomaly/predict.py",
+                str(tmp_path / TRAIN_FILE),
+                "--detector",
+                str(runs["device"] / "detector.pt"),
+                "--out",
+                str(out),
+            ],
+            1,
+            standin=standin,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         scored[standin] = out.read_text()
     assert scored[True] == scored[False]
@@ -132,19 +162,37 @@ def test_cifar_every_path_on_the_device(tmp_path):
     make_folders(tmp_path / "data")
     # bf16 autocast has no stand-in (torch has none for its device type); translate and flip
     # draw from the augmentation generator, whose state the mid-epoch checkpoint saves.
-    args = ["--data-dir", str(tmp_path / "data"), "--batch-size", "6", "--epochs", "3", "--amp", "off",
-            "--translate", "2", "--cutout", "4", *SMALL]  # 3 epochs of 6 steps
+    args = [
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--batch-size",
+        "6",
+        "--epochs",
+        "3",
+        "--amp",
+        "off",
+        "--translate",
+        "2",
+        "--cutout",
+        "4",
+        *SMALL,
+    ]  # 3 epochs of 6 steps
     # At another world size BatchNorm normalises over another share of each batch, so the
     # weights differ (cifar/README.md); that resume must still run on the device.
-    runs = _check_every_path("cifar/train.py", args, tmp_path, 8,
-                             lambda run: {k: _summary(run)[k] for k in ("test_accuracy", "test_loss",
-                                                                      "confusion_matrix")},
-                             same_at_other_size=lambda name: False)
+    runs = _check_every_path(
+        "cifar/train.py",
+        args,
+        tmp_path,
+        8,
+        lambda run: {k: _summary(run)[k] for k in ("test_accuracy", "test_loss", "confusion_matrix")},
+        same_at_other_size=lambda name: False,
+    )
     evaluated = json.loads((runs["eval"] / "eval.json").read_text())
     assert evaluated["test_accuracy"] == _summary(runs["cpu"])["test_accuracy"]
 
 
 # ---------------------------------------------------------------- no host sync per step
+
 
 def _assert_syncs_do_not_grow(prepare_epoch, batch_sizes: tuple[int, int]) -> None:
     """``prepare_epoch(batch_size)`` builds a training run on the stand-in and returns its
@@ -160,8 +208,9 @@ def _assert_syncs_do_not_grow(prepare_epoch, batch_sizes: tuple[int, int]) -> No
             steps.append(n)
             syncs.append(device.syncs[before:])
     assert steps[1] >= 2 * steps[0], steps
-    assert len(syncs[0]) == len(syncs[1]), (f"host syncs per epoch grow with its steps ({steps}): "
-                                            f"{[len(s) for s in syncs]}: {syncs}")
+    assert len(syncs[0]) == len(syncs[1]), (
+        f"host syncs per epoch grow with its steps ({steps}): {[len(s) for s in syncs]}: {syncs}"
+    )
 
 
 def test_housing_training_step_does_not_wait_for_the_device(tmp_path):
@@ -189,8 +238,9 @@ def test_anomaly_training_step_does_not_wait_for_the_device(tmp_path):
     write_partition(make_partition(600, seed=1), tmp_path / TRAIN_FILE)
 
     def prepare_epoch(batch_size: int):
-        cfg = a.parse_args(["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid",
-                            "--batch-size", str(batch_size)])
+        cfg = a.parse_args(
+            ["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid", "--batch-size", str(batch_size)]
+        )
         training = a.build_training(cfg, a.build_data(cfg, STANDIN), STANDIN)
         return len(training.batches), lambda: a.train_one_epoch(cfg, training, EpochProgress(0), STANDIN)
 
@@ -205,8 +255,22 @@ def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
     make_folders(tmp_path / "data")  # 36 training images
 
     def prepare_epoch(batch_size: int):
-        cfg = c.parse_args(["--data-dir", str(tmp_path / "data"), "--batch-size", str(batch_size),
-                            "--epochs", "1", "--amp", "off", "--cutout", "4", "--lookahead", *SMALL])
+        cfg = c.parse_args(
+            [
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--batch-size",
+                str(batch_size),
+                "--epochs",
+                "1",
+                "--amp",
+                "off",
+                "--cutout",
+                "4",
+                "--lookahead",
+                *SMALL,
+            ]
+        )
         training = c.build_training(cfg, c.build_data(cfg, STANDIN), STANDIN)
         assert training.lookahead is not None and not training.bf16
         return len(training.batches), lambda: c.train_one_epoch(cfg, training, EpochProgress(0), STANDIN)
@@ -214,12 +278,24 @@ def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
     _assert_syncs_do_not_grow(prepare_epoch, (12, 4))
 
     def prepare_evaluation(eval_batch_size: int):  # the final flip-TTA evaluation is timed too
-        cfg = c.parse_args(["--data-dir", str(tmp_path / "data"), "--eval-batch-size", str(eval_batch_size),
-                            "--amp", "off", "--widths", "8", "16", "16", "--no-download"])
+        cfg = c.parse_args(
+            [
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--eval-batch-size",
+                str(eval_batch_size),
+                "--amp",
+                "off",
+                "--widths",
+                "8",
+                "16",
+                "16",
+                "--no-download",
+            ]
+        )
         data = c.build_data(cfg, STANDIN)
         model = wrap_model(c.build_model(cfg, data), STANDIN)
-        return -(-len(data.test_labels) // eval_batch_size), lambda: c.evaluate(cfg, model, data, STANDIN,
-                                                                                final=True)
+        return -(-len(data.test_labels) // eval_batch_size), lambda: c.evaluate(cfg, model, data, STANDIN, final=True)
 
     _assert_syncs_do_not_grow(prepare_evaluation, (8, 4))
 
@@ -235,8 +311,9 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
 
     synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
     trained, run = tmp_path / "trained", tmp_path / "run"
-    result = run_program("housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(trained), *TRAIN_ARGS],
-                         nproc=2, timeout=90)
+    result = run_program(
+        "housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(trained), *TRAIN_ARGS], nproc=2, timeout=90
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     resume_copy(trained, run)  # epochs left to train
     cfg = h.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(run), *TRAIN_ARGS, "--resume"])

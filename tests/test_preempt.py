@@ -3,6 +3,7 @@ within 30 s, and ``--resume`` ends exactly where an uninterrupted run ends.
 
 Each program's job is first hit by a SIGKILLed worker that torchrun restarts (--max-restarts=1),
 then pre-empted: one launch checks both recoveries."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,7 @@ def _case(program: str, data_root):
         data.mkdir()
         synthetic_frame().to_csv(data / "housing.csv", index=False)
         # Batches of 16: 27 steps an epoch, so the signal lands inside one.
-        args = [*HOUSING_SMALL, "--epochs", "5", "--patience", "100", "--batch-size", "16",
-                "--no-baselines"]
+        args = [*HOUSING_SMALL, "--epochs", "5", "--patience", "100", "--batch-size", "16", "--no-baselines"]
     else:
         make_folders(data)
         args = [*CIFAR_SMALL, "--batch-size", "12", "--epochs", "5"]  # 10 steps an epoch
@@ -48,8 +48,11 @@ def _case(program: str, data_root):
 
 def _metric(program: str, out) -> float:
     summary = json.loads((out / "summary.json").read_text())
-    return {"housing": lambda: summary["test"]["rmse"], "cifar": lambda: summary["test_accuracy"],
-            "anomaly": lambda: summary["test"]["f1"]}[program]()
+    return {
+        "housing": lambda: summary["test"]["rmse"],
+        "cifar": lambda: summary["test_accuracy"],
+        "anomaly": lambda: summary["test"]["f1"],
+    }[program]()
 
 
 @pytest.mark.parametrize("program", ["housing", "cifar", "anomaly"])
@@ -71,11 +74,11 @@ def test_killed_worker_then_sigterm_mid_epoch_and_resume_ends_identically(tmp_pa
     assert state["step_in_epoch"] > 0 and len(state["epoch_sums"]) == 2
     assert not (out / "summary.json").exists()
 
-    resumed = run_program(f"{program}/train.py", [*args, "--out-dir", str(out), "--resume"], nproc=2,
-                          timeout=180)
+    resumed = run_program(f"{program}/train.py", [*args, "--out-dir", str(out), "--resume"], nproc=2, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = run_program(f"{program}/train.py", [*args, "--out-dir", str(tmp_path / "straight")],
-                           nproc=2, timeout=180)
+    straight = run_program(
+        f"{program}/train.py", [*args, "--out-dir", str(tmp_path / "straight")], nproc=2, timeout=180
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert _metric(program, out) == _metric(program, tmp_path / "straight")  # exactly, on CPU
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -94,16 +97,30 @@ def test_slurm_script_passes_the_warning_on_and_requeues(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift  # --kill-on-bad-exit=1\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\n[[ $1 == show ]] && echo localhost && exit 0\n'
-                                      f'echo "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\n[[ $1 == show ]] && echo localhost && exit 0\necho "$@" >> {tmp_path / "scontrol.log"}\n'
+    )
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     args = _case("housing", tmp_path)
     out = tmp_path / "run"
-    env = child_env({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "1",
-                     "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_ID": "7", "RDZV_PORT": str(free_port())})
-    job = subprocess.Popen(["bash", "scripts/slurm.sbatch", "housing/train.py", *args, "--out-dir", str(out)],
-                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = child_env(
+        {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SLURM_NNODES": "1",
+            "SLURM_GPUS_ON_NODE": "2",
+            "SLURM_JOB_ID": "7",
+            "RDZV_PORT": str(free_port()),
+        }
+    )
+    job = subprocess.Popen(
+        ["bash", "scripts/slurm.sbatch", "housing/train.py", *args, "--out-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (out / "checkpoint.pt").exists():
         assert job.poll() is None and time.time() < deadline, job.communicate()[1][-3000:]
@@ -129,9 +146,14 @@ def test_sigterm_once_training_is_over_stops_the_process_at_once(tmp_path):
     synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
     out = tmp_path / "run"
     args = ["--data-dir", str(tmp_path), "--out-dir", str(out), *TRAIN_ARGS[:-1]]
-    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "slow_extras.py"), *args], cwd=REPO,
-                               env=child_env({"SLOW_BASELINES_S": "120"}), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "slow_extras.py"), *args],
+        cwd=REPO,
+        env=child_env({"SLOW_BASELINES_S": "120"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 90
     while not (out / "summary.json").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)

@@ -4,6 +4,7 @@ Each doctored file holds an object whose unpickling would create a marker file; 
 be refused with one ``error:`` line and exit status 2, and the marker must never appear. The
 fitted transforms stored as plain data must transform exactly as the fitted originals.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,16 +57,31 @@ def test_doctored_checkpoint_is_refused_and_runs_nothing(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     synthetic_frame(120).to_csv(data / "housing.csv", index=False)
-    result = run_program("housing/train.py", ["--data-dir", str(data), "--out-dir", str(tmp_path / "o2"),
-                                              "--epochs", "1", "--batch-size", "32", "--resume", str(evil)])
+    result = run_program(
+        "housing/train.py",
+        [
+            "--data-dir",
+            str(data),
+            "--out-dir",
+            str(tmp_path / "o2"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--resume",
+            str(evil),
+        ],
+    )
     _refused_once(result, marker, str(evil), "refused")
 
 
 def test_checkpoint_without_what_eval_needs_is_one_line(tmp_path):
     partial = tmp_path / "partial.pt"
     torch.save({"model": {}, "meta": {"program": "housing"}}, partial)
-    result = run_program("housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
-                                              "--eval-only", "--resume", str(partial)])
+    result = run_program(
+        "housing/train.py",
+        ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--eval-only", "--resume", str(partial)],
+    )
     _refused_once(result, tmp_path / "none", str(partial), "'config'", "train again")
 
 
@@ -86,17 +102,23 @@ def test_doctored_cifar_batch_is_refused_and_runs_nothing(tmp_path):
     with tarfile.open(tmp_path / "archive.tar.gz") as tf:
         tf.extractall(tmp_path / "data", filter="data")
     (batches / cdata.TEST_BATCH).write_bytes(
-        pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3],
-                      "filenames": MakesMarker(marker)}))
-    result = run_program("cifar/train.py", ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "o"),
-                                            "--no-download", "--epochs", "1"])
+        pickle.dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2, 3], "filenames": MakesMarker(marker)})
+    )
+    result = run_program(
+        "cifar/train.py",
+        ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "o"), "--no-download", "--epochs", "1"],
+    )
     _refused_once(result, marker, f"{cdata.TEST_BATCH}: refused", "io.open")
 
 
 def test_real_cifar_batch_formats_still_load():
     """Python 2's protocol-2 pickles (as distributed) and today's protocols 4 and 5."""
-    batch = {"data": np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072),
-             "labels": [3, 7], "batch_label": "training batch 1 of 5", "filenames": [b"a.png", b"b.png"]}
+    batch = {
+        "data": np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072),
+        "labels": [3, 7],
+        "batch_label": "training batch 1 of 5",
+        "filenames": [b"a.png", b"b.png"],
+    }
     for protocol in (2, 4, 5):
         loaded = cdata.unpickle_batch(pickle.dumps(batch, protocol=protocol))
         assert np.array_equal(loaded["data"], batch["data"]) and loaded["data"].dtype == np.uint8
@@ -123,8 +145,7 @@ def test_anomaly_transform_round_trips_exactly():
     frame = make_partition(1500, seed=2)
     transform = afeatures.FeatureTransform(min_frequency=5)
     transform.fit(frame[frame["label"] == 0])
-    rebuilt = afeatures.transform_from_plain(
-        _through_weights_only(afeatures.transform_to_plain(transform)), "test")
+    rebuilt = afeatures.transform_from_plain(_through_weights_only(afeatures.transform_to_plain(transform)), "test")
     assert np.array_equal(rebuilt.transform(frame), transform.transform(frame))
     for got, want in zip(rebuilt.pca_tensors(), transform.pca_tensors()):
         assert np.array_equal(got, want)

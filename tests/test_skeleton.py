@@ -21,8 +21,7 @@ def signatures(path):
         defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
         params = [(a.arg, ast.unparse(d) if d is not None else None) for a, d in zip(positional, defaults)]
         params += [
-            ("*" + a.arg, ast.unparse(d) if d is not None else None)
-            for a, d in zip(args.kwonlyargs, args.kw_defaults)
+            ("*" + a.arg, ast.unparse(d) if d is not None else None) for a, d in zip(args.kwonlyargs, args.kw_defaults)
         ]
         if args.vararg:
             params.append(("*" + args.vararg.arg, None))
@@ -37,14 +36,25 @@ def test_the_three_train_py_define_the_same_functions_in_the_same_order_with_the
     reference = skeletons["housing"]
     # The skeleton itself: what a reader looks for in every program.
     names = [name for name, _ in reference]
-    for step in ("parse_args", "build_data", "build_model", "build_optimizer", "make_loss",
-                 "build_training", "train_one_epoch", "evaluate", "train", "main"):
+    for step in (
+        "parse_args",
+        "build_data",
+        "build_model",
+        "build_optimizer",
+        "make_loss",
+        "build_training",
+        "train_one_epoch",
+        "evaluate",
+        "train",
+        "main",
+    ):
         assert step in names, f"housing/train.py has no {step}()"
     assert names[-1] == "main", "main() comes last, after everything it calls"
     for program in PROGRAMS[1:]:
         assert skeletons[program] == reference, (
             f"{program}/train.py differs from housing/train.py:\n"
-            f"  housing: {reference}\n  {program}: {skeletons[program]}")
+            f"  housing: {reference}\n  {program}: {skeletons[program]}"
+        )
 
 
 def test_the_signature_check_sees_a_difference():
@@ -80,4 +90,5 @@ def test_config_defaults_come_from_the_command_line_alone():
                 assert not has_default, f"{program}.train.Config.{f.name} has a default of its own"
             elif f.default is not dataclasses.MISSING:
                 assert getattr(cfg, f.name) == f.default, (
-                    f"{program}: RunConfig.{f.name} defaults to {f.default!r}, the CLI to {getattr(cfg, f.name)!r}")
+                    f"{program}: RunConfig.{f.name} defaults to {f.default!r}, the CLI to {getattr(cfg, f.name)!r}"
+                )

@@ -6,6 +6,7 @@ as root, if missing); the test skips only when they cannot be installed or start
 daemon gets its own socket, ports, state and log folder under a temporary directory, so
 nothing of the machine's own configuration is used or changed.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,15 @@ def slurm_cluster(tmp_path_factory):
     key.chmod(0o600)
     env = {**os.environ, "SLURM_CONF": str(conf)}
     daemons = [
-        [_sbin("munged"), "--force", f"--socket={root}/munge.sock", f"--key-file={key}",
-         f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={root}/munge.seed"],
+        [
+            _sbin("munged"),
+            "--force",
+            f"--socket={root}/munge.sock",
+            f"--key-file={key}",
+            f"--pid-file={root}/munged.pid",
+            f"--log-file={root}/munged.log",
+            f"--seed-file={root}/munge.seed",
+        ],
         [_sbin("slurmctld"), "-f", str(conf)],
         [_sbin("slurmd"), "-f", str(conf)],
     ]
@@ -115,14 +123,14 @@ def slurm_cluster(tmp_path_factory):
         deadline = time.time() + 90
         state = ""
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
-                                   text=True).stdout.strip()
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
             if state == "idle":
                 break
             time.sleep(0.5)
         else:
-            logs = "".join((root / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log")
-                           if (root / f).exists())
+            logs = "".join(
+                (root / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log") if (root / f).exists()
+            )
             pytest.skip(f"the SLURM node did not become idle (state {state!r}):\n{logs}")
         yield {"SLURM_CONF": str(conf)}
     finally:
@@ -137,8 +145,7 @@ def _wait_for_job(job_id: str, env: dict, timeout: float) -> str:
     """Poll until the job leaves the queue; its final state (COMPLETED, FAILED, ...)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
         fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
         if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return fields["JobState"]
@@ -157,13 +164,27 @@ def test_sbatch_trains_housing_like_a_plain_two_process_run(slurm_cluster, tmp_p
     args = ["--data-dir", str(tmp_path / "data"), *TRAIN_ARGS]
     # The job inherits this environment (sbatch --export=ALL): PYTHONPATH, and PYTHON names this
     # interpreter, the one with the project's dependencies.
-    env = child_env({**slurm_cluster, "NPROC": "2", "PYTHON": sys.executable,
-                     "RDZV_PORT": str(free_port())})
+    env = child_env({**slurm_cluster, "NPROC": "2", "PYTHON": sys.executable, "RDZV_PORT": str(free_port())})
     started = time.time()
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/job-%j.out",
-         "scripts/slurm.sbatch", "housing", *args, "--out-dir", str(tmp_path / "slurm")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--cpus-per-task=2",
+            f"--output={tmp_path}/job-%j.out",
+            "scripts/slurm.sbatch",
+            "housing",
+            *args,
+            "--out-dir",
+            str(tmp_path / "slurm"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().split(";")[0]
     state = _wait_for_job(job_id, env, timeout=240)

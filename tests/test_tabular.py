@@ -1,4 +1,5 @@
 """common/tabular.py, each ingredient of the network, and housing's loss; in-process."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,11 @@ def test_quantile_inputs_match_scikit_learns_quantile_transformer():
     rng = np.random.default_rng(0)
     train = np.column_stack([rng.lognormal(size=2000), rng.integers(0, 2, 2000), rng.normal(size=2000)])
     new = np.column_stack([rng.lognormal(size=300) * 1.5, rng.integers(0, 2, 300), rng.normal(size=300) * 3])
-    expected = QuantileTransformer(n_quantiles=QUANTILES, output_distribution="normal",
-                                   subsample=None).fit(train).transform(new)
+    expected = (
+        QuantileTransformer(n_quantiles=QUANTILES, output_distribution="normal", subsample=None)
+        .fit(train)
+        .transform(new)
+    )
     module = QuantileNormal(torch.tensor(train, dtype=torch.float32), 3).double()
     got = module(torch.tensor(new)).numpy()
     # float32 quantiles against scikit-learn's float64 ones: agree to ~1e-4 in normal scores
@@ -38,17 +42,22 @@ def test_piecewise_linear_encoding_fills_bins_up_to_the_value():
     ple = PiecewiseLinear(torch.arange(0.0, 5.0).unsqueeze(1), 1, n_bins=4, dim=2)  # edges 0,1,2,3,4
     assert ple.edges.tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0]]
     codes = ple.encode(torch.tensor([[-1.0], [0.5], [2.25], [6.0]]))[:, 0]
-    assert codes.tolist() == [[-1.0, 0.0, 0.0, 0.0],  # open below: extrapolates in the first bin
-                              [0.5, 0.0, 0.0, 0.0],
-                              [1.0, 1.0, 0.25, 0.0],
-                              [1.0, 1.0, 1.0, 3.0]]  # open above: extrapolates in the last bin
+    assert codes.tolist() == [
+        [-1.0, 0.0, 0.0, 0.0],  # open below: extrapolates in the first bin
+        [0.5, 0.0, 0.0, 0.0],
+        [1.0, 1.0, 0.25, 0.0],
+        [1.0, 1.0, 1.0, 3.0],
+    ]  # open above: extrapolates in the last bin
 
 
-@pytest.mark.parametrize("options", [
-    dict(quantile=True, embedding="ple", ensemble=4),
-    dict(embedding="periodic", ensemble=3, ensemble_mode="packed"),
-    dict(embedding="ple", ensemble=4, plain=(1, 3)),  # columns 1 and 3 skip the embedding
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(quantile=True, embedding="ple", ensemble=4),
+        dict(embedding="periodic", ensemble=3, ensemble_mode="packed"),
+        dict(embedding="ple", ensemble=4, plain=(1, 3)),  # columns 1 and 3 skip the embedding
+    ],
+)
 def test_every_ingredient_predicts_each_row_on_its_own(options):
     """k predictions per row that differ by member, whatever batch the row is in (no batch statistics),
     in float64 too; the buffers are saved with the weights."""
@@ -62,7 +71,7 @@ def test_every_ingredient_predicts_each_row_on_its_own(options):
     assert out.shape == (64, k) and (out.std(dim=1) > 0).all()
     double = model.double()
     whole = double(x.double())
-    parts = torch.cat([double(x[i:i + 7].double()) for i in range(0, 64, 7)])
+    parts = torch.cat([double(x[i : i + 7].double()) for i in range(0, 64, 7)])
     assert torch.allclose(whole, parts, rtol=0, atol=1e-12)
     again = TabularMLP(5, width=16, depth=2, **options).double()  # no train_x: buffers come from the state
     again.load_state_dict(double.state_dict())
@@ -84,7 +93,7 @@ def test_dollar_loss_adds_the_squared_error_in_dollars_of_each_member():
     out = ((pred.log() - mean) / std).float()
     log_mse = float(((out - y.unsqueeze(-1)) ** 2).mean())
     dollars = torch.tensor([[0.1, 0.0, 0.0], [0.3, 0.0, 2.00001]])  # errors in $100k
-    dollar_mse = float((dollars ** 2).mean())
+    dollar_mse = float((dollars**2).mean())
     assert float(loss_fn(out, y)) == pytest.approx(log_mse, rel=1e-6)
     assert float(loss_fn(out, y, 0.0, (mean, std))) == pytest.approx(log_mse, rel=1e-6)
     assert float(loss_fn(out, y, 2.0, (mean, std))) == pytest.approx(log_mse + 2 * dollar_mse, rel=1e-5)

@@ -4,6 +4,7 @@ Linear regression on a fixed synthetic dataset: small enough to run in a second,
 exercise DDP, TrainBatches, exact evaluation, checkpoints and --resume end to end.
 Run: ``torchrun --nproc_per_node=2 tests/toy_train.py --out-dir /tmp/toy``.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,10 +55,12 @@ class Config(RunConfig):
 
 
 def main() -> None:
-    parser = make_parser("toy regression", {"epochs": 4, "batch_size": 16, "lr": 0.05,
-                                            "data_dir": "data", "out_dir": "runs/toy"})
-    parser.add_argument("--fail-on-rank", type=int, default=None,
-                        help="raise a UserError on this rank after setup (tests)")
+    parser = make_parser(
+        "toy regression", {"epochs": 4, "batch_size": 16, "lr": 0.05, "data_dir": "data", "out_dir": "runs/toy"}
+    )
+    parser.add_argument(
+        "--fail-on-rank", type=int, default=None, help="raise a UserError on this rank after setup (tests)"
+    )
     cfg = Config.from_args(parser.parse_args())
     with distributed(cfg.device, cfg.dist_timeout) as dist:
         if cfg.fail_on_rank == dist.rank:
@@ -65,8 +68,11 @@ def main() -> None:
         seed_everything(cfg.seed)
         x_train, y_train, x_test, y_test = make_data()
         batches = TrainBatches([x_train, y_train], cfg.batch_size, dist, seed=cfg.seed)
-        model = wrap_model(torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), torch.nn.Tanh(),
-                                               torch.nn.Linear(8, 1)), dist, cfg.strategy)
+        model = wrap_model(
+            torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)),
+            dist,
+            cfg.strategy,
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
         run = Run(cfg, dist, {"program": "toy"}, model, optimizer, None)
         start = time.time()
@@ -81,8 +87,13 @@ def main() -> None:
             run.save(progress.epoch)
         weights = full_model_state(model)  # complete on rank 0, the rank that writes the summary
         params = torch.cat([t.flatten() for t in weights.values()]) if weights else torch.empty(0)
-        run.write_summary({"test": evaluate(model, x_test, y_test, dist),
-                           "params": params.tolist(), "wall_time_s": time.time() - start})
+        run.write_summary(
+            {
+                "test": evaluate(model, x_test, y_test, dist),
+                "params": params.tolist(),
+                "wall_time_s": time.time() - start,
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from common.errors import UserError
+from common.errors import UserError, report
 from common.rendezvous import store_for_this_attempt
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -111,8 +111,15 @@ def teardown() -> None:
 
 @contextlib.contextmanager
 def distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistInfo]:
-    """``with distributed(args.device) as dist:`` - setup, and teardown even on error."""
+    """``with distributed(args.device) as dist:`` - setup, and teardown even on error.
+
+    A UserError's line is printed before the group is left (``common.errors.report``).
+    """
+    info = setup(device, timeout_s)
     try:
-        yield setup(device, timeout_s)
+        yield info
+    except UserError as err:
+        report(err)
+        raise
     finally:
         teardown()

@@ -30,6 +30,18 @@ def write_error_line(message: str, rank: int) -> None:
     os.write(2, f"{prefix}error: {message}\n".encode())
 
 
+def report(err: UserError) -> None:
+    """Print ``err``'s one line on this rank, once however often it is called.
+
+    ``common.dist.distributed`` calls it before leaving the process group: the peers notice a
+    rank that leaves at once, fail, and may have the launcher stop this process before
+    ``run_main`` would have printed the line.
+    """
+    if not getattr(err, "reported", False):
+        write_error_line(str(err), int(os.environ.get("RANK", 0)))
+        err.reported = True
+
+
 def run_main(main: Callable[[], object]) -> None:
     """Run a program's ``main`` and turn failures into a prompt exit of this process.
 
@@ -48,7 +60,7 @@ def run_main(main: Callable[[], object]) -> None:
         # three suite runs), turning a complete run into a failed one. Every file is closed.
         os._exit(0)
     except UserError as err:
-        write_error_line(str(err), int(os.environ.get("RANK", 0)))
+        report(err)
         os._exit(2)
     except KeyboardInterrupt:
         sys.stdout.flush()

@@ -37,7 +37,7 @@ from torch import nn
 
 from anomaly.features import COUNTED, FeatureTransform
 from common.errors import UserError
-from common.tabular import TabularMLP
+from common.tabular import TabularArch, TabularMLP
 
 
 class Autoencoder(nn.Module):
@@ -120,16 +120,19 @@ class Classifier(nn.Module):
                 "classifier share one width (for example 256,256)"
             )
         self.register_buffer("input_index", input_index.clone().long())
-        self.net = TabularMLP(
-            len(input_index),
-            hidden[0],
-            len(hidden),
-            "gelu",
-            dropout,
+        arch = TabularArch(
+            width=hidden[0],
+            depth=len(hidden),
+            activation="gelu",
+            dropout=dropout,
             embedding=embedding,
             embed_bins=embed_bins,
             embed_dim=embed_dim,
             ensemble=ensemble,
+        )
+        self.net = TabularMLP(
+            len(input_index),
+            arch,
             plain=plain,
             train_x=None if train_x is None else train_x[:, input_index],
         )

@@ -43,12 +43,10 @@ from common.console import progress as progress_bar
 from common.data import TrainBatches
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
-from common.finite import FiniteLossWatch
-from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, unwrap, wrap_model
 from common.preempt import EpochProgress
 from common.rng import seed_everything
-from common.run import Run, Training, load_for_evaluation, run_eval_only
+from common.run import EpochTally, Run, Training, load_for_evaluation, run_eval_only
 from common.tabular import EMBEDDINGS
 
 EXAMPLE = "torchrun --nproc_per_node=2 anomaly/train.py --data-dir ../shared/data"
@@ -291,29 +289,16 @@ def train_one_epoch(
     (pre-emption: ``progress`` then says where it stopped)."""
     model, batches, epoch = training.model, training.batches, progress.epoch
     model.train()
-    # The running sums stay on the device: reading a loss each step would make the host wait
-    # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
-    loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
-    seen = progress.sums.get("n", 0)
-    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
-    for batch in progress_bar(
-        batches.epoch(epoch, progress.step), dist, len(batches) - progress.step, f"epoch {epoch}"
-    ):
-        loss = training.loss(model(batch[0]), batch)  # mean over this rank's rows
-        finite.update(loss, epoch * len(batches) + progress.step)
-        training.optimizer.zero_grad(set_to_none=True)
-        batches.global_mean(loss, progress.step).backward()  # ranks' shares of the last batch may differ
-        training.optimizer.step()
-        training.scheduler.step()
-        loss_sum += loss.detach().double() * len(batch[0])
-        seen += len(batch[0])
-        progress.step += 1
-        if stop is not None and stop():  # every rank, after the same step
-            finite.check()
-            progress.sums = {"loss": loss_sum, "n": seen}
+    tally = EpochTally(progress, len(batches), dist)  # on the device: no host sync per step
+    rows = batches.epoch(epoch, progress.step)
+    for x, labels in progress_bar(rows, dist, len(batches) - progress.step, f"epoch {epoch}"):
+        # The autoencoder reconstructs x (its rows are all normal); the classifier predicts labels.
+        loss = training.loss(model(x), (x, labels))  # mean over this rank's rows
+        training.step(loss, progress.step)  # ranks' shares of the last batch may differ: global mean
+        tally.add(loss, len(x))
+        if tally.stopped(stop):
             return None
-    finite.check()
-    totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
+    totals = tally.totals()
     return {"train_loss": totals["loss"] / totals["n"]}
 
 
@@ -387,15 +372,7 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     training = build_training(cfg, data, dist)
     model, rows_per_epoch = training.model, len(training.batches.tensors[0])
     meta = {"program": "anomaly", "arch": cfg.arch}
-    run = Run(
-        cfg,
-        dist,
-        meta,
-        model,
-        training.optimizer,
-        training.scheduler,
-        constants={"transform": transform_to_plain(data.transform)},
-    )
+    run = Run(cfg, dist, meta, training, constants={"transform": transform_to_plain(data.transform)})
 
     train_time = 0.0
     for progress in run.epochs():

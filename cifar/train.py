@@ -28,12 +28,11 @@ from common.console import progress as progress_bar
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
-from common.finite import FiniteLossWatch
 from common.metrics import all_reduce_tensor, confusion_matrix, reduce_sums
 from common.parallel import memory_per_rank, unwrap, wrap_model
 from common.preempt import EpochProgress
 from common.rng import seed_everything
-from common.run import Run, Training, load_for_evaluation, run_eval_only
+from common.run import EpochTally, Run, Training, load_for_evaluation, run_eval_only
 from common.timing import DeviceClock
 
 EXAMPLES = """examples:
@@ -423,10 +422,7 @@ def train_one_epoch(
     )
     if generator is not None and "_augment_rng" in sums:
         generator.set_state(sums["_augment_rng"])
-    loss_sum = sums.get("loss", torch.zeros((), dtype=torch.float64)).to(dist.device)
-    correct = sums.get("correct", torch.zeros((), dtype=torch.int64)).to(dist.device)
-    seen = sums.get("n", 0)
-    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
+    tally = EpochTally(progress, len(batches), dist)  # on the device: no host sync per step
     # With --alternating-flip the batches carry each image's even-epoch flip (a third tensor).
     for batch in progress_bar(
         batches.epoch(epoch, progress.step), dist, total=len(batches) - progress.step, desc=f"epoch {epoch + 1}"
@@ -438,25 +434,15 @@ def train_one_epoch(
         with bf16_autocast(dist.device, training.bf16):
             logits = model(x)
         loss = training.loss(logits, batch)
-        finite.update(loss, epoch * len(batches) + progress.step)
-        training.optimizer.zero_grad(set_to_none=True)
-        batches.global_mean(loss, progress.step).backward()  # ranks' shares of the last batch may differ
-        training.optimizer.step()
-        training.scheduler.step()
+        training.step(loss, progress.step)  # ranks' shares of the last batch may differ: global mean
         if training.lookahead is not None:
             training.lookahead.update(unwrap(model), training.scheduler.last_epoch)
-        loss_sum += loss.detach().double() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        progress.step += 1
-        if stop is not None and stop():  # every rank, after the same step
-            finite.check()
-            progress.sums = {"loss": loss_sum, "correct": correct, "n": seen}
-            if generator is not None:
+        tally.add(loss, len(labels), correct=(logits.argmax(1) == labels).sum())
+        if tally.stopped(stop):
+            if generator is not None:  # the resumed epoch draws on from here
                 progress.sums["_augment_rng"] = generator.get_state()
             return None
-    finite.check()
-    totals = reduce_sums({"loss": loss_sum, "correct": correct, "n": seen}, dist)
+    totals = tally.totals()
     return {
         "train_loss": totals["loss"] / totals["n"],
         "train_accuracy": totals["correct"] / totals["n"],
@@ -544,7 +530,7 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     keep: dict[str, Any] = {"timing": clock}
     if training.lookahead is not None:
         keep["lookahead"] = training.lookahead
-    run = Run(cfg, dist, meta, model, training.optimizer, training.scheduler, keep=keep)
+    run = Run(cfg, dist, meta, training, keep=keep)
     log.info(
         "%s: world size %d on %s, bf16 %s, %d steps/epoch of %d images",
         meta["arch"],

@@ -1,11 +1,11 @@
 """A training run's lifecycle in one object: its directory, resume, checkpoints, pre-emption, records.
 
-A program builds its model, optimizer and schedule, then hands them to ``Run`` with whatever
-else must survive a restart (``keep``: objects with ``state_dict`` / ``load_state_dict``, such as
-early stopping or a weight average; ``constants``: plain values a checkpoint carries for
-``--eval-only``, such as a fitted preprocessor). Its loop then reads::
+A program builds its ``Training`` (model, optimizer, schedule, batches, loss), then hands it
+to ``Run`` with whatever else must survive a restart (``keep``: objects with ``state_dict`` /
+``load_state_dict``, such as early stopping or a weight average; ``constants``: plain values a
+checkpoint carries for ``--eval-only``, such as a fitted preprocessor). Its loop then reads::
 
-    run = Run(cfg, dist, meta, model, optimizer, scheduler, keep={...})
+    run = Run(cfg, dist, meta, training, keep={...})
     for progress in run.epochs():
         train = train_one_epoch(..., progress, ..., stop=run.stop_requested)
         if train is None:
@@ -14,21 +14,10 @@ early stopping or a weight average; ``constants``: plain values a checkpoint car
         run.log_epoch(row)
         run.save(progress.epoch)
 
-Programs never spell checkpoint file names, epoch arithmetic or resume choices.
-
-The resume policy lives here too. Resuming is one decision per job, not one per rank
-(``agreed_checkpoint``): every rank reports the newest checkpoint that loads where *it* looks
-(its own ``--out-dir``: on a cluster without a shared filesystem each node has its own), rank
-0's choice (the newest, ties to the lowest rank) is applied everywhere, and the file's bytes are
-broadcast from the rank that holds it to ranks whose copy differs or is missing.
-``check_ranks_agree`` then compares epoch, step and a checksum of the weights on every rank
-before training starts: a disagreement is one ``error:`` line on every rank, never two replicas
-silently training different weights. The checkpoint format is ``common/checkpoint.py``.
-
-``--eval-only --resume PATH`` (``run_eval_only``) is the same in every program: the checkpoint
-every rank agrees on, the evaluated run's Config rebuilt from the one saved in it
-(``RunConfig.for_evaluation``), the program's ``evaluate_checkpoint``, and ``eval.json`` in
---out-dir; the evaluated run's own files are left as they are.
+and ``train_one_epoch`` keeps its running numbers in an ``EpochTally``. Programs never spell
+checkpoint file names, epoch arithmetic or resume choices. The resume policy lives here too
+(``agreed_checkpoint``, ``check_ranks_agree``), as does ``--eval-only`` (``run_eval_only``);
+the checkpoint format is ``common/checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -58,6 +47,8 @@ from common.console import get_logger
 from common.data import TrainBatches
 from common.dist import DistInfo
 from common.errors import UserError
+from common.finite import FiniteLossWatch
+from common.metrics import reduce_sums
 from common.parallel import full_tensors, is_sharded, unwrap
 from common.preempt import EpochProgress, Preemption
 from common.records import RunRecorder, write_json_atomic
@@ -85,6 +76,64 @@ class Training:
     batches: TrainBatches
     loss: Callable[..., torch.Tensor]
 
+    def step(self, loss: torch.Tensor, step_in_epoch: int) -> None:
+        """One optimizer step on ``loss``, this rank's mean over its share of global batch
+        ``step_in_epoch``: the gradient of the global batch's mean (``TrainBatches.global_mean``;
+        DDP and FSDP average gradients across ranks in backward), then the optimizer and the
+        per-step schedule."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.batches.global_mean(loss, step_in_epoch).backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+class EpochTally:
+    """One epoch's running training numbers on this rank: the loss summed over samples, the
+    samples, and any counts a program adds (``add(loss, n, correct=...)``).
+
+    They stay on the device (reading a loss every step would make the host wait for the GPU
+    every step), every loss is checked finite there (``FiniteLossWatch``), and a pre-empted
+    epoch's sums come back from its checkpoint (``progress.sums``), so ``totals()`` is exact
+    over all ranks whether or not the epoch was interrupted.
+    """
+
+    def __init__(self, progress: EpochProgress, steps_per_epoch: int, dist: DistInfo) -> None:
+        self.progress, self.dist = progress, dist
+        self.first_step = progress.epoch * steps_per_epoch  # of the run: what a non-finite loss names
+        self.finite = FiniteLossWatch(dist)
+        self.sums: dict[str, Any] = {
+            name: value.to(dist.device).clone() if isinstance(value, torch.Tensor) else value
+            for name, value in progress.sums.items()
+            if not name.startswith("_")  # a program's own saved state, not a sum
+        }
+        self.sums.setdefault("loss", torch.zeros((), dtype=torch.float64, device=dist.device))
+        self.sums.setdefault("n", 0)
+
+    def add(self, loss: torch.Tensor, n: int, **counts: torch.Tensor) -> None:
+        """After each step: the batch's mean ``loss`` over this rank's ``n`` samples, and counts
+        (device tensors) to add up."""
+        self.finite.update(loss, self.first_step + self.progress.step)
+        self.sums["loss"] += loss.detach().double() * n
+        self.sums["n"] += n
+        for name, count in counts.items():
+            self.sums[name] = self.sums[name] + count if name in self.sums else count
+        self.progress.step += 1
+
+    def stopped(self, stop: Callable[[], bool] | None) -> bool:
+        """True when ``stop()`` says so (pre-emption, the same answer on every rank after the same
+        step); ``progress`` then holds the step reached and this rank's sums, for the checkpoint."""
+        if stop is None or not stop():
+            return False
+        self.finite.check()
+        self.progress.sums = dict(self.sums)
+        return True
+
+    def totals(self) -> dict[str, float]:
+        """The epoch's sums over all ranks (exact); call on every rank at the epoch's end."""
+        self.finite.check()
+        return reduce_sums(self.sums, self.dist)
+
 
 class Run:
     """One launch of a training run: it owns the run directory, resumes, checkpoints, leaves.
@@ -105,13 +154,12 @@ class Run:
         cfg: RunConfig,
         dist: DistInfo,
         meta: dict[str, Any],
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
+        training: Training,
         keep: dict[str, Stateful] | None = None,
         constants: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.dist, self.meta = cfg, dist, meta
+        model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.keep, self.constants = keep or {}, constants or {}
         # The data is valid by now: this launch becomes the one writer of --out-dir, or stops.

@@ -24,7 +24,10 @@ prediction is the same whichever rank or batch computes it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,8 +79,10 @@ class QuantileNormal(nn.Module):
         return (math.sqrt(2) * torch.erfinv(2 * u - 1)).clamp(-5.2, 5.2)
 
 
-class PerFeatureLinear(nn.Module):
-    """A separate ``Linear(d_in, d_out)`` for each of ``n`` features: [b, n, d_in] -> [b, n, d_out]."""
+class GroupedLinear(nn.Module):
+    """``n`` independent ``Linear(d_in, d_out)``, one per slot of the middle dimension:
+    [b, n, d_in] -> [b, n, d_out]. One per feature in the embeddings, one per ensemble member in
+    TabM-packed."""
 
     def __init__(self, n: int, d_in: int, d_out: int):
         super().__init__()
@@ -106,7 +111,7 @@ class PiecewiseLinear(nn.Module):
             else torch.quantile(train_x.double().t(), levels, dim=1).t().float()
         )
         self.register_buffer("edges", edges.contiguous())  # [f, n_bins + 1]
-        self.linear = PerFeatureLinear(n_features, n_bins, dim)
+        self.linear = GroupedLinear(n_features, n_bins, dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[batch, f] -> [batch, f, n_bins] fill levels."""
@@ -129,24 +134,59 @@ class Periodic(nn.Module):
     def __init__(self, n_features: int, k: int, dim: int, sigma: float = 0.1):
         super().__init__()
         self.frequencies = nn.Parameter(torch.randn(n_features, k) * sigma)
-        self.linear = PerFeatureLinear(n_features, 2 * k, dim)
+        self.linear = GroupedLinear(n_features, 2 * k, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = 2 * math.pi * self.frequencies * x.unsqueeze(-1)  # [b, f, k]
         return torch.relu(self.linear(torch.cat([torch.cos(v), torch.sin(v)], dim=-1)))
 
 
-class PackedLinear(nn.Module):
-    """k independent ``Linear(d_in, d_out)``, one per ensemble member: [b, k, d_in] -> [b, k, d_out]."""
+@dataclass(frozen=True)
+class TabularArch:
+    """The network's shape and its optional ingredients (see the module's docstring)."""
 
-    def __init__(self, k: int, d_in: int, d_out: int):
-        super().__init__()
-        bound = 1 / math.sqrt(d_in)
-        self.weight = nn.Parameter(torch.empty(k, d_in, d_out).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(k, d_out).uniform_(-bound, bound))
+    width: int = 256  # hidden units per layer
+    depth: int = 3  # hidden layers
+    activation: str = "silu"
+    dropout: float = 0.0
+    norm: str = "none"
+    quantile: bool = False
+    embedding: str = "none"  # none, ple, periodic
+    embed_bins: int = 16  # PLE bins / periodic frequencies per feature
+    embed_dim: int = 8  # embedding size per feature
+    ensemble: int = 1  # k members
+    ensemble_mode: str = "mini"  # mini or packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bki,kio->bko", x, self.weight) + self.bias
+    @classmethod
+    def of(cls, config: Any) -> TabularArch:
+        """The fields of ``config`` (a program's Config) that have these names."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def check(self) -> None:
+        """UserError naming the flag when a choice is not one this module has."""
+        if self.activation not in ACTIVATIONS:
+            raise UserError(f"--activation {self.activation!r}: choose from {', '.join(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise UserError(f"--norm {self.norm!r}: choose from {', '.join(NORMS)}")
+        if self.embedding not in EMBEDDINGS:
+            raise UserError(f"--embedding {self.embedding!r}: choose from {', '.join(EMBEDDINGS)}")
+        if self.ensemble_mode not in ENSEMBLE_MODES:
+            raise UserError(f"--ensemble-mode {self.ensemble_mode!r}: choose from {', '.join(ENSEMBLE_MODES)}")
+        if self.ensemble < 1 or self.embed_bins < 1 or self.embed_dim < 1:
+            raise UserError("--ensemble, --embed-bins and --embed-dim must be >= 1")
+
+    @property
+    def tag(self) -> str:
+        """A short architecture tag, stored in checkpoints so a mismatched --resume is refused."""
+        tag = f"mlp-{self.depth}x{self.width}-{self.activation}-{self.norm}-drop{self.dropout:g}"
+        if self.quantile:
+            tag += "-quantile"
+        if self.embedding != "none":
+            tag += f"-{self.embedding}{self.embed_bins}x{self.embed_dim}"
+        # Always a member count: checkpoints from before the output heads became parameters of
+        # their own have a tag without it, so --resume refuses them instead of failing to load.
+        tag += f"-{self.ensemble_mode}{self.ensemble}" if self.ensemble > 1 else "-k1"
+        return tag
 
 
 class TabularMLP(nn.Module):
@@ -161,35 +201,18 @@ class TabularMLP(nn.Module):
     def __init__(
         self,
         n_features: int,
-        width: int = 256,
-        depth: int = 3,
-        activation: str = "silu",
-        dropout: float = 0.0,
-        norm: str = "none",
+        arch: TabularArch | None = None,
         *,
-        quantile: bool = False,
-        embedding: str = "none",
-        embed_bins: int = 16,
-        embed_dim: int = 8,
-        ensemble: int = 1,
-        ensemble_mode: str = "mini",
         plain: tuple[int, ...] = (),
         train_x: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise UserError(f"--activation {activation!r}: choose from {', '.join(ACTIVATIONS)}")
-        if norm not in NORMS:
-            raise UserError(f"--norm {norm!r}: choose from {', '.join(NORMS)}")
-        if embedding not in EMBEDDINGS:
-            raise UserError(f"--embedding {embedding!r}: choose from {', '.join(EMBEDDINGS)}")
-        if ensemble_mode not in ENSEMBLE_MODES:
-            raise UserError(f"--ensemble-mode {ensemble_mode!r}: choose from {', '.join(ENSEMBLE_MODES)}")
-        if ensemble < 1 or embed_bins < 1 or embed_dim < 1:
-            raise UserError("--ensemble, --embed-bins and --embed-dim must be >= 1")
+        arch = arch or TabularArch()
+        arch.check()
+        embedding, width = arch.embedding, arch.width
         if train_x is not None:
             train_x = train_x.detach().cpu()
-        self.quantile = QuantileNormal(train_x, n_features) if quantile else None
+        self.quantile = QuantileNormal(train_x, n_features) if arch.quantile else None
         if self.quantile is not None and train_x is not None:
             train_x = self.quantile(train_x.float())  # PLE bins cut in the space it sees
         self.embed: nn.Module | None = None
@@ -208,13 +231,13 @@ class TabularMLP(nn.Module):
         else:
             n_embedded = n_features
         if embedding == "ple":
-            self.embed = PiecewiseLinear(train_x, n_embedded, embed_bins, embed_dim)
+            self.embed = PiecewiseLinear(train_x, n_embedded, arch.embed_bins, arch.embed_dim)
         elif embedding == "periodic":
-            self.embed = Periodic(n_embedded, embed_bins, embed_dim)
+            self.embed = Periodic(n_embedded, arch.embed_bins, arch.embed_dim)
         if self.embed is not None:
-            size = n_embedded * embed_dim + (n_features - n_embedded)
-        self.ensemble = ensemble
-        self.packed = ensemble > 1 and ensemble_mode == "packed"
+            size = n_embedded * arch.embed_dim + (n_features - n_embedded)
+        ensemble = self.ensemble = arch.ensemble
+        self.packed = ensemble > 1 and arch.ensemble_mode == "packed"
         # TabM-mini's adapter: member i sees its input multiplied element-wise by r_i, random
         # signs at initialisation (TabM's choice), so the members start out different.
         self.adapter = (
@@ -223,13 +246,13 @@ class TabularMLP(nn.Module):
             else None
         )
         layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers.append(PackedLinear(ensemble, size, width) if self.packed else nn.Linear(size, width))
-            if NORMS[norm] is not None:
-                layers.append(NORMS[norm](width))
-            layers.append(ACTIVATIONS[activation]())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+        for _ in range(arch.depth):
+            layers.append(GroupedLinear(arch.ensemble, size, width) if self.packed else nn.Linear(size, width))
+            if NORMS[arch.norm] is not None:
+                layers.append(NORMS[arch.norm](width))
+            layers.append(ACTIVATIONS[arch.activation]())
+            if arch.dropout > 0:
+                layers.append(nn.Dropout(arch.dropout))
             size = width
         self.net = nn.Sequential(*layers)
         bound = 1 / math.sqrt(size)
@@ -270,28 +293,3 @@ class TabularMLP(nn.Module):
         k, size, width = weight.shape
         h = x @ weight.transpose(0, 1).reshape(size, k * width)
         return h.view(-1, k, width) + first.bias
-
-
-def describe(
-    width: int,
-    depth: int,
-    activation: str,
-    dropout: float,
-    norm: str,
-    quantile: bool = False,
-    embedding: str = "none",
-    embed_bins: int = 16,
-    embed_dim: int = 8,
-    ensemble: int = 1,
-    ensemble_mode: str = "mini",
-) -> str:
-    """A short architecture tag, stored in checkpoints so a mismatched --resume is refused."""
-    tag = f"mlp-{depth}x{width}-{activation}-{norm}-drop{dropout:g}"
-    if quantile:
-        tag += "-quantile"
-    if embedding != "none":
-        tag += f"-{embedding}{embed_bins}x{embed_dim}"
-    # Always a member count: checkpoints from before the output heads became parameters of
-    # their own have a tag without it, so --resume refuses them instead of failing to load.
-    tag += f"-{ensemble_mode}{ensemble}" if ensemble > 1 else "-k1"
-    return tag

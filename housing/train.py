@@ -25,13 +25,11 @@ from common.console import get_logger, optional_extra
 from common.data import TrainBatches
 from common.dist import DistInfo, distributed
 from common.errors import UserError, run_main
-from common.finite import FiniteLossWatch
-from common.metrics import reduce_sums
 from common.parallel import local_copy, memory_per_rank, wrap_model
 from common.preempt import EpochProgress
 from common.rng import seed_everything
-from common.run import Run, Training, load_for_evaluation, run_eval_only
-from common.tabular import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, NORMS, TabularMLP, describe
+from common.run import EpochTally, Run, Training, load_for_evaluation, run_eval_only
+from common.tabular import ACTIVATIONS, EMBEDDINGS, ENSEMBLE_MODES, NORMS, TabularArch, TabularMLP
 from housing import data as hdata
 from housing.loss import loss_fn
 from housing.metrics import split_metrics
@@ -91,19 +89,7 @@ class Config(RunConfig):
 
     @property
     def arch(self) -> str:
-        return describe(
-            self.width,
-            self.depth,
-            self.activation,
-            self.dropout,
-            self.norm,
-            self.quantile,
-            self.embedding,
-            self.embed_bins,
-            self.embed_dim,
-            self.ensemble,
-            self.ensemble_mode,
-        )
+        return TabularArch.of(self).tag
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,21 +240,7 @@ def build_data(cfg: Config, dist: DistInfo, saved: dict[str, Any] | None = None)
 def build_model(cfg: Config, data: hdata.HousingData) -> TabularMLP:
     """The network (common/tabular.py); the training split's features fit its quantile / PLE
     buffers (a checkpoint's weights then replace them in --eval-only)."""
-    return TabularMLP(
-        data.train.x.shape[1],
-        cfg.width,
-        cfg.depth,
-        cfg.activation,
-        cfg.dropout,
-        cfg.norm,
-        quantile=cfg.quantile,
-        embedding=cfg.embedding,
-        embed_bins=cfg.embed_bins,
-        embed_dim=cfg.embed_dim,
-        ensemble=cfg.ensemble,
-        ensemble_mode=cfg.ensemble_mode,
-        train_x=data.train.x,
-    )
+    return TabularMLP(data.train.x.shape[1], TabularArch.of(cfg), train_x=data.train.x)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, steps: int):
@@ -304,27 +276,14 @@ def train_one_epoch(
     (pre-emption: ``progress`` then says where it stopped)."""
     model, batches = training.model, training.batches
     model.train()
-    # The running sums stay on the device: reading a loss each step would make the host wait
-    # for the GPU every step. A pre-emption checkpoint saves them (``progress.sums``).
-    loss_sum = torch.as_tensor(progress.sums.get("loss", 0.0), dtype=torch.float64).to(dist.device)
-    seen = progress.sums.get("n", 0)
-    finite = FiniteLossWatch(dist)  # every step, no host sync; agreed at the epoch's end
-    for batch in batches.epoch(progress.epoch, progress.step):
-        loss = training.loss(model(batch[0]), batch)  # mean over this rank's share
-        finite.update(loss, progress.epoch * len(batches) + progress.step)
-        training.optimizer.zero_grad(set_to_none=True)
-        batches.global_mean(loss, progress.step).backward()  # DDP averages gradients across ranks
-        training.optimizer.step()
-        training.scheduler.step()
-        loss_sum += loss.detach().double() * len(batch[1])
-        seen += len(batch[1])
-        progress.step += 1
-        if stop is not None and stop():  # every rank, after the same step
-            finite.check()
-            progress.sums = {"loss": loss_sum, "n": seen}
+    tally = EpochTally(progress, len(batches), dist)  # on the device: no host sync per step
+    for x, y in batches.epoch(progress.epoch, progress.step):
+        loss = training.loss(model(x), (x, y))  # mean over this rank's share of the batch
+        training.step(loss, progress.step)  # backward of the global batch's mean, AdamW, one-cycle
+        tally.add(loss, len(y))
+        if tally.stopped(stop):
             return None
-    finite.check()
-    totals = reduce_sums({"loss": loss_sum, "n": seen}, dist)
+    totals = tally.totals()
     return {"train_loss": totals["loss"] / totals["n"]}
 
 
@@ -371,19 +330,11 @@ def train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     training = build_training(cfg, data, dist)
     model, stopper = training.model, EarlyStopping(cfg.patience)
     meta = {"program": "housing", "arch": cfg.arch, "features": list(cfg.features)}
-    run = Run(
-        cfg,
-        dist,
-        meta,
-        model,
-        training.optimizer,
-        training.scheduler,
-        keep={"early_stopping": stopper},
-        constants={
-            "preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
-            "target_stats": (data.target_mean, data.target_std),
-        },
-    )
+    fitted = {
+        "preprocessor": hdata.preprocessor_to_plain(data.preprocessor),
+        "target_stats": (data.target_mean, data.target_std),
+    }
+    run = Run(cfg, dist, meta, training, keep={"early_stopping": stopper}, constants=fitted)
 
     train_started, epochs_run = time.time(), 0
     for progress in run.epochs():

@@ -61,11 +61,14 @@ def test_piecewise_linear_encoding_fills_bins_up_to_the_value():
 def test_every_ingredient_predicts_each_row_on_its_own(options):
     """k predictions per row that differ by member, whatever batch the row is in (no batch statistics),
     in float64 too; the buffers are saved with the weights."""
-    from common.tabular import TabularMLP
+    from common.tabular import TabularArch, TabularMLP
 
+    options = dict(options)
+    plain = options.pop("plain", ())
+    arch = TabularArch(width=16, depth=2, **options)
     torch.manual_seed(0)
     x = torch.randn(64, 5)
-    model = TabularMLP(5, width=16, depth=2, train_x=x, **options).eval()
+    model = TabularMLP(5, arch, plain=plain, train_x=x).eval()
     k = options["ensemble"]
     out = model(x)
     assert out.shape == (64, k) and (out.std(dim=1) > 0).all()
@@ -73,10 +76,10 @@ def test_every_ingredient_predicts_each_row_on_its_own(options):
     whole = double(x.double())
     parts = torch.cat([double(x[i : i + 7].double()) for i in range(0, 64, 7)])
     assert torch.allclose(whole, parts, rtol=0, atol=1e-12)
-    again = TabularMLP(5, width=16, depth=2, **options).double()  # no train_x: buffers come from the state
+    again = TabularMLP(5, arch, plain=plain).double()  # no train_x: buffers come from the state
     again.load_state_dict(double.state_dict())
     assert torch.equal(again(x.double()), whole)
-    if options.get("plain"):  # the embedding sees the other three columns only
+    if plain:  # the embedding sees the other three columns only
         assert model.embed.edges.shape[0] == 3 and model.net[0].in_features == 3 * 8 + 2
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch.nn.functional import mse_loss
 
 from common.checkpoint import full_model_state
 from common.config import RunConfig, make_parser
@@ -21,7 +22,7 @@ from common.errors import UserError, run_main
 from common.metrics import reduce_sums
 from common.parallel import wrap_model
 from common.rng import seed_everything
-from common.run import Run
+from common.run import Run, Training
 
 N_TRAIN, N_TEST, N_FEATURES = 96, 101, 5
 
@@ -74,15 +75,13 @@ def main() -> None:
             cfg.strategy,
         )
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-        run = Run(cfg, dist, {"program": "toy"}, model, optimizer, None)
+        training = Training(model, optimizer, None, batches, lambda out, batch: mse_loss(out.squeeze(1), batch[1]))
+        run = Run(cfg, dist, {"program": "toy"}, training)
         start = time.time()
         for progress in run.epochs():
             model.train()
             for step, (xb, yb) in enumerate(batches.epoch(progress.epoch)):
-                loss = torch.nn.functional.mse_loss(model(xb).squeeze(1), yb)
-                optimizer.zero_grad(set_to_none=True)
-                batches.global_mean(loss, step).backward()
-                optimizer.step()
+                training.step(training.loss(model(xb), (xb, yb)), step)
             run.log_epoch({"epoch": progress.epoch, **evaluate(model, x_test, y_test, dist)})
             run.save(progress.epoch)
         weights = full_model_state(model)  # complete on rank 0, the rank that writes the summary

@@ -1,50 +1,43 @@
-"""Functions run inside spawned gloo processes by tests/test_distributed.py.
+"""Functions run on the ranks of a real gloo process group by tests/test_distributed.py and others.
 
-Each worker joins a real process group through ``common.dist.setup`` (the same path torchrun
-uses), does one job, and saves what it observed to ``out_dir/rank{r}.pt`` for the test to check.
+``spawn`` runs one on N ranks forked by tests/forkrun.py, the suite's one in-process launcher
+(the programs' ranks start there too): each rank runs this file as ``__main__``, joins the group
+through ``common.dist.distributed`` (the path torchrun's workers take), calls the function and
+saves what it returned to ``out_dir/rank{r}.pt`` for the test to check.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from common.data import TrainBatches, eval_batches
 from common.dist import DistInfo, distributed
 from common.metrics import all_reduce_tensor, confusion_matrix, gather_tensors, reduce_sums
 from common.parallel import wrap_model
 from common.rng import seed_everything
+from tests import forkrun
 
 
-def spawn(worker: Callable, world_size: int, port: int, out_dir: Path, *args) -> list[dict]:
-    """Run ``worker(dist, *args)`` on ``world_size`` gloo processes; return each rank's result."""
-    # fork, not spawn: the children inherit the imported torch instead of importing it again
-    # (about 3 CPU seconds per process, most of such a test's cost on 2 cores).
-    mp.start_processes(
-        _entry, args=(worker, world_size, port, str(out_dir), args), nprocs=world_size, join=True, start_method="fork"
+def spawn(worker: Callable, world_size: int, out_dir: Path, *args, timeout: float = 120) -> list[dict | None]:
+    """Run ``worker(dist, *args)`` on ``world_size`` gloo ranks; return each rank's result (None
+    for a rank that ended without one). Raises AssertionError when a rank fails. The ranks'
+    stderr is written to this process's, where a test reads their error lines (``capfd``)."""
+    from tests.launch import REPO, child_env, free_port
+
+    out_dir = Path(out_dir)
+    torch.save(args, out_dir / "args.pt")
+    result = forkrun.fork_run(
+        Path(__file__), [worker.__name__, str(out_dir)], world_size, child_env(), REPO, timeout, free_port()
     )
-    paths = [Path(out_dir) / f"rank{r}.pt" for r in range(world_size)]
+    sys.stderr.write(result.stderr)
+    assert result.returncode == 0, f"{worker.__name__}: a rank failed:\n{result.stderr[-3000:]}"
+    paths = [out_dir / f"rank{r}.pt" for r in range(world_size)]
     return [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
-
-
-def _entry(rank: int, worker: Callable, world_size: int, port: int, out_dir: str, args: tuple) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
-    with distributed("cpu", timeout_s=60) as dist:
-        result = worker(dist, *args)
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
 # --- the data every worker agrees on -------------------------------------------------------
@@ -270,3 +263,10 @@ def nan_loss_on_rank_1(dist: DistInfo) -> str:
     except NonFiniteLossError as err:
         return str(err)
     return "no error"
+
+
+if __name__ == "__main__":  # one rank of spawn()
+    name, out = sys.argv[1], Path(sys.argv[2])
+    with distributed("cpu", timeout_s=60) as dist:
+        result = globals()[name](dist, *torch.load(out / "args.pt", weights_only=False))
+    torch.save(result, out / f"rank{dist.rank}.pt")

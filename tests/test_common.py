@@ -19,7 +19,7 @@ from common.metrics import confusion_matrix, reduce_sums
 from common.records import RunRecorder
 from common.run import agreed_checkpoint
 from tests import dist_workers
-from tests.launch import free_port, run_program
+from tests.launch import run_program
 
 CPU = torch.device("cpu")
 
@@ -168,7 +168,7 @@ def test_finite_loss_watch_names_the_first_bad_step():
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     """Rank 1's batch gives a NaN loss at step 5: both ranks raise the same error, naming the
     step and the rank (before, rank 1 stopped alone and rank 0 died in its next collective)."""
-    messages = dist_workers.spawn(dist_workers.nan_loss_on_rank_1, 2, free_port(), tmp_path)
+    messages = dist_workers.spawn(dist_workers.nan_loss_on_rank_1, 2, tmp_path)
     assert messages[0] == messages[1]
     assert "loss became nan at step 5 on rank 1 only" in messages[0]
 

@@ -10,7 +10,7 @@ import torch
 
 from common.dist import DistInfo
 from tests import dist_workers as w
-from tests.launch import free_port, run_program, run_torchrun
+from tests.launch import run_program, run_torchrun
 
 # The single-process reference runs in the test process itself: no process group needed.
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -20,7 +20,7 @@ SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device
 def test_ddp_steps_equal_single_process_steps(tmp_path, world_size):
     """k SGD steps with global batch B on N processes == k steps with batch B on one."""
     single = w.ddp_sgd_steps(SINGLE, 12, 5)
-    multi = w.spawn(w.ddp_sgd_steps, world_size, free_port(), tmp_path, 12, 5)
+    multi = w.spawn(w.ddp_sgd_steps, world_size, tmp_path, 12, 5)
     initial = [p.detach() for p in (torch.manual_seed(0), w.mlp())[1].parameters()]
     assert any(not torch.allclose(p, q) for p, q in zip(single["params"], initial))  # it trained
     for rank_result in multi:  # every rank holds the same weights, equal to one process's
@@ -29,7 +29,7 @@ def test_ddp_steps_equal_single_process_steps(tmp_path, world_size):
 
 
 def test_ranks_starting_from_different_states_all_stop(tmp_path, capfd):
-    results = w.spawn(w.disagreeing_start, 2, free_port(), tmp_path)
+    results = w.spawn(w.disagreeing_start, 2, tmp_path)
     assert [r["exit"] for r in results] == [2, 2]
     err = capfd.readouterr().err
     assert "error: the state training starts from" in err and "[rank 1] error: " in err
@@ -38,7 +38,7 @@ def test_ranks_starting_from_different_states_all_stop(tmp_path, capfd):
 
 def test_local_rank_zero_first_waits_and_agrees_on_errors(tmp_path, capfd):
     """on_local_rank_zero_first on 3 ranks as 2 nodes (local ranks 0, 1 | 0)."""
-    results = w.spawn(w.local_rank_zero_first, 3, free_port(), tmp_path, str(tmp_path))
+    results = w.spawn(w.local_rank_zero_first, 3, tmp_path, str(tmp_path))
     ok = [r["ok"] for r in results]
     assert [r["result"] for r in ok] == [f"ok from rank {i}" for i in range(3)]
     assert [len(r["calls"]) for r in ok] == [1, 1, 1]
@@ -65,7 +65,7 @@ def test_local_rank_zero_first_waits_and_agrees_on_errors(tmp_path, capfd):
 
 def test_agreed_stops_every_rank_when_one_rank_fails(tmp_path, capfd):
     """A data problem seen by one rank only (say its node's copy differs) stops all three."""
-    results = w.spawn(w.agreed_data, 3, free_port(), tmp_path)
+    results = w.spawn(w.agreed_data, 3, tmp_path)
     assert [r["good"] for r in results] == [f"fine on rank {i}" for i in range(3)]
     assert [r["exit"] for r in results] == [2, 2, 2]
     message = "error: rank 1's copy of the data is bad"
@@ -77,7 +77,7 @@ def test_uneven_last_batch_steps_equal_single_process_steps(tmp_path):
     """100 samples, global batch 12, 3 ranks: the last batch (16 rows) splits 6/5/5. Each rank's
     mean loss is weighted by its share, so the 8th step is one process's step too."""
     single = w.ddp_sgd_steps(SINGLE, 12, 8, 100)
-    multi = w.spawn(w.ddp_sgd_steps, 3, free_port(), tmp_path, 12, 8, 100)
+    multi = w.spawn(w.ddp_sgd_steps, 3, tmp_path, 12, 8, 100)
     seven = w.ddp_sgd_steps(SINGLE, 12, 7, 100)
     assert any(not torch.allclose(p, q) for p, q in zip(single["params"], seven["params"]))  # it stepped
     for rank_result in multi:
@@ -89,7 +89,7 @@ def test_uneven_last_batch_steps_equal_single_process_steps(tmp_path):
 def test_evaluation_is_exact_on_uneven_shards(tmp_path, world_size):
     """101 samples on 2 and 3 ranks: loss, RMSE, accuracy, confusion matrix equal one process."""
     single = w.exact_metrics(SINGLE, 4)
-    multi = w.spawn(w.exact_metrics, world_size, free_port(), tmp_path, 4)
+    multi = w.spawn(w.exact_metrics, world_size, tmp_path, 4)
     logits, targets = w.classification_data()
     assert single["n"] == 101
     assert single["accuracy"] == (logits.argmax(1) == targets).double().mean().item()
@@ -105,7 +105,7 @@ def test_evaluation_is_exact_on_uneven_shards(tmp_path, world_size):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_each_sample_drawn_once_per_epoch_and_order_changes(tmp_path, world_size):
-    results = w.spawn(w.sampled_indices, world_size, free_port(), tmp_path, 103, 12, 3)
+    results = w.spawn(w.sampled_indices, world_size, tmp_path, 103, 12, 3)
     for result in results:
         assert result["steps"] == 103 // 12
         epochs = result["per_epoch"]
@@ -117,7 +117,7 @@ def test_each_sample_drawn_once_per_epoch_and_order_changes(tmp_path, world_size
 
 def test_collective_times_out_instead_of_hanging_when_a_peer_is_gone(tmp_path):
     start = time.time()
-    results = w.spawn(w.collective_after_peer_exit, 2, free_port(), tmp_path)
+    results = w.spawn(w.collective_after_peer_exit, 2, tmp_path)
     assert results[0]["outcome"] != "completed"
     assert time.time() - start < 60
 

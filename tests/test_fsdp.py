@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 
 from tests import dist_workers as w
-from tests.launch import free_port
 
 
 def test_sharded_model_units_buffers_copies_and_gathers(tmp_path):
-    results = w.spawn(w.fsdp_helpers, 2, free_port(), tmp_path)
+    results = w.spawn(w.fsdp_helpers, 2, tmp_path)
     for rank in results:
         assert rank["sharded"] and not rank["plain_sharded"] and not rank["plain_has_dtensors"]
         assert rank["units"] == [5]  # the one block of >= MIN_UNIT_PARAMS; the rest is the root's

@@ -96,3 +96,12 @@ def resume_copy(run_dir: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     shutil.copy(Path(run_dir) / "checkpoint.prev.pt", dest / "checkpoint.pt")
     return dest
+
+
+def event_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``log_dir``, as tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

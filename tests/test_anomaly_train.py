@@ -17,8 +17,8 @@ from common.dist import DistInfo
 from common.errors import UserError
 from common.tensorboard import tensorboard_available
 from tests.launch import SAME_WEIGHTS, SHARED_DATA, assert_same_weights, resume_copy, run_program
+from tests.small_data import ANOMALY_SMALL, write_anomaly
 
-FAST = ["--epochs", "3", "--batch-size", "48", "--hidden", "32,8", "--classifier-hidden", "32", "--min-frequency", "5"]
 HYBRID = ["--detector", "hybrid"]
 # The shared run: both networks, so every path is exercised.
 SINGLE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
@@ -37,14 +37,12 @@ SHARES_TRAINED = pytest.mark.xdist_group("anomaly-trained")
 def trained(tmp_path_factory):
     """A small synthetic dataset (zipped, BOM header) and a 2-process hybrid run on it."""
     root = tmp_path_factory.mktemp("anomaly")
-    data = root / "data"
-    data.mkdir()
-    write_partition(make_partition(3000, seed=3), data / TRAIN_FILE, zip_name="unsw.zip")
+    data = write_anomaly(root / "data")
     run = root / "run"
     tensorboard = ["--tensorboard"] if tensorboard_available() else []  # it only adds files
     result = run_program(
         "anomaly/train.py",
-        ["--data-dir", str(data), "--out-dir", str(run), *FAST, *HYBRID, *tensorboard],
+        ["--data-dir", str(data), "--out-dir", str(run), *ANOMALY_SMALL, *HYBRID, *tensorboard],
         nproc=2,
         timeout=120,
     )
@@ -72,12 +70,12 @@ def test_two_process_training_writes_everything(trained):
 @SHARES_TRAINED
 def test_tensorboard_has_rank_zeros_scalars_of_metrics_jsonl(trained):
     pytest.importorskip("tensorboard")
-    from tests.test_common import _event_scalars
+    from tests.launch import event_scalars
 
     _, run = trained
     assert [f.parent for f in run.rglob("events.out.tfevents.*")] == [run / "tensorboard"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    got = _event_scalars(run / "tensorboard")
+    got = event_scalars(run / "tensorboard")
     for tag in ("train_loss", "val_loss", "lr", "samples_per_s"):
         assert [step for step, _ in got[tag]] == [row["epoch"] for row in rows]
         assert [v for _, v in got[tag]] == pytest.approx([row[tag] for row in rows], rel=1e-6), tag
@@ -101,7 +99,7 @@ def _same_metrics_at(nprocs, data, run, tmp_path, *extra, finished_resume_at=Non
                 *([] if resume_only else ["--eval-only"]),
                 "--resume",
                 str(run),
-                *FAST,
+                *ANOMALY_SMALL,
                 *extra,
             ],
             nproc=nproc,
@@ -188,7 +186,10 @@ def test_predict_scores_a_new_csv_in_one_call(trained, tmp_path):
 
 def _train(data, out, nproc, *extra):
     result = run_program(
-        "anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST, *extra], nproc=nproc, timeout=120
+        "anomaly/train.py",
+        ["--data-dir", str(data), "--out-dir", str(out), *ANOMALY_SMALL, *extra],
+        nproc=nproc,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return _summary(out)
@@ -234,7 +235,7 @@ def test_bad_csv_fails_on_every_rank_with_one_line_and_writes_nothing(tmp_path, 
     out = tmp_path / "run"
     nproc = 2 if case == "missing_column" else 1  # one multi-process case is enough
     result = run_program(
-        "anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *FAST], nproc=nproc, timeout=60
+        "anomaly/train.py", ["--data-dir", str(data), "--out-dir", str(out), *ANOMALY_SMALL], nproc=nproc, timeout=60
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -345,7 +346,7 @@ def test_raw_files_give_features_and_a_timeline_over_stime(tmp_path):
     data.mkdir()
     for i in (1, 2):
         write_raw(make_raw(800, seed=i, start_time=1421927377 + 4000 * i), data / f"UNSW-NB15_{i}.csv")
-    cfg = parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *FAST])
+    cfg = parse_args(["--data-dir", str(data), "--out-dir", str(tmp_path / "run"), *ANOMALY_SMALL])
     built = build_data(cfg, SINGLE)
     assert built.splits.time_column == "stime" and len(built.splits.test) == 480
     assert "rate" not in built.transform.input_names and np.isfinite(built.x["test"].numpy()).all()
@@ -368,7 +369,17 @@ def test_novel_study_holds_each_category_out_and_reports_every_detector(trained,
     out = tmp_path / "novel"
     result = run_program(
         "anomaly/novel.py",
-        ["--data-dir", str(data), "--out-dir", str(out), *FAST, "--epochs", "2", "--categories", "DoS,Exploits"],
+        [
+            "--data-dir",
+            str(data),
+            "--out-dir",
+            str(out),
+            *ANOMALY_SMALL,
+            "--epochs",
+            "2",
+            "--categories",
+            "DoS,Exploits",
+        ],
         nproc=2,
         timeout=180,
     )
@@ -394,14 +405,18 @@ def test_held_out_category_is_absent_from_train_and_validation(tmp_path):
     from anomaly.train import build_data, parse_args
 
     write_partition(make_partition(1500, seed=4), tmp_path / TRAIN_FILE)
-    cfg = parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *FAST, "--holdout", "DoS"])
+    cfg = parse_args(
+        ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *ANOMALY_SMALL, "--holdout", "DoS"]
+    )
     built = build_data(cfg, SINGLE)
     assert "DoS" not in set(built.splits.train["attack_cat"]) | set(built.splits.val["attack_cat"])
     assert (built.splits.test["attack_cat"] == "DoS").sum() > 10
     assert len(built.x["train"]) == len(built.splits.train)
     with pytest.raises(UserError, match="--holdout 'Nope': not an attack category"):
         build_data(
-            parse_args(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"), *FAST, "--holdout", "Nope"]),
+            parse_args(
+                ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "r"), *ANOMALY_SMALL, "--holdout", "Nope"]
+            ),
             SINGLE,
         )
 

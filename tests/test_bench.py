@@ -101,7 +101,7 @@ def test_peer_race_runs_both_systems_on_the_same_images_side_by_side(tmp_path):
     processes on the same (synthetic, easy) images; the ratio is the project's time to the
     target over the peer's of the same seed; benchmarks.md is not touched."""
     from bench.peer import render_race
-    from tests.test_cifar import make_folders
+    from tests.small_data import make_folders
 
     data = make_folders(tmp_path / "data", n_train=345, n_test=20)  # 1,035 images: one batch
     out = tmp_path / "out"
@@ -149,7 +149,7 @@ def test_peer_race_runs_both_systems_on_the_same_images_side_by_side(tmp_path):
 def test_peer_on_too_few_images_stops_with_one_line(tmp_path):
     """The peer's batches are 1,024 images: fewer training images is a one-line error, and the
     race reports it as the peer's failure, with nothing written to --out."""
-    from tests.test_cifar import make_folders
+    from tests.small_data import make_folders
 
     data = make_folders(tmp_path / "data")  # 36 training images
     done = subprocess.run(

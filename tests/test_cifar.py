@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
-import pickle
 import tarfile
 import threading
 from functools import partial
@@ -26,58 +24,15 @@ from cifar import data as cdata
 from common.errors import UserError
 from common.tensorboard import tensorboard_available
 from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
-
-CLASSES = ("cat", "dog", "ship")
-SMALL = ["--widths", "8", "16", "16", "--eval-batch-size", "4", "--no-download"]
-
-
-def _image(label: int, rng: np.random.Generator) -> np.ndarray:
-    """A 32x32 RGB image whose colour says its class, plus noise (learnable in one epoch)."""
-    base = np.zeros((32, 32, 3), dtype=np.float64)
-    base[..., label] = 180
-    return np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-
-
-def make_folders(root: Path, n_train: int = 12, n_test: int = 7, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(_image(label, rng)).save(folder / f"{i:04d}.png")
-    return root
-
-
-def make_batches_archive(path: Path, n: int = 4) -> bytes:
-    """A tiny archive in torchvision's cifar-10-python.tar.gz format; returns its bytes."""
-    rng = np.random.default_rng(1)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
-        names = [*cdata.TRAIN_BATCHES, cdata.TEST_BATCH]
-        for name in names:
-            blob = pickle.dumps(
-                {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
-            )
-            info = tarfile.TarInfo(f"{cdata.BATCHES_DIR}/{name}")
-            info.size = len(blob)
-            tf.addfile(info, io.BytesIO(blob))
-    path.write_bytes(buffer.getvalue())
-    return buffer.getvalue()
-
-
-@pytest.fixture()
-def folders(tmp_path: Path) -> Path:
-    return make_folders(tmp_path / "data")
-
+from tests.small_data import CIFAR_SMALL, CLASSES, make_batches_archive, make_folders
 
 # --------------------------------------------------------------------------- data, in process
 
 
-def test_folders_decode_once_then_cache(folders: Path, monkeypatch) -> None:
-    data = cdata.load(folders)
-    cache = cdata.cache_path(folders, cdata.find_source(folders))
-    assert cache.parent == folders and cache.is_file()
+def test_folders_decode_once_then_cache(cifar_data: Path, monkeypatch) -> None:
+    data = cdata.load(cifar_data)
+    cache = cdata.cache_path(cifar_data, cdata.find_source(cifar_data))
+    assert cache.parent == cifar_data and cache.is_file()
     train, labels = data.train_images, data.train_labels
     assert train.shape == (36, 3, 32, 32) and train.dtype == torch.uint8
     assert data.classes == CLASSES and labels.bincount().tolist() == [12, 12, 12]
@@ -85,16 +40,16 @@ def test_folders_decode_once_then_cache(folders: Path, monkeypatch) -> None:
     assert train[labels == 0][:, 0].float().mean() > train[labels == 0][:, 1].float().mean() + 50
     # The second load reads the cache: it decodes nothing.
     monkeypatch.setattr("cifar.cache.decode_source", lambda *a, **k: pytest.fail("decoded again"))
-    again = cdata.load(folders)
+    again = cdata.load(cifar_data)
     assert torch.equal(again.train_images, train) and torch.equal(again.test_labels, data.test_labels)
     assert torch.equal(cdata.load_cache(cache).train_images, train)
 
 
-def test_an_image_replaced_in_place_is_decoded_again(folders: Path) -> None:
+def test_an_image_replaced_in_place_is_decoded_again(cifar_data: Path) -> None:
     """Overwriting one image (same name, same folder sizes) must not leave the cache stale."""
-    first = cdata.load(folders)
-    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(folders / "train" / "cat" / "0000.png")
-    again = cdata.load(folders)
+    first = cdata.load(cifar_data)
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(cifar_data / "train" / "cat" / "0000.png")
+    again = cdata.load(cifar_data)
     replaced = (again.train_images == 7).flatten(1).all(dim=1)
     assert replaced.sum() == 1  # the new image, and only it, is what the run now reads
     assert torch.equal(again.train_images[~replaced], first.train_images[~replaced])
@@ -175,18 +130,18 @@ def test_download_checks_sha256_and_leaves_no_temp_file(tmp_path: Path) -> None:
         ("size", "expected 32x32"),
     ],
 )
-def test_bad_folders_name_file_and_expectation(folders: Path, damage: str, expected: str) -> None:
-    victim = folders / "train" / "dog" / "0003.png"
+def test_bad_folders_name_file_and_expectation(cifar_data: Path, damage: str, expected: str) -> None:
+    victim = cifar_data / "train" / "dog" / "0003.png"
     if damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:60])
     elif damage == "stray":
-        victim.rename(folders / "train" / "loose.png")
+        victim.rename(cifar_data / "train" / "loose.png")
     elif damage == "no_test":
-        (folders / "test").rename(folders / "testing")
+        (cifar_data / "test").rename(cifar_data / "testing")
     else:
         Image.new("RGB", (40, 32)).save(victim)
     with pytest.raises(UserError, match=expected) as info:
-        cdata.load(folders, download=False)
+        cdata.load(cifar_data, download=False)
     assert "\n" not in str(info.value)
     if damage in ("truncate", "size"):
         assert str(victim) in str(info.value)
@@ -203,7 +158,7 @@ def _check(result) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> None:
+def test_eval_identical_at_1_2_3_processes(cifar_data: Path, tmp_path: Path) -> None:
     """The 1-process training run's final evaluation, then its checkpoint re-evaluated at 2, 3.
 
     At 2 processes the run is evaluated in place (``--out-dir`` = the run): only eval.json is
@@ -213,7 +168,17 @@ def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> Non
     _check(
         run_program(
             "cifar/train.py",
-            ["--data-dir", str(folders), "--out-dir", str(train), "--epochs", "1", "--batch-size", "12", *SMALL],
+            [
+                "--data-dir",
+                str(cifar_data),
+                "--out-dir",
+                str(train),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "12",
+                *CIFAR_SMALL,
+            ],
             nproc=1,
         )
     )
@@ -226,13 +191,13 @@ def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> Non
                 "cifar/train.py",
                 [
                     "--data-dir",
-                    str(folders),
+                    str(cifar_data),
                     "--out-dir",
                     str(out),
                     "--eval-only",
                     "--resume",
                     str(train / "checkpoint.pt"),
-                    *SMALL,
+                    *CIFAR_SMALL,
                 ],
                 nproc=nproc,
                 timeout=120,
@@ -250,7 +215,7 @@ def test_eval_identical_at_1_2_3_processes(folders: Path, tmp_path: Path) -> Non
         assert results[nproc]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-6)
 
 
-TRAIN = ["--batch-size", "12", "--epochs", "2", *SMALL]  # 3 steps an epoch
+TRAIN = ["--batch-size", "12", "--epochs", "2", *CIFAR_SMALL]  # 3 steps an epoch
 
 
 def _train(data: Path, out: Path, nproc: int, *extra: str) -> dict:
@@ -289,7 +254,7 @@ def test_tensorboard_event_file_matches_metrics_jsonl(two_process_run) -> None:
     """--tensorboard on 2 processes: one event file (rank 0's) holding every number of
     metrics.jsonl, learning rate and samples/s included, at step = epoch."""
     pytest.importorskip("tensorboard")
-    from tests.test_common import _event_scalars
+    from tests.launch import event_scalars
 
     _, run = two_process_run
     files = list(run.rglob("events.out.tfevents.*"))
@@ -301,7 +266,7 @@ def test_tensorboard_event_file_matches_metrics_jsonl(two_process_run) -> None:
             if key != "epoch" and isinstance(value, (int, float)):
                 expected.setdefault(key, []).append((row["epoch"], value))
     assert {"train_loss", "test_accuracy", "lr", "samples_per_s"} <= expected.keys()
-    got = _event_scalars(run / "tensorboard")
+    got = event_scalars(run / "tensorboard")
     assert got.keys() == expected.keys()
     for tag, points in expected.items():
         assert [step for step, _ in got[tag]] == [0, 1]
@@ -337,17 +302,19 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(two_process_run, 
         ("truncate", "corrupt or truncated image"),
     ],
 )
-def test_bad_data_fails_on_every_rank_without_hang(folders: Path, tmp_path: Path, damage: str, expected: str) -> None:
-    data_dir = folders
+def test_bad_data_fails_on_every_rank_without_hang(
+    cifar_data: Path, tmp_path: Path, damage: str, expected: str
+) -> None:
+    data_dir = cifar_data
     if damage == "missing":
         data_dir = tmp_path / "empty"
         data_dir.mkdir()
     else:
-        victim = folders / "test" / "ship" / "0001.png"
+        victim = cifar_data / "test" / "ship" / "0001.png"
         victim.write_bytes(victim.read_bytes()[:50])
     out = tmp_path / "run"
     result = run_program(
-        "cifar/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out), *SMALL], nproc=2, timeout=60
+        "cifar/train.py", ["--data-dir", str(data_dir), "--out-dir", str(out), *CIFAR_SMALL], nproc=2, timeout=60
     )
     assert result.returncode != 0
     # The ranks print at the same moment, so their lines may interleave on the shared pipe.
@@ -431,11 +398,23 @@ def test_augment_study_runs_each_variant_and_tabulates(tmp_path: Path, monkeypat
     assert "| no cutout | 0.8100 | +1.00 |" in table
 
 
-def test_world_size_invariant_training_is_the_same_at_1_2_and_4_processes(tmp_path, folders):
+def test_world_size_invariant_training_is_the_same_at_1_2_and_4_processes(tmp_path, cifar_data):
     """--world-size-invariant: BatchNorm statistics and augmentation draws over the global batch,
     so 2 epochs (6 steps) at 1, 2 and 4 processes end with the same weights (the float
     tolerance of the other programs' world-size tests); without it 1 and 2 already differ."""
-    args = ["--data-dir", str(folders), "--batch-size", "12", "--epochs", "2", "--amp", "off", "--cutout", "4", *SMALL]
+    args = [
+        "--data-dir",
+        str(cifar_data),
+        "--batch-size",
+        "12",
+        "--epochs",
+        "2",
+        "--amp",
+        "off",
+        "--cutout",
+        "4",
+        *CIFAR_SMALL,
+    ]
     runs = {}
     for flags, sizes in ((["--world-size-invariant"], (1, 2, 4)), ([], (1, 2))):
         for nproc in sizes:
@@ -449,13 +428,13 @@ def test_world_size_invariant_training_is_the_same_at_1_2_and_4_processes(tmp_pa
         assert_same_weights(runs[False, 2], runs[False, 1])
 
 
-def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, folders):
+def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, cifar_data):
     """--alternating-flip: each image's flip comes with it in the batch (a tensor sharded like
     the images), so with --world-size-invariant 1 and 2 processes still end with the same
     weights; and the flag changes the training (it is not ignored)."""
     args = [
         "--data-dir",
-        str(folders),
+        str(cifar_data),
         "--batch-size",
         "12",
         "--epochs",
@@ -463,7 +442,7 @@ def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, folders):
         "--amp",
         "off",
         "--world-size-invariant",
-        *SMALL,
+        *CIFAR_SMALL,
     ]
     runs = {}
     for flags, nproc in ((["--alternating-flip"], 1), (["--alternating-flip"], 2), ([], 1)):
@@ -476,12 +455,12 @@ def test_alternating_flip_trains_alike_at_1_and_2_processes(tmp_path, folders):
         assert_same_weights(runs[False, 1], runs[True, 1])
 
 
-def test_muon_trains_alike_at_1_and_2_processes_and_resumes_exactly(tmp_path, folders):
+def test_muon_trains_alike_at_1_and_2_processes_and_resumes_exactly(tmp_path, cifar_data):
     """--optimizer muon: every rank orthogonalises the same averaged gradients, so with
     --world-size-invariant 1 and 2 processes end with the same weights; a 2-process run resumed
     from its epoch-1 checkpoint ends bit-identical to the uninterrupted one (the optimizer's
     momentum is in the checkpoint); and Muon changes the training (it is not ignored)."""
-    args = ["--data-dir", str(folders), *TRAIN, "--amp", "off", "--world-size-invariant"]
+    args = ["--data-dir", str(cifar_data), *TRAIN, "--amp", "off", "--world-size-invariant"]
     runs = {}
     for optimizer, nproc in (("muon", 1), ("muon", 2), ("sgd", 1)):
         runs[optimizer, nproc] = tmp_path / f"{optimizer}-{nproc}"
@@ -510,11 +489,11 @@ def test_muon_trains_alike_at_1_and_2_processes_and_resumes_exactly(tmp_path, fo
     assert_same_weights(resumed, runs["muon", 2])
 
 
-def test_muon_under_fsdp_steps_like_ddp_and_resumes_exactly(tmp_path, folders):
+def test_muon_under_fsdp_steps_like_ddp_and_resumes_exactly(tmp_path, cifar_data):
     """--optimizer muon --strategy fsdp: each rank gathers a filter bank's momentum, orthogonalises
     the whole and keeps its rows, so 2 FSDP processes end with DDP's weights; the momentum
     buffers are sharded like the weights and a resumed FSDP run ends bit-identical."""
-    args = ["--data-dir", str(folders), *TRAIN, "--amp", "off", "--optimizer", "muon"]
+    args = ["--data-dir", str(cifar_data), *TRAIN, "--amp", "off", "--optimizer", "muon"]
     runs = {}
     for strategy in ("ddp", "fsdp"):
         runs[strategy] = tmp_path / strategy

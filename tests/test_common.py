@@ -19,7 +19,7 @@ from common.metrics import confusion_matrix, reduce_sums
 from common.records import RunRecorder
 from common.run import agreed_checkpoint
 from tests import dist_workers
-from tests.launch import run_program
+from tests.launch import event_scalars, run_program
 
 CPU = torch.device("cpu")
 
@@ -184,15 +184,6 @@ def test_recorder_drops_epochs_after_the_resumed_checkpoint(tmp_path):
     assert summary["world_size"] == 1 and summary["config"] == {"x": 1} and "torch_version" in summary
 
 
-def _event_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the TensorBoard event files in ``log_dir``, as tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
     pytest.importorskip("tensorboard")
     for rank in (1, 0):  # rank 1 of 2 writes nothing at all
@@ -215,7 +206,7 @@ def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
         "lr": [(0, 0.0), (1, 0.1), (2, 0.2)],
         "val/rmse": [(0, 10.0), (1, 11.0), (2, 12.0)],
     }
-    got = _event_scalars(tmp_path / "rank0" / "tensorboard")
+    got = event_scalars(tmp_path / "rank0" / "tensorboard")
     assert got.keys() == expected.keys()
     for tag, points in expected.items():
         assert [step for step, _ in got[tag]] == [step for step, _ in points]
@@ -224,7 +215,7 @@ def test_recorder_tensorboard_scalars_rank_0_only_and_resumed(tmp_path):
     resumed = RunRecorder(tmp_path / "rank0", rank_info(0, 1), start_epoch=1, tensorboard=True)
     resumed.log_epoch({"epoch": 1, "train_loss": 7.0})
     resumed.close()
-    assert _event_scalars(tmp_path / "rank0" / "tensorboard")["train_loss"] == [(0, 1.0), (1, 7.0)]
+    assert event_scalars(tmp_path / "rank0" / "tensorboard")["train_loss"] == [(0, 1.0), (1, 7.0)]
 
 
 def test_tensorboard_flag_without_the_package_is_one_clear_error(tmp_path, monkeypatch):

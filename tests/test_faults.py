@@ -111,12 +111,12 @@ def housing_two_nodes(tmp_path_factory):
     one node with 2 processes, as the multi-node recipe promises (float64 matmuls could round
     the last bit differently with another thread count; they do not).
     """
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+    from tests.small_data import HOUSING_SMALL, write_housing
 
     root = tmp_path_factory.mktemp("multinode")
     (root / "data").mkdir()
-    synthetic_frame().to_csv(root / "data" / "housing.csv", index=False)
-    args = ["--data-dir", str(root / "data"), *TRAIN_ARGS, "--epochs", "12", "--patience", "100"]
+    write_housing(root / "data")
+    args = ["--data-dir", str(root / "data"), *HOUSING_SMALL, "--epochs", "12", "--patience", "100"]
     tests = []
     for nodes in (2, 1):
         out = root / f"straight-{nodes}-nodes"

@@ -25,14 +25,13 @@ from anomaly.synthetic import make_partition, write_partition
 from bench import gpu_check
 from tests.forkrun import fork_command
 from tests.launch import REPO, child_env
-from tests.test_cifar import make_folders
-from tests.test_housing import synthetic_frame
+from tests.small_data import make_folders, write_housing
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path, capsys):
     data = tmp_path / "data"
     make_folders(data)  # cifar class folders {train,test}/<class>/ beside the other files
-    synthetic_frame().to_csv(data / "housing.csv", index=False)
+    write_housing(data)
     write_partition(make_partition(600, seed=1), data / TRAIN_FILE)
     report = tmp_path / "gpu.md"
     commands = []

@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from sklearn.model_selection import train_test_split
@@ -24,42 +23,9 @@ from sklearn.model_selection import train_test_split
 from common.errors import UserError
 from housing import data as hdata
 from tests.launch import SHARED_DATA, assert_same_weights, error_messages, resume_copy, run_program
+from tests.small_data import HOUSING_SMALL, synthetic_frame
 
 PLOTS = ["loss_curves.png", "predicted_vs_actual.png", "residuals.png", "error_map.png"]
-
-
-def synthetic_frame(n: int = 600, seed: int = 0) -> pd.DataFrame:
-    """Rows shaped like housing.csv: price driven by income and location, capped at $500,001."""
-    rng = np.random.default_rng(seed)
-    lon, lat = rng.uniform(-124, -114, n), rng.uniform(32.5, 42, n)
-    households = rng.integers(50, 1500, n).astype(float)
-    rooms = households * rng.uniform(3, 7, n)
-    bedrooms = rooms * rng.uniform(0.15, 0.3, n)
-    income = rng.uniform(0.5, 15, n)
-    price = 40_000 + 30_000 * income + 80_000 * np.exp(-((lon + 122) ** 2 + (lat - 37.5) ** 2))
-    frame = pd.DataFrame(
-        {
-            "longitude": lon.round(2),
-            "latitude": lat.round(2),
-            "housing_median_age": rng.integers(1, 53, n).astype(float),
-            "total_rooms": rooms.round(),
-            "total_bedrooms": bedrooms.round(),
-            "population": (households * rng.uniform(2, 4, n)).round(),
-            "households": households,
-            "median_income": income.round(4),
-            "median_house_value": np.clip(price * rng.uniform(0.85, 1.15, n), 14_999, 500_001).round(-2),
-            "ocean_proximity": rng.choice(["<1H OCEAN", "INLAND", "NEAR OCEAN", "NEAR BAY"], n),
-        }
-    )
-    frame.loc[rng.choice(n, 10, replace=False), "total_bedrooms"] = np.nan
-    return frame
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("housing-data")
-    synthetic_frame().to_csv(folder / "housing.csv", index=False)
-    return folder
 
 
 # ---------------------------------------------------------------- reading and validation
@@ -102,10 +68,10 @@ def test_empty_file_and_blank_required_value(tmp_path):
         hdata.read_housing(tmp_path / "blank.csv")
 
 
-def test_missing_bedrooms_are_allowed_and_imputed(data_dir):
-    frame = hdata.read_housing(data_dir / "housing.csv")
+def test_missing_bedrooms_are_allowed_and_imputed(housing_data):
+    frame = hdata.read_housing(housing_data / "housing.csv")
     assert frame["total_bedrooms"].isna().sum() == 10
-    data = hdata.load_housing(data_dir, seed=0, n_clusters=8)
+    data = hdata.load_housing(housing_data, seed=0, n_clusters=8)
     assert torch.isfinite(data.train.x).all() and torch.isfinite(data.test.x).all()
 
 
@@ -122,8 +88,8 @@ def test_test_split_is_the_standard_one():
     assert not np.array_equal(hdata.split_rows(20_640, seed=4)[1], val)
 
 
-def test_preprocessor_is_fitted_on_training_rows_only(data_dir):
-    data = hdata.load_housing(data_dir, seed=0, n_clusters=8)
+def test_preprocessor_is_fitted_on_training_rows_only(housing_data):
+    data = hdata.load_housing(housing_data, seed=0, n_clusters=8)
     scaler = data.preprocessor.named_transformers_["housing_median_age"]
     train_age = data.raw["housing_median_age"].iloc[data.train.rows]
     assert scaler.mean_[0] == pytest.approx(train_age.mean())
@@ -192,30 +158,16 @@ def test_locate_downloads_the_real_file_with_its_published_checksum(tmp_path, ht
 
 # ---------------------------------------------------------------- real multi-process runs
 
-TRAIN_ARGS = [
-    "--epochs",
-    "3",
-    "--batch-size",
-    "96",
-    "--width",
-    "64",
-    "--depth",
-    "2",
-    "--n-clusters",
-    "8",
-    "--no-baselines",
-]
-
 
 def summary(out_dir: Path) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
 
 
-def train(data_dir: Path, out: Path, nproc: int, *extra: str) -> dict:
-    """One housing run with TRAIN_ARGS; its summary."""
+def train(housing_data: Path, out: Path, nproc: int, *extra: str) -> dict:
+    """One housing run with HOUSING_SMALL; its summary."""
     result = run_program(
         "housing/train.py",
-        ["--data-dir", str(data_dir), "--out-dir", str(out), *TRAIN_ARGS, *extra],
+        ["--data-dir", str(housing_data), "--out-dir", str(out), *HOUSING_SMALL, *extra],
         nproc=nproc,
         timeout=90,
     )
@@ -225,22 +177,22 @@ def train(data_dir: Path, out: Path, nproc: int, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory, data_dir) -> dict[int, Path]:
+def ddp_runs(tmp_path_factory, housing_data) -> dict[int, Path]:
     """The same DDP training at world size 1 and 2 (run once; tests in its xdist group share it)."""
     root = tmp_path_factory.mktemp("housing-ddp")
     runs = {}
     for nproc in (1, 2):
         runs[nproc] = root / f"w{nproc}"
-        train(data_dir, runs[nproc], nproc)
+        train(housing_data, runs[nproc], nproc)
     return runs
 
 
-def test_extras_outlasting_the_collective_timeout_cost_no_results(tmp_path, data_dir):
+def test_extras_outlasting_the_collective_timeout_cost_no_results(tmp_path, housing_data):
     """The baselines and plots come after the results, on rank 0 alone, and no collective
     waits on them: a baseline fit longer than --dist-timeout still ends with summary.json, the
     baselines and exit 0 (it was fitted on the last rank while rank 0 waited to receive it)."""
     out = tmp_path / "run"
-    args = ["--data-dir", str(data_dir), "--out-dir", str(out), *TRAIN_ARGS[:-1], "--dist-timeout", "10"]
+    args = ["--data-dir", str(housing_data), "--out-dir", str(out), *HOUSING_SMALL[:-1], "--dist-timeout", "10"]
     result = run_program("tests/slow_extras.py", args, nproc=2, timeout=120, env={"SLOW_BASELINES_S": "14"})
     assert result.returncode == 0, result.stderr[-2000:]
     written = summary(out)
@@ -258,7 +210,7 @@ def test_a_non_finite_loss_in_one_ranks_batch_stops_both_ranks_with_one_line(tmp
     frame.to_csv(tmp_path / "housing.csv", index=False)
     result = run_program(
         "housing/train.py",
-        ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *TRAIN_ARGS],
+        ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), *HOUSING_SMALL],
         nproc=2,
         timeout=90,
     )
@@ -272,7 +224,7 @@ def test_a_non_finite_loss_in_one_ranks_batch_stops_both_ranks_with_one_line(tmp
 
 
 @pytest.mark.xdist_group("housing-ddp-runs")
-def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, ddp_runs):
+def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, housing_data, ddp_runs):
     runs = {nproc: summary(out) for nproc, out in ddp_runs.items()}
     for nproc in (1, 2):
         assert runs[nproc]["world_size"] == nproc
@@ -296,7 +248,7 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, 
     shutil.copy(ddp_runs[1] / "checkpoint.prev.pt", resumed / "checkpoint.pt")
     result = run_program(
         "housing/train.py",
-        ["--data-dir", str(data_dir), "--out-dir", str(resumed), "--resume", *TRAIN_ARGS],
+        ["--data-dir", str(housing_data), "--out-dir", str(resumed), "--resume", *HOUSING_SMALL],
         nproc=1,
         timeout=60,
     )
@@ -307,7 +259,7 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, 
     # Same checkpoint, other world size: bit-identical metrics.
     result = run_program(
         "housing/train.py",
-        ["--eval-only", "--resume", str(out2), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "e3")],
+        ["--eval-only", "--resume", str(out2), "--data-dir", str(housing_data), "--out-dir", str(tmp_path / "e3")],
         nproc=3,
         timeout=60,
     )
@@ -319,9 +271,9 @@ def test_world_sizes_agree_and_checkpoint_eval_is_identical(tmp_path, data_dir, 
 
 
 @pytest.mark.xdist_group("housing-ddp-runs")
-def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(tmp_path, data_dir, ddp_runs):
+def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(tmp_path, housing_data, ddp_runs):
     """--strategy fsdp: DDP's weights at half the memory; checkpoints move both ways."""
-    fsdp = train(data_dir, tmp_path / "fsdp", 2, "--strategy", "fsdp")
+    fsdp = train(housing_data, tmp_path / "fsdp", 2, "--strategy", "fsdp")
     ddp = summary(ddp_runs[2])
     assert_same_weights(tmp_path / "fsdp", ddp_runs[2])  # 3 epochs x 5 steps of AdamW
     assert fsdp["test"]["rmse"] == pytest.approx(ddp["test"]["rmse"], rel=1e-5)
@@ -330,11 +282,11 @@ def test_fsdp_trains_like_ddp_and_checkpoints_cross_strategies(tmp_path, data_di
 
     # fsdp on 2 processes -> ddp on 1, from the epoch-2 checkpoint: ends where ddp did.
     to_ddp = resume_copy(tmp_path / "fsdp", tmp_path / "fsdp-to-ddp1")
-    train(data_dir, to_ddp, 1, "--resume")
+    train(housing_data, to_ddp, 1, "--resume")
     assert_same_weights(to_ddp, ddp_runs[1])
     # ddp on 1 process -> fsdp on 2.
     to_fsdp = resume_copy(ddp_runs[1], tmp_path / "ddp1-to-fsdp")
-    resumed = train(data_dir, to_fsdp, 2, "--resume", "--strategy", "fsdp")
+    resumed = train(housing_data, to_fsdp, 2, "--resume", "--strategy", "fsdp")
     assert_same_weights(to_fsdp, ddp_runs[1])
     assert resumed["epochs_run"] == 1
     assert resumed["test"]["rmse"] == pytest.approx(summary(ddp_runs[1])["test"]["rmse"], rel=1e-5)
@@ -369,18 +321,18 @@ def test_bad_csv_fails_every_rank_without_hanging(tmp_path, mutate, column):
     assert not out.exists()  # validated before the run directory was made
 
 
-def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
+def test_tune_and_features_spread_work_across_ranks(tmp_path, housing_data):
     out = tmp_path / "tune"
     result = run_program(
         "housing/tune.py",
         [
             "--data-dir",
-            str(data_dir),
+            str(housing_data),
             "--out-dir",
             str(out),
             "--grid",
             "ensemble=1,2",
-            *TRAIN_ARGS[:4],
+            *HOUSING_SMALL[:4],
             "--n-clusters",
             "8",
             "--quantile",
@@ -408,10 +360,10 @@ def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
         "housing/features.py",
         [
             "--data-dir",
-            str(data_dir),
+            str(housing_data),
             "--out-dir",
             str(out),
-            *TRAIN_ARGS[:8],
+            *HOUSING_SMALL[:8],
             "--subset-sizes",
             "2,all",
             "--repeats",
@@ -430,13 +382,13 @@ def test_tune_and_features_spread_work_across_ranks(tmp_path, data_dir):
     assert (out / "plots" / "feature_importance.png").stat().st_size > 0
 
 
-def test_gradient_boosting_baseline_sees_the_nets_features_and_target(data_dir):
+def test_gradient_boosting_baseline_sees_the_nets_features_and_target(housing_data):
     """The HGB row of every results table: fitted on data.train.x / data.train.y."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     from housing import report
 
-    data = hdata.load_housing(data_dir, seed=0, n_clusters=8)
+    data = hdata.load_housing(housing_data, seed=0, n_clusters=8)
     settings = {**report.HGB_SETTINGS, "max_iter": 30}  # a tenth of a second, not seconds
     baselines = report.run_baselines(data, seed=0, hgb_settings=settings)
     hgb = baselines[report.HGB_NAME]

@@ -107,10 +107,10 @@ def _check_every_path(
 
 
 def test_housing_every_path_on_the_device(tmp_path):
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+    from tests.small_data import HOUSING_SMALL, write_housing
 
-    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
-    args = ["--data-dir", str(tmp_path), *TRAIN_ARGS]  # 3 epochs of 5 steps
+    write_housing(tmp_path)
+    args = ["--data-dir", str(tmp_path), *HOUSING_SMALL]  # 3 epochs of 5 steps
     runs = _check_every_path("housing/train.py", args, tmp_path, 7, lambda run: _summary(run)["test"])
     evaluated = json.loads((runs["eval"] / "eval.json").read_text())
     assert evaluated["test"]["rmse"] == pytest.approx(_summary(runs["cpu"])["test"]["rmse"], rel=1e-12)
@@ -119,10 +119,10 @@ def test_housing_every_path_on_the_device(tmp_path):
 def test_anomaly_every_path_and_predict_on_the_device(tmp_path):
     from anomaly.data import TRAIN_FILE
     from anomaly.synthetic import make_partition, write_partition
-    from tests.test_anomaly_train import FAST
+    from tests.small_data import ANOMALY_SMALL
 
     write_partition(make_partition(1200, seed=3), tmp_path / TRAIN_FILE)
-    args = ["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid"]  # 3 epochs of 14 steps
+    args = ["--data-dir", str(tmp_path), *ANOMALY_SMALL, "--detector", "hybrid"]  # 3 epochs of 14 steps
     # At another world size only the autoencoder trains the same: the classifier's dropout
     # masks are drawn per rank (anomaly/README.md).
     runs = _check_every_path(
@@ -157,7 +157,7 @@ def test_anomaly_every_path_and_predict_on_the_device(tmp_path):
 
 
 def test_cifar_every_path_on_the_device(tmp_path):
-    from tests.test_cifar import SMALL, make_folders
+    from tests.small_data import CIFAR_SMALL, make_folders
 
     make_folders(tmp_path / "data")
     # bf16 autocast has no stand-in (torch has none for its device type); translate and flip
@@ -175,7 +175,7 @@ def test_cifar_every_path_on_the_device(tmp_path):
         "2",
         "--cutout",
         "4",
-        *SMALL,
+        *CIFAR_SMALL,
     ]  # 3 epochs of 6 steps
     # At another world size BatchNorm normalises over another share of each batch, so the
     # weights differ (cifar/README.md); that resume must still run on the device.
@@ -215,12 +215,12 @@ def _assert_syncs_do_not_grow(prepare_epoch, batch_sizes: tuple[int, int]) -> No
 
 def test_housing_training_step_does_not_wait_for_the_device(tmp_path):
     from housing import train as h
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+    from tests.small_data import HOUSING_SMALL, write_housing
 
-    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    write_housing(tmp_path)
 
     def prepare_epoch(batch_size: int):
-        cfg = h.parse_args(["--data-dir", str(tmp_path), *TRAIN_ARGS, "--batch-size", str(batch_size)])
+        cfg = h.parse_args(["--data-dir", str(tmp_path), *HOUSING_SMALL, "--batch-size", str(batch_size)])
         data = h.build_data(cfg, STANDIN)
         training = h.build_training(cfg, data, STANDIN)
         assert next(training.model.parameters()).device == DEVICE
@@ -233,13 +233,13 @@ def test_anomaly_training_step_does_not_wait_for_the_device(tmp_path):
     from anomaly import train as a
     from anomaly.data import TRAIN_FILE
     from anomaly.synthetic import make_partition, write_partition
-    from tests.test_anomaly_train import FAST
+    from tests.small_data import ANOMALY_SMALL
 
     write_partition(make_partition(600, seed=1), tmp_path / TRAIN_FILE)
 
     def prepare_epoch(batch_size: int):
         cfg = a.parse_args(
-            ["--data-dir", str(tmp_path), *FAST, "--detector", "hybrid", "--batch-size", str(batch_size)]
+            ["--data-dir", str(tmp_path), *ANOMALY_SMALL, "--detector", "hybrid", "--batch-size", str(batch_size)]
         )
         training = a.build_training(cfg, a.build_data(cfg, STANDIN), STANDIN)
         return len(training.batches), lambda: a.train_one_epoch(cfg, training, EpochProgress(0), STANDIN)
@@ -250,7 +250,7 @@ def test_anomaly_training_step_does_not_wait_for_the_device(tmp_path):
 def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
     from cifar import train as c
     from common.parallel import wrap_model
-    from tests.test_cifar import SMALL, make_folders
+    from tests.small_data import CIFAR_SMALL, make_folders
 
     make_folders(tmp_path / "data")  # 36 training images
 
@@ -268,7 +268,7 @@ def test_cifar_training_step_does_not_wait_for_the_device(tmp_path):
                 "--cutout",
                 "4",
                 "--lookahead",
-                *SMALL,
+                *CIFAR_SMALL,
             ]
         )
         training = c.build_training(cfg, c.build_data(cfg, STANDIN), STANDIN)
@@ -307,16 +307,19 @@ def test_resumed_optimizer_state_is_where_its_parameters_are(tmp_path):
     from common.checkpoint import load_training_state
     from common.run import agreed_checkpoint
     from housing import train as h
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+    from tests.small_data import HOUSING_SMALL, write_housing
 
-    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    write_housing(tmp_path)
     trained, run = tmp_path / "trained", tmp_path / "run"
     result = run_program(
-        "housing/train.py", ["--data-dir", str(tmp_path), "--out-dir", str(trained), *TRAIN_ARGS], nproc=2, timeout=90
+        "housing/train.py",
+        ["--data-dir", str(tmp_path), "--out-dir", str(trained), *HOUSING_SMALL],
+        nproc=2,
+        timeout=90,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     resume_copy(trained, run)  # epochs left to train
-    cfg = h.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(run), *TRAIN_ARGS, "--resume"])
+    cfg = h.parse_args(["--data-dir", str(tmp_path), "--out-dir", str(run), *HOUSING_SMALL, "--resume"])
     with standin_device() as device:
         data = h.build_data(cfg, STANDIN)
         syncs = []

@@ -21,23 +21,18 @@ from tests.launch import REPO, child_env, free_port, run_program
 
 
 def _case(program: str, data_root):
-    from tests.test_cifar import SMALL as CIFAR_SMALL
-    from tests.test_cifar import make_folders
-    from tests.test_housing import TRAIN_ARGS as HOUSING_SMALL
-    from tests.test_housing import synthetic_frame
+    from tests.small_data import CIFAR_SMALL, HOUSING_SMALL, make_folders, write_housing
 
     data = data_root / "data"
     if program == "anomaly":
-        from anomaly.data import TRAIN_FILE
-        from anomaly.synthetic import make_partition, write_partition
-        from tests.test_anomaly_train import FAST as ANOMALY_SMALL
+        from tests.small_data import ANOMALY_SMALL, write_anomaly
 
         data.mkdir()
-        write_partition(make_partition(3000, seed=3), data / TRAIN_FILE)
+        write_anomaly(data)
         args = [*ANOMALY_SMALL, "--epochs", "5"]
     elif program == "housing":
         data.mkdir()
-        synthetic_frame().to_csv(data / "housing.csv", index=False)
+        write_housing(data)
         # Batches of 16: 27 steps an epoch, so the signal lands inside one.
         args = [*HOUSING_SMALL, "--epochs", "5", "--patience", "100", "--batch-size", "16", "--no-baselines"]
     else:
@@ -141,11 +136,11 @@ def test_sigterm_once_training_is_over_stops_the_process_at_once(tmp_path):
     process at once, the results already on disk (before, it was noted and ignored)."""
     import sys
 
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+    from tests.small_data import HOUSING_SMALL, write_housing
 
-    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    write_housing(tmp_path)
     out = tmp_path / "run"
-    args = ["--data-dir", str(tmp_path), "--out-dir", str(out), *TRAIN_ARGS[:-1]]
+    args = ["--data-dir", str(tmp_path), "--out-dir", str(out), *HOUSING_SMALL[:-1]]
     process = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "slow_extras.py"), *args],
         cwd=REPO,

@@ -14,11 +14,7 @@ import pytest
 from anomaly.data import TRAIN_FILE
 from anomaly.synthetic import make_partition, write_partition
 from tests.launch import error_messages, run_program
-from tests.test_anomaly_train import FAST as ANOMALY_SMALL
-from tests.test_cifar import SMALL as CIFAR_SMALL
-from tests.test_cifar import make_folders
-from tests.test_housing import TRAIN_ARGS as HOUSING_SMALL
-from tests.test_housing import synthetic_frame
+from tests.small_data import ANOMALY_SMALL, CIFAR_SMALL, HOUSING_SMALL, make_folders, synthetic_frame, write_housing
 
 LIMIT_S = 30
 
@@ -27,7 +23,7 @@ LIMIT_S = 30
 def datasets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reliability")
     (root / "housing").mkdir()
-    synthetic_frame().to_csv(root / "housing" / "housing.csv", index=False)
+    write_housing(root / "housing")
     (root / "anomaly").mkdir()
     write_partition(make_partition(600, seed=1), root / "anomaly" / TRAIN_FILE)
     return {"housing": root / "housing", "cifar": make_folders(root / "cifar"), "anomaly": root / "anomaly"}

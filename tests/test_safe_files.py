@@ -20,8 +20,7 @@ from anomaly.synthetic import make_partition, write_partition
 from cifar import data as cdata
 from housing import data as hdata
 from tests.launch import error_messages, run_program
-from tests.test_cifar import make_batches_archive
-from tests.test_housing import synthetic_frame
+from tests.small_data import make_batches_archive, synthetic_frame, write_housing
 
 
 class MakesMarker:
@@ -133,7 +132,7 @@ def _through_weights_only(tree):
 
 
 def test_housing_preprocessor_round_trips_exactly(tmp_path):
-    synthetic_frame().to_csv(tmp_path / "housing.csv", index=False)
+    write_housing(tmp_path)
     fitted = hdata.load_housing(tmp_path, seed=0)
     stored = _through_weights_only(hdata.preprocessor_to_plain(fitted.preprocessor))
     rebuilt = hdata.preprocessor_from_plain(stored, "test")

@@ -102,7 +102,7 @@ def test_cpu_script_runs_end_to_end(tmp_path):
 
 
 def test_get_data_finds_what_is_there_and_explains_what_is_not(tmp_path):
-    from tests.test_housing import synthetic_frame
+    from tests.small_data import synthetic_frame
 
     synthetic_frame(20).to_csv(tmp_path / "housing.csv", index=False)
     result = _script("scripts/get_data.sh", str(tmp_path), env={})

@@ -157,11 +157,11 @@ def _wait_for_job(job_id: str, env: dict, timeout: float) -> str:
 def test_sbatch_trains_housing_like_a_plain_two_process_run(slurm_cluster, tmp_path):
     """``sbatch scripts/slurm.sbatch housing ...`` on one node with 2 CPU workers: the job's
     summary.json holds exactly the RMSE of ``torchrun --nproc_per_node=2`` on the same data."""
-    from tests.test_housing import TRAIN_ARGS, synthetic_frame
+    from tests.small_data import HOUSING_SMALL, write_housing
 
     (tmp_path / "data").mkdir()
-    synthetic_frame().to_csv(tmp_path / "data" / "housing.csv", index=False)
-    args = ["--data-dir", str(tmp_path / "data"), *TRAIN_ARGS]
+    write_housing(tmp_path / "data")
+    args = ["--data-dir", str(tmp_path / "data"), *HOUSING_SMALL]
     # The job inherits this environment (sbatch --export=ALL): PYTHONPATH, and PYTHON names this
     # interpreter, the one with the project's dependencies.
     env = child_env({**slurm_cluster, "NPROC": "2", "PYTHON": sys.executable, "RDZV_PORT": str(free_port())})

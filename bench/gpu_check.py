@@ -100,7 +100,7 @@ MODES = ("plain", "torchrun", "fsdp")
 SAME = {"housing": {"rel_tol": 1e-6}, "anomaly": {"rel_tol": 1e-6}, "cifar": {"abs_tol": 2e-3}}
 # A run interrupted and resumed: exactly the same on the CPU (the dry run), but a GPU's
 # atomically accumulated gradients differ in the last bits from run to run and training grows
-# that. These bounds are guesses, not measurements (no GPU has run this yet): about a seed's
+# that. These bounds are guesses, not measurements: about a seed's
 # spread; tighten them once a GPU run shows how far a resumed run really lands.
 RESUMED = {"housing": {"rel_tol": 5e-3}, "anomaly": {"abs_tol": 5e-3}, "cifar": {"abs_tol": 5e-3}}
 

@@ -190,7 +190,7 @@ def render(report: dict) -> str:
             lines += [f"See [{cuda_md}]({cuda_md}).", ""]
         else:
             lines += [
-                "Not measured in this session (no GPU lent). On a machine with 2 GPUs, the "
+                "This report has no GPU figures. On a machine with 2 GPUs, the "
                 "same benchmark with NCCL (one GPU per process, CUDA-synchronised timers, "
                 "`torch.cuda.max_memory_allocated` as peak memory, the airbench94 preset "
                 "for cifar) is:",

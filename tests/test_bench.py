@@ -77,7 +77,7 @@ def test_bench_runs_at_world_size_1_and_2(tmp_path):
         "comm ms",
         "fsdp / ddp",
         "Reproduce: `python bench/bench.py",
-        "Not measured in this session (no GPU lent)",
+        "This report has no GPU figures",
     ):
         assert needed in text
     assert text == render(report)

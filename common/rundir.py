@@ -91,7 +91,7 @@ def _claim(out_dir: Path, program: str, resume: bool, overwrite: bool) -> str | 
         )
     elif found and owner not in (None, program):
         return (
-            f"--out-dir {out_dir} holds a {owner} run, not a {program} one; --resume continues a "
+            f"--out-dir {out_dir} holds a run of {owner}, not of {program}; --resume continues a "
             f"run of the same program: choose another --out-dir"
         )
     handle = _held[out_dir]

@@ -175,7 +175,7 @@ def test_a_run_directory_is_written_only_by_the_run_it_holds(datasets, tmp_path)
     )
     expect_clean_failure("anomaly", program_args("anomaly", datasets, out), "already holds a housing run")
     expect_clean_failure(
-        "anomaly", [*program_args("anomaly", datasets, out), "--resume"], "holds a housing run, not a anomaly one"
+        "anomaly", [*program_args("anomaly", datasets, out), "--resume"], "holds a run of housing, not of anomaly"
     )
     assert _files(out) == before
     _train("anomaly", datasets, out, "--overwrite")

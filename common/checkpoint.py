@@ -83,18 +83,19 @@ def write_checkpoint(out_dir: Path, payload: dict[str, Any]) -> str | None:
     (``common.files.write_atomic``), so a failed write leaves the checkpoints in place untouched.
     """
     out_dir = Path(out_dir)
-    writers: list[_RecordingWriter] = []
+    recorder: _RecordingWriter | None = None
 
     def write(tmp: Path) -> None:
+        nonlocal recorder
         with open(tmp, "wb") as f:
-            writers.append(_RecordingWriter(f))
-            torch.save(payload, writers[0])
+            recorder = _RecordingWriter(f)
+            torch.save(payload, recorder)
 
     try:
         write_atomic(out_dir / CHECKPOINT, write, previous=out_dir / PREVIOUS)
         return None
     except (OSError, RuntimeError) as err:
-        cause = writers[0].error if writers and writers[0].error is not None else err
+        cause = recorder.error if recorder is not None and recorder.error is not None else err
         if isinstance(cause, RuntimeError):
             raise  # not an I/O failure: a bug, with its traceback
         kept = "the previous checkpoint is kept" if (out_dir / CHECKPOINT).exists() else "no checkpoint was kept"

@@ -158,9 +158,8 @@ class Run:
         keep: dict[str, Stateful] | None = None,
         constants: dict[str, Any] | None = None,
     ) -> None:
-        self.cfg, self.dist, self.meta = cfg, dist, meta
+        self.cfg, self.dist, self.meta, self.training = cfg, dist, meta, training
         model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.keep, self.constants = keep or {}, constants or {}
         # The data is valid by now: this launch becomes the one writer of --out-dir, or stops.
         claim_run_dir(cfg.out_dir, cfg.PROGRAM, dist, cfg.resume is not None, cfg.overwrite)
@@ -206,11 +205,11 @@ class Run:
         """Checkpoint after ``epoch`` (the last completed one), or inside the epoch after it at
         ``progress``; call on every rank (a collective)."""
         state = training_state(
-            self.model,
-            self.optimizer,
+            self.training.model,
+            self.training.optimizer,
             epoch,
             self.meta,
-            self.scheduler,
+            self.training.scheduler,
             config=config_dict(self.cfg),
             **self.constants,
             **{name: part.state_dict() for name, part in self.keep.items()},
